@@ -1,0 +1,288 @@
+"""The Reward contract, the registry behind ``rewards.load`` and weighted combinations.
+
+A Reward is a ``torch.nn.Module`` mapping images ``(B, 3, H, W)`` in ``[0, 1]`` (plus prompts
+and any context such as reference faces) to a score per image, higher is better. Resizing and
+normalisation happen inside with torch ops, so when ``differentiable`` is true gradients reach
+the pixels. A scorer that cannot score an image returns NaN for it (the TRL convention);
+:class:`WeightedSum` combines with ``nansum`` so one failure does not sink a batch.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import math
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .images import ImageError, to_single, to_tensor
+
+log = logging.getLogger(__name__)
+
+
+class RewardError(ValueError):
+    """A user-facing problem with a reward (unknown name, bad option, missing weights)."""
+
+
+class Reward(nn.Module):
+    """Base class of every scorer.
+
+    Subclasses set ``name`` and ``differentiable`` and implement :meth:`forward`.
+    """
+
+    name: str = "reward"
+    differentiable: bool = True
+    #: does forward() read ``prompts``? (``vfeedback score`` asks for --prompt when true)
+    needs_prompt: bool = False
+
+    def forward(self, images: torch.Tensor, prompts: Optional[Sequence[str]] = None, **context) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        for p in self.parameters():
+            return p.device
+        for b in self.buffers():
+            return b.device
+        return torch.device("cpu")
+
+    def score(self, images, prompts=None, batch_size: int = 16, **context) -> list[float]:
+        """Convenience wrapper: paths, PIL images, arrays or tensors -> list of floats.
+
+        Images of different sizes are scored in groups of one size; order is preserved.
+        """
+        if isinstance(images, torch.Tensor) and images.ndim == 4:
+            items = list(images)
+        elif isinstance(images, (list, tuple)):
+            items = [to_single(x) for x in images]
+        else:
+            items = [to_single(images)]
+        if isinstance(prompts, str):
+            prompts = [prompts] * len(items)
+        if prompts is not None and len(prompts) != len(items):
+            raise RewardError(f"{self.name}: {len(prompts)} prompts for {len(items)} images")
+        out: list[float] = [float("nan")] * len(items)
+        groups: dict[tuple, list[int]] = {}
+        for i, x in enumerate(items):
+            groups.setdefault(tuple(x.shape), []).append(i)
+        with torch.no_grad():
+            for idx in groups.values():
+                for s in range(0, len(idx), batch_size):
+                    chunk = idx[s : s + batch_size]
+                    batch = torch.stack([items[i] for i in chunk]).to(self.device)
+                    p = [prompts[i] for i in chunk] if prompts is not None else None
+                    vals = self(batch, p, **context)
+                    for i, v in zip(chunk, vals.detach().float().cpu().tolist()):
+                        out[i] = v
+        return out
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, differentiable={self.differentiable}"
+
+
+# --------------------------------------------------------------------------------------------
+# registry
+
+
+@dataclass
+class RewardInfo:
+    name: str
+    factory: Callable[..., Reward]
+    differentiable: bool
+    extra: Optional[str]  # pip extra that installs its dependencies, e.g. "face"
+    description: str
+    requires: tuple[str, ...] = ()  # importable modules it needs
+
+    @property
+    def installed(self) -> bool:
+        return all(importlib.util.find_spec(m) is not None for m in self.requires)
+
+
+_REGISTRY: dict[str, RewardInfo] = {}
+_CACHE: dict[tuple, Reward] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def register(name: str, *, differentiable: bool, description: str, extra: Optional[str] = None, requires: Sequence[str] = ()):
+    """Decorator registering a Reward class or factory under ``name``."""
+
+    def deco(factory):
+        _REGISTRY[name] = RewardInfo(name, factory, differentiable, extra, description, tuple(requires))
+        return factory
+
+    return deco
+
+
+def _freeze(v: Any):
+    if isinstance(v, dict):
+        return tuple(sorted((k, _freeze(x)) for k, x in v.items()))
+    if isinstance(v, (list, tuple)):
+        return tuple(_freeze(x) for x in v)
+    return v
+
+
+def available() -> list[RewardInfo]:
+    """Every registered scorer, sorted by name (installed or not)."""
+    _import_builtin()
+    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+
+
+def load(name: str, cache: bool = True, **options) -> Reward:
+    """Build the reward registered as ``name`` with ``options``; cached per (name, options).
+
+    Raises :class:`RewardError` for an unknown name, an unknown option or missing packages,
+    with a message saying what to do.
+    """
+    _import_builtin()
+    if name not in _REGISTRY:
+        raise RewardError(f"unknown reward {name!r}; available: {', '.join(sorted(_REGISTRY))} (`vfeedback rewards` lists them)")
+    info = _REGISTRY[name]
+    missing = [m for m in info.requires if importlib.util.find_spec(m) is None]
+    if missing:
+        hint = f"pip install 'vfeedback[{info.extra}]'" if info.extra else f"pip install {' '.join(missing)}"
+        raise RewardError(f"reward {name!r} needs the package(s) {', '.join(missing)}: {hint}")
+    sig = inspect.signature(info.factory)
+    accepts_kwargs = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+    if not accepts_kwargs:
+        unknown = [k for k in options if k not in sig.parameters]
+        if unknown:
+            allowed = [k for k in sig.parameters if k != "self"]
+            raise RewardError(f"reward {name!r}: unknown option(s) {', '.join(unknown)}; allowed: {', '.join(allowed) or 'none'}")
+    key = (name, _freeze(options))
+    if cache:
+        with _CACHE_LOCK:
+            if key in _CACHE:
+                return _CACHE[key]
+    try:
+        reward = info.factory(**options)
+    except TypeError as e:
+        raise RewardError(f"reward {name!r}: {e}") from None
+    reward.name = name
+    if cache:
+        with _CACHE_LOCK:
+            _CACHE[key] = reward
+    return reward
+
+
+def clear_cache() -> None:
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+_BUILTIN_MODULES = ["analytic"]
+_imported = False
+
+
+def _import_builtin() -> None:
+    """Import the modules that register the built-in scorers (lazily: heavy deps stay lazy too)."""
+    global _imported
+    if _imported:
+        return
+    _imported = True
+    for mod in _BUILTIN_MODULES:
+        try:
+            importlib.import_module(f"rewards.{mod}")
+        except ModuleNotFoundError as e:  # a module whose optional dependency is absent at import
+            log.debug("rewards.%s not importable: %s", mod, e)
+
+
+# --------------------------------------------------------------------------------------------
+# combinations
+
+
+class RunningNorm(nn.Module):
+    """Running mean / std (Welford, all history) used to put rewards on one scale."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("mean", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("m2", torch.zeros((), dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().double().flatten()
+        x = x[torch.isfinite(x)]
+        for v in x.to(self.mean.device):
+            self.count += 1
+            d = v - self.mean
+            self.mean += d / self.count
+            self.m2 += d * (v - self.mean)
+
+    def std(self) -> torch.Tensor:
+        if self.count < 2:
+            return torch.ones((), dtype=torch.float64, device=self.mean.device)
+        return (self.m2 / (self.count - 1)).sqrt().clamp_min(1e-6)
+
+
+class WeightedSum(Reward):
+    """``sum_i w_i * norm_i(r_i)`` over several rewards, ignoring NaN terms (``nansum``).
+
+    ``normalize``: ``"none"``; ``"batch"`` (z-score within the batch; needs B > 1); or
+    ``"running"`` (z-score against the running statistics of all scores seen so far, updated
+    only in training mode). After each call ``last_components`` holds each raw reward.
+    A row where every term is NaN stays NaN.
+    """
+
+    def __init__(self, rewards: Sequence[Reward], weights: Sequence[float], normalize: str = "none", names: Optional[Sequence[str]] = None):
+        super().__init__()
+        if len(rewards) != len(weights):
+            raise RewardError(f"{len(rewards)} rewards but {len(weights)} weights")
+        if normalize not in ("none", "batch", "running"):
+            raise RewardError(f"normalize must be none, batch or running, got {normalize!r}")
+        self.rewards = nn.ModuleList(rewards)
+        self.weights = list(map(float, weights))
+        self.names = list(names) if names is not None else [getattr(r, "name", f"r{i}") for i, r in enumerate(rewards)]
+        self.normalize = normalize
+        self.norms = nn.ModuleList(RunningNorm() for _ in rewards)
+        self.differentiable = all(r.differentiable for r in rewards)
+        self.needs_prompt = any(r.needs_prompt for r in rewards)
+        self.name = "+".join(self.names)
+        self.last_components: dict[str, torch.Tensor] = {}
+
+    def forward(self, images, prompts=None, **context):
+        total = None
+        all_nan = None
+        self.last_components = {}
+        for name, r, w, norm in zip(self.names, self.rewards, self.weights, self.norms):
+            v = r(images, prompts, **context).float()
+            self.last_components[name] = v.detach()
+            if self.normalize == "batch":
+                finite = torch.isfinite(v)
+                mu = v[finite].mean() if finite.any() else v.new_zeros(())
+                sd = v[finite].std() if finite.sum() > 1 else v.new_ones(())
+                v = (v - mu) / sd.clamp_min(1e-6)
+            elif self.normalize == "running":
+                if self.training:
+                    norm.update(v)
+                v = (v - norm.mean.to(v)) / norm.std().to(v)
+            term = w * v
+            nan = ~torch.isfinite(term)
+            all_nan = nan if all_nan is None else (all_nan & nan)
+            term = torch.where(nan, torch.zeros_like(term), term)
+            total = term if total is None else total + term
+        return torch.where(all_nan, torch.full_like(total, float("nan")), total)
+
+
+def combine(specs: Sequence[dict], normalize: str = "none") -> Reward:
+    """Build one reward from ``[{"name": ..., "weight": ..., **options}, ...]``.
+
+    A single spec with weight 1 and no normalisation returns the plain reward.
+    """
+    rewards, weights, names = [], [], []
+    for spec in specs:
+        spec = dict(spec)
+        name = spec.pop("name")
+        weight = spec.pop("weight", 1.0)
+        opts = spec.pop("options", {}) or {}
+        opts.update(spec)
+        rewards.append(load(name, **opts))
+        weights.append(weight)
+        names.append(name)
+    if len(rewards) == 1 and weights[0] == 1.0 and normalize == "none":
+        return rewards[0]
+    return WeightedSum(rewards, weights, normalize=normalize, names=names)

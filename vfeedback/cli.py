@@ -1,0 +1,76 @@
+"""`vfeedback` command line: argument parsing and exit codes, nothing else.
+
+Exit codes: 0 success, 1 runtime fault (or some inputs failed to score), 2 user error.
+User errors print one clear message, never a traceback; set VFEEDBACK_DEBUG=1 to see one.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+# sub-command name -> module in vfeedback.commands
+COMMANDS = {
+    "train": "train",
+    "validate": "validate",
+    "sample": "sample",
+    "score": "score",
+    "rewards": "rewards_list",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="vfeedback", description="Reward-feedback fine-tuning of diffusion models.")
+    p.add_argument("--version", action="version", version=f"vfeedback {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name, mod in COMMANDS.items():
+        try:
+            module = importlib.import_module(f"vfeedback.commands.{mod}")
+        except ModuleNotFoundError as e:
+            if e.name and e.name.startswith("vfeedback.commands"):
+                continue  # command not built yet
+            raise
+        module.add_parser(sub)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s" if args.verbose else "%(message)s",
+    )
+    for noisy in ("httpx", "urllib3", "PIL", "matplotlib", "h5py", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not args.command:
+        parser.print_help()
+        return 2
+    from .errors import RunError, UserError
+    from rewards.base import RewardError
+    from rewards.images import ImageError
+
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, RewardError, ImageError) as e:
+        if os.environ.get("VFEEDBACK_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RunError as e:
+        if os.environ.get("VFEEDBACK_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
