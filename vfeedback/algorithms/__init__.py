@@ -1,0 +1,1 @@
+"""One module per method (refl, d3po, itercomp, zo_ranksgd, ...)."""
