@@ -142,14 +142,17 @@ def _lookup(mapping: dict[str, str], path: Path) -> Optional[str]:
 # output
 
 
-def format_table(header: list[str], rows: list[list[str]], max_width: int = 60) -> str:
-    """Plain fixed-width table; long cells are cut with an ellipsis."""
+def format_table(header: list[str], rows: list[list[str]], max_width: int = 60, keep_end: tuple[int, ...] = ()) -> str:
+    """Plain fixed-width table; long cells are cut with an ellipsis (from the left for the
+    columns in ``keep_end``, so a path keeps its file name)."""
 
-    def cut(s: str) -> str:
+    def cut(s, col: int) -> str:
         s = str(s).replace("\n", " ")
-        return s if len(s) <= max_width else s[: max_width - 1] + "…"
+        if len(s) <= max_width:
+            return s
+        return "…" + s[-(max_width - 1):] if col in keep_end else s[: max_width - 1] + "…"
 
-    cells = [[cut(c) for c in header]] + [[cut(c) for c in r] for r in rows]
+    cells = [[cut(c, i) for i, c in enumerate(header)]] + [[cut(c, i) for i, c in enumerate(r)] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -287,6 +290,6 @@ def _write(args, names, results, failed, with_prompt: bool) -> None:
         header = ["image"] + (["prompt"] if with_prompt else []) + names
         rows = [[r["image"]] + ([r["prompt"]] if with_prompt else []) + [_fmt(r["scores"][n]) for n in names] for r in results]
         if rows:
-            out.write(format_table(header, rows) + "\n")
+            out.write(format_table(header, rows, keep_end=(0,)) + "\n")
         if failed:
             out.write(f"{len(failed)} of {len(results) + len(failed)} file(s) could not be read (see stderr)\n")
