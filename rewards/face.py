@@ -402,14 +402,14 @@ class _DlibRecognizer:
         sp = _dlib(self.shape_model)
         shapes = dlib.full_object_detections()
         for f in faces:
-            if f.shape is None or f.shape.num_parts != sp_parts(self.shape_model):
+            if f.shape is None or f.shape.num_parts != _sp_parts(self.shape_model):
                 f.shape = sp(img, _dlib_rect(f.box))
             shapes.append(f.shape)
         vecs = _dlib("recognition").compute_face_descriptor(img, shapes, self.num_jitters)
         return np.array([np.asarray(v) for v in vecs], dtype=np.float32).reshape(len(faces), self.dim)
 
 
-def sp_parts(shape_model: str) -> int:
+def _sp_parts(shape_model: str) -> int:
     return 68 if shape_model == "shape68" else 5
 
 
@@ -515,7 +515,7 @@ class FaceIdentity(Reward):
       shape_predictor: ``68`` (default) | ``5`` dlib landmark model for the dlib recogniser.
       num_jitters: dlib descriptor re-sampling (1).
 
-    Output: ``(B,)`` float in ``[-1, 1]``. After each call ``last_no_face`` (int) and
+    Output: ``(B,)`` float32 (float64 for float64 images) in ``[-1, 1]``. After each call ``last_no_face`` (int) and
     ``last_num_faces`` (list) describe the batch; ``no_face_count`` / ``images_seen`` accumulate.
     """
 
@@ -618,8 +618,19 @@ class FaceIdentity(Reward):
                     f"face_id: no face found in reference {label} (detector={detector}); use a photo where the face is clearly visible and frontal"
                 )
             embs.append(F.normalize(e[0].float(), dim=0))
-        self.register_buffer("reference_embeddings", torch.stack(embs))  # (R, D), each L2-normalised
-        self.register_buffer("reference_embedding", F.normalize(self.reference_embeddings.mean(0), dim=0))
+        # plain fp32 tensors, not buffers: ``reward.half()`` must not quantise the reference
+        self._refs = torch.stack(embs).detach().float().cpu()
+        self._ref_mean = F.normalize(self._refs.mean(0), dim=0)
+
+    @property
+    def reference_embeddings(self) -> torch.Tensor:
+        """``(R, D)`` L2-normalised embedding of each reference image (fp32, CPU)."""
+        return self._refs
+
+    @property
+    def reference_embedding(self) -> torch.Tensor:
+        """``(D,)`` the L2-normalised mean of :attr:`reference_embeddings`: what images are compared to."""
+        return self._ref_mean
 
     # ----------------------------------------------------------------------------------------
 
@@ -658,7 +669,9 @@ class FaceIdentity(Reward):
             return torch.cat(embs).to(images.device), owner, counts
         kps = np.stack([self._arcface_kps(arr[i], f) for i, fs in enumerate(chosen) for f in fs])
         src = images[torch.tensor(owner, device=images.device)]
-        dtype = images.dtype if images.is_floating_point() else torch.float32
+        # warp in fp32 (fp64 for gradient checks) whatever the image dtype; the recogniser casts
+        # the crop to its own dtype
+        dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
         crops = face_align.norm_crop(src.to(dtype), kps, self.arcface.input_size)
         return self.arcface(crops), owner, counts
 
@@ -674,11 +687,11 @@ class FaceIdentity(Reward):
         grad = self.differentiable and torch.is_grad_enabled()
         with torch.set_grad_enabled(grad):
             emb, owner, counts = self._embed_faces(images, self.multi_face, landmarks)
-        out_dtype = images.dtype if images.is_floating_point() else torch.float32
-        calc = torch.float64 if emb.dtype == torch.float64 else torch.float32  # cosine in fp32 at least
+        # cosine in fp32 at least (a bf16 cosine near 1 is quantised to ~0.004); fp32 output
+        calc = torch.float64 if emb.dtype == torch.float64 else torch.float32
         fill = torch.full((), self.no_face_score, device=images.device, dtype=calc)
         if emb.shape[0]:
-            sims = F.normalize(emb.to(calc), dim=-1) @ self.reference_embedding.to(emb.device, calc)
+            sims = F.normalize(emb.to(calc), dim=-1) @ self._ref_mean.to(emb.device, calc)
         per_image = []
         for i in range(b):
             idx = [j for j, o in enumerate(owner) if o == i]
@@ -695,7 +708,7 @@ class FaceIdentity(Reward):
         self.last_no_face = b - len(set(owner))
         self.no_face_count += self.last_no_face
         self.images_seen += b
-        return out.to(out_dtype)
+        return out
 
     def reset_counts(self) -> None:
         self.no_face_count = 0

@@ -131,6 +131,13 @@ def test_multi_face_modes(photos):
     assert r_gh - 0.05 < scores["mean"] < scores["max"] - 0.02
 
 
+@pytest.mark.slow  # dlib's CNN detector takes ~5 s per image on one CPU core
+def test_cnn_detector(photos):
+    r = rewards.load("face_id", reference=[photos["ast"]], detector="cnn")
+    s = r.score([photos["ast_aug"], photos["gh_aug"], photos["coffee"]])
+    assert s[0] > s[1] + 0.05 and s[2] == -1.0
+
+
 def test_haar_detector_with_dlib_landmarks(photos):
     pytest.importorskip("cv2")
     r = rewards.load("face_id", reference=[photos["ast"]], detector="haar")
@@ -370,6 +377,18 @@ def test_insightface_differentiable_gradients_reach_pixels(insightface_pack, pho
     flat = torch.full((1, 3, 64, 64), 0.5, requires_grad=True)
     r_mtcnn_flat = r_mtcnn(flat)
     assert r_mtcnn_flat.item() == -1.0 and r_mtcnn.last_no_face == 1
+
+
+def test_half_precision_keeps_reference_and_score_in_fp32(insightface_pack, photos):
+    r = rewards.load("face_id", reference=[photos["ast"]], backend="insightface", model_root=str(insightface_pack["root"]), differentiable=True)
+    x = rewards.to_tensor(photos["ast"])
+    with torch.no_grad():
+        s32 = r(x)
+        r.to(torch.bfloat16)
+        s16 = r(x.to(torch.bfloat16))
+    r.float()
+    assert r.reference_embedding.dtype == torch.float32 and s16.dtype == torch.float32
+    assert s16.item() == pytest.approx(s32.item(), abs=0.02)
 
 
 def test_dlib_detector_feeds_arcface_landmarks(insightface_pack, photos):
