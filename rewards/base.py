@@ -224,7 +224,8 @@ class WeightedSum(Reward):
 
     ``normalize``: ``"none"``; ``"batch"`` (z-score within the batch; needs B > 1); or
     ``"running"`` (z-score against the running statistics of all scores seen so far, updated
-    only in training mode). After each call ``last_components`` holds each raw reward.
+    only while ``update_stats`` is true: a trainer sets it, evaluation leaves it off so eval
+    scores stay comparable). After each call ``last_components`` holds each raw reward.
     A row where every term is NaN stays NaN.
     """
 
@@ -243,6 +244,7 @@ class WeightedSum(Reward):
         self.needs_prompt = any(r.needs_prompt for r in rewards)
         self.name = "+".join(self.names)
         self.last_components: dict[str, torch.Tensor] = {}
+        self.update_stats = False
 
     def forward(self, images, prompts=None, **context):
         total = None
@@ -257,7 +259,7 @@ class WeightedSum(Reward):
                 sd = v[finite].std() if finite.sum() > 1 else v.new_ones(())
                 v = (v - mu) / sd.clamp_min(1e-6)
             elif self.normalize == "running":
-                if self.training:
+                if self.update_stats:
                     norm.update(v)
                 v = (v - norm.mean.to(v)) / norm.std().to(v)
             term = w * v

@@ -1,0 +1,60 @@
+"""`vfeedback train CONFIG [key=value ...] [--resume] [--num-processes N]`."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+log = logging.getLogger("vfeedback")
+
+
+def add_parser(sub):
+    p = sub.add_parser("train", help="fine-tune from a YAML config", description="Run a fine-tune from a YAML config into its output_dir.")
+    p.add_argument("config", help="YAML run config (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override config fields, e.g. train.max_steps=10")
+    p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its newest whole checkpoint")
+    p.add_argument("--num-processes", type=int, default=1, metavar="N",
+                   help="launch N processes through `accelerate launch` (multi-GPU, or gloo on CPU)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..config import load_config
+    from ..errors import UserError
+
+    cfg = load_config(args.config, args.overrides)  # validate before anything is launched
+    if args.num_processes < 1:
+        raise UserError(f"--num-processes must be >= 1, got {args.num_processes}")
+    if args.num_processes > 1 and "LOCAL_RANK" not in os.environ:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(args.num_processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        if cfg.train.device == "cpu" or not _cuda():
+            cmd.append("--cpu")
+        else:
+            cmd.append("--multi_gpu")
+        cmd += ["-m", "vfeedback", "train", args.config, *args.overrides] + (["--resume"] if args.resume else [])
+        return subprocess.call(cmd)
+    from ..engine import Trainer
+
+    summary = Trainer(cfg, resume=args.resume, config_source=args.config).fit()
+    if summary is not None and _is_main():
+        b, a = summary.get("eval_reward_before"), summary.get("eval_reward_after")
+        print(f"done: {summary['steps']} steps in {summary['wall_time_s']:.0f}s; eval reward {_fmt(b)} -> {_fmt(a)}")
+        print(f"run folder: {cfg.output_dir} (summary.json, samples/before_after.png, lora/)")
+    return 0
+
+
+def _fmt(v):
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _is_main() -> bool:
+    return os.environ.get("RANK", "0") == "0"

@@ -1,0 +1,37 @@
+"""`vfeedback validate CONFIG [key=value ...]`: check a config against the code, load nothing."""
+from __future__ import annotations
+
+
+def add_parser(sub):
+    p = sub.add_parser("validate", help="check a config without running it",
+                       description="Validate a YAML config: schema, prompt files, reward names and options. Loads no diffusion weights.")
+    p.add_argument("config", nargs="?", help="YAML run config")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--help-config", action="store_true", help="list every config field with its default and meaning")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..config import describe_fields, load_config, read_prompts
+    from ..errors import UserError
+
+    if args.help_config:
+        print("\n".join(describe_fields()))
+        return 0
+    if not args.config:
+        raise UserError("validate: give a config file (or --help-config)")
+    cfg = load_config(args.config, args.overrides)
+    n_train = len(read_prompts(cfg.prompts.train, "prompts.train"))
+    n_eval = len(read_prompts(cfg.prompts.eval, "prompts.eval")) if cfg.prompts.eval else min(4, n_train)
+    import rewards
+
+    names = {i.name: i for i in rewards.available()}
+    for i, spec in enumerate(cfg.reward.rewards):
+        if spec.name not in names:
+            raise UserError(f"reward.rewards.{i}.name: unknown reward {spec.name!r}; available: {', '.join(sorted(names))}")
+        info = names[spec.name]
+        if not info.installed:
+            raise UserError(f"reward.rewards.{i}.name: {spec.name!r} needs `pip install 'vfeedback[{info.extra}]'`")
+    print(f"{args.config}: OK ({cfg.algorithm}, {cfg.model.family} {cfg.model.path}, {n_train} train / {n_eval} eval prompts, "
+          f"reward {' + '.join(r.name for r in cfg.reward.rewards)}, {cfg.train.max_steps} steps -> {cfg.output_dir})")
+    return 0

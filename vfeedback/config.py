@@ -1,0 +1,280 @@
+"""The run configuration: one YAML file, validated by a typed schema before any weight loads.
+
+Every field has a description (``vfeedback validate --help-config`` prints them); unknown keys
+are errors; all errors are reported at once with their field path. ``key=value`` overrides from
+the command line are applied before validation.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import UserError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraConfig(Section):
+    rank: int = Field(4, ge=1, le=1024, description="LoRA rank r")
+    alpha: Optional[float] = Field(None, gt=0, description="LoRA alpha (scale alpha/r); default: equal to rank")
+    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], description="UNet module names that get LoRA")
+    text_encoder: bool = Field(False, description="also train LoRA on the text encoder(s)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
+
+
+class ModelConfig(Section):
+    family: Literal["sd15", "sdxl"] = Field(..., description="architecture: sd15 or sdxl")
+    path: str = Field(..., description="hub id, local diffusers folder, single checkpoint file, or tiny:sd15 / tiny:sdxl")
+    revision: Optional[str] = Field(None, description="hub revision")
+    variant: Optional[str] = Field(None, description="hub weight variant, e.g. fp16")
+    resolution: Optional[int] = Field(None, ge=8, le=4096, description="image size in pixels; default: the model's native size")
+    finetune: Literal["lora", "full"] = Field("lora", description="train a LoRA (default) or the whole UNet")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    gradient_checkpointing: bool = Field(True, description="UNet activation checkpointing (saves memory)")
+    vae_checkpointing: bool = Field(True, description="checkpoint the VAE decode that rewards backprop through")
+    attention: Literal["auto", "sdpa", "xformers"] = Field("auto", description="auto: xformers when installed on CUDA, else PyTorch SDPA")
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_8(cls, v):
+        if v is not None and v % 8:
+            raise ValueError(f"must be a multiple of 8, got {v}")
+        return v
+
+
+class RewardSpec(Section):
+    name: str = Field(..., description="registered reward name (`vfeedback rewards` lists them)")
+    weight: float = Field(1.0, description="weight in the combination")
+    options: dict[str, Any] = Field(default_factory=dict, description="options passed to rewards.load")
+
+
+class RewardConfig(Section):
+    rewards: list[RewardSpec] = Field(..., min_length=1, description="one or more rewards, combined as a weighted sum")
+    normalize: Literal["none", "batch", "running"] = Field("none", description="per-reward normalisation before weighting")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v):
+        # `reward: color`, `reward: {name: color}` or `reward: [{name: ...}, ...]` all work
+        if isinstance(v, str):
+            return {"rewards": [{"name": v}]}
+        if isinstance(v, list):
+            return {"rewards": v}
+        if isinstance(v, dict) and "name" in v:
+            return {"rewards": [v]}
+        return v
+
+
+class PromptConfig(Section):
+    train: Union[list[str], str] = Field(..., description="training prompts: a list, or a .txt (one per line) / .jsonl ({\"prompt\": ...}) file")
+    eval: Union[list[str], str, None] = Field(None, description="fixed evaluation prompts (default: the first 4 training prompts)")
+    negative: str = Field("", description="negative prompt for classifier-free guidance")
+    eval_seeds: list[int] = Field(default_factory=lambda: [0, 1], description="seeds for the evaluation grid; every prompt is drawn with each")
+
+
+class SamplingConfig(Section):
+    steps: int = Field(40, ge=1, le=1000, description="DDIM steps")
+    guidance_scale: float = Field(7.5, ge=0, description="classifier-free guidance scale (<= 1 disables CFG)")
+    eta: float = Field(0.0, ge=0, le=1, description="DDIM stochasticity (0 deterministic, 1 DDPM-like)")
+
+
+class PretrainConfig(Section):
+    data: str = Field(..., description="image-text data: a folder of images with same-name .txt captions, or a JSONL file of {\"image\": path, \"text\": caption}")
+    weight: float = Field(1.0, ge=0, description="weight of the denoising loss added to the reward loss")
+    batch_size: int = Field(1, ge=1)
+
+
+class ReflConfig(Section):
+    """ImageReward's ReFL (Xu et al. 2023); defaults are their reference's."""
+
+    stop_range: tuple[int, int] = Field((30, 39), description="random step index in [lo, hi] (inclusive) where sampling stops and x0 is predicted with grad")
+    margin: float = Field(2.0, description="loss = relu(margin - reward) * grad_scale")
+    grad_scale: float = Field(1e-3, gt=0, description="scale of the reward loss")
+    pretrain: Optional[PretrainConfig] = Field(None, description="optional pre-training (denoising) loss on user data")
+
+
+class TrainConfig(Section):
+    max_steps: int = Field(100, ge=1, description="optimizer steps")
+    batch_size: int = Field(2, ge=1, description="prompts per step per process")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    lr: float = Field(1e-5, gt=0, le=1, description="learning rate")
+    weight_decay: float = Field(1e-2, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = Field(1e-8, gt=0)
+    max_grad_norm: Optional[float] = Field(1.0, gt=0, description="gradient clipping (null: off)")
+    lr_warmup_steps: int = Field(0, ge=0)
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field("auto", description="auto: bf16 on a GPU that has it, else fp16 on GPU, fp32 on CPU")
+    max_consecutive_nan: int = Field(5, ge=1, description="stop after this many non-finite losses in a row (each is skipped)")
+    device: Optional[str] = Field(None, description="force a device (cpu, cuda); default: accelerate's choice")
+
+
+class LogConfig(Section):
+    every: int = Field(1, ge=1, description="log metrics every N steps")
+    eval_every: int = Field(0, ge=0, description="eval grid every N steps (0: only before and after)")
+    checkpoint_every: int = Field(0, ge=0, description="write a resumable checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept; older ones are pruned after a new one is whole")
+    trackers: list[str] = Field(default_factory=lambda: ["tensorboard"], description="accelerate trackers (tensorboard, wandb, ...); skipped with a warning when not installed")
+
+
+class RunConfig(Section):
+    algorithm: Literal["refl"] = Field(..., description="method: refl")
+    output_dir: str = Field(..., description="run folder")
+    seed: int = Field(0, description="global seed; every step's randomness derives from (seed, step)")
+    model: ModelConfig
+    reward: RewardConfig
+    prompts: PromptConfig
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+    refl: ReflConfig = Field(default_factory=ReflConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        lo, hi = self.refl.stop_range
+        if self.algorithm == "refl" and not (0 <= lo <= hi < self.sampling.steps):
+            raise ValueError(f"refl.stop_range {list(self.refl.stop_range)} must satisfy 0 <= lo <= hi < sampling.steps ({self.sampling.steps})")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: {err.error_count()} problem(s) in the config:"]
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; `vfeedback validate --help-config` lists the fields)"
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        inp = e.get("input")
+        got = "" if e["type"] in ("missing",) or isinstance(inp, dict) else f" (got {inp!r})"
+        lines.append(f"  - {loc}: {msg}{got}")
+    return "\n".join(lines)
+
+
+def parse_override(s: str) -> tuple[list[str], Any]:
+    if "=" not in s:
+        raise UserError(f"override {s!r}: expected key=value, e.g. train.max_steps=10")
+    key, val = s.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise UserError(f"override {s!r}: bad key {key!r}")
+    try:
+        value = yaml.safe_load(val) if val != "" else ""
+    except yaml.YAMLError:
+        value = val
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for ov in overrides:
+        keys, value = parse_override(ov)
+        d = data
+        for k in keys[:-1]:
+            if not isinstance(d.get(k), dict):
+                d[k] = {}
+            d = d[k]
+        d[keys[-1]] = value
+    return data
+
+
+def read_yaml(path: Union[str, Path]) -> dict:
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{p}: config file not found")
+    if p.is_dir():
+        raise UserError(f"{p}: is a folder; give a YAML config file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{p}: cannot read ({e})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"{p}: YAML syntax error{where}: {problem}") from None
+    if data is None:
+        raise UserError(f"{p}: the file is empty")
+    if not isinstance(data, dict):
+        raise UserError(f"{p}: the top level must be a mapping of keys (algorithm:, model:, ...), got a {type(data).__name__}")
+    return data
+
+
+def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None) -> RunConfig:
+    """Read, override and validate; raise UserError listing every problem."""
+    data = apply_overrides(read_yaml(path), overrides or [])
+    try:
+        cfg = RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise UserError(format_errors(e, str(path))) from None
+    # resolve relative file paths against the config's folder when they do not exist from cwd
+    base = Path(path).resolve().parent
+    for field_name in ("train", "eval"):
+        v = getattr(cfg.prompts, field_name)
+        if isinstance(v, str) and not Path(v).exists() and (base / v).exists():
+            setattr(cfg.prompts, field_name, str(base / v))
+    return cfg
+
+
+def read_prompts(spec: Union[list[str], str], field: str) -> list[str]:
+    """Prompts from a list, a .txt file (one per line, # comments) or a .jsonl file."""
+    if isinstance(spec, list):
+        prompts = [p for p in spec if isinstance(p, str) and p.strip()]
+        if not prompts:
+            raise UserError(f"{field}: the prompt list is empty")
+        return prompts
+    p = Path(spec)
+    if not p.exists():
+        raise UserError(f"{field}: prompt file {p} not found")
+    prompts = []
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{field}: cannot read {p} ({e})") from None
+    for i, line in enumerate(lines, 1):
+        s = line.strip()
+        if not s or s.startswith("#"):
+            continue
+        if p.suffix == ".jsonl":
+            try:
+                obj = json.loads(s)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{field}: {p} line {i}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+                raise UserError(f"{field}: {p} line {i}: expected an object with a string \"prompt\" field")
+            prompts.append(obj["prompt"])
+        else:
+            prompts.append(s)
+    if not prompts:
+        raise UserError(f"{field}: prompt file {p} has no prompts")
+    return prompts
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False)
+
+
+def describe_fields(model=RunConfig, prefix: str = "") -> list[str]:
+    """One line per field: dotted path, type, default, description (for --help-config)."""
+    out = []
+    for name, f in model.model_fields.items():
+        ann = f.annotation
+        sub = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if sub is None and getattr(ann, "__args__", None):
+            subs = [a for a in ann.__args__ if isinstance(a, type) and issubclass(a, BaseModel)]
+            sub = subs[0] if subs else None
+        if sub is not None:
+            out.extend(describe_fields(sub, prefix + name + "."))
+            continue
+        default = "required" if f.is_required() else f"default {f.get_default(call_default_factory=True)!r}"
+        out.append(f"{prefix}{name}: {f.description or ''} [{default}]")
+    return out

@@ -1,0 +1,514 @@
+"""The shared training loop: accelerate, logging, eval grids, checkpoints, LoRA export.
+
+A method (ReFL, D3PO, ...) only says how one micro-batch becomes a loss; everything else, the
+same for all, lives here:
+
+* accelerate for devices, mixed precision, gradient accumulation and multi-process;
+* randomness derived from ``(seed, step, micro-step, item)`` rather than carried in global RNG
+  state, so a resumed run replays exactly what an uninterrupted one would have done, and a
+  2-process run draws the same global batch as a 1-process one;
+* a non-finite loss (or gradient) skips the optimizer step on every process and is counted;
+  ``train.max_consecutive_nan`` in a row stops the run with a message;
+* eval grids of fixed prompts and seeds before / during / after training;
+* checkpoints written to a temp folder, marked complete, renamed into place, then pruned.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+import rewards
+
+from .config import RunConfig, dump_config, read_prompts
+from .errors import RunError, UserError
+from .rundir import COMPLETE_MARKER, RunDir, atomic_write, fsync_dir, plot_curves, save_grid
+
+log = logging.getLogger(__name__)
+
+TRAINABLE_FILE = "trainable.safetensors"
+STATE_FILE = "trainer_state.json"
+REWARD_STATE_FILE = "reward_state.safetensors"
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed from any parts; stable across processes, Python versions and restarts."""
+    h = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def generator(*parts) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(*parts))
+
+
+def resolve_mixed_precision(choice: str, device_type: str) -> str:
+    if choice != "auto":
+        if device_type == "cpu" and choice == "fp16":
+            raise UserError("train.mixed_precision: fp16 needs a GPU; use auto, no or bf16 on CPU")
+        return choice
+    if device_type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+class Trainer:
+    """Runs one gradient method from a validated config into a run folder."""
+
+    def __init__(self, cfg: RunConfig, resume: bool = False, config_source: Optional[str] = None):
+        self.cfg = cfg
+        self.resume = resume
+        self.run = RunDir(cfg.output_dir)
+        self.config_source = config_source
+
+    # ------------------------------------------------------------------ set-up
+    def _check_resume_config(self) -> None:
+        import yaml
+
+        if not self.run.config.exists():
+            return
+        old = yaml.safe_load(self.run.config.read_text())
+        new = yaml.safe_load(dump_config(self.cfg))
+        allowed = {"train.max_steps", "log"}
+        diffs = []
+
+        def walk(a, b, path=""):
+            if isinstance(a, dict) and isinstance(b, dict):
+                for k in set(a) | set(b):
+                    walk(a.get(k), b.get(k), f"{path}.{k}" if path else k)
+            elif a != b and not any(path == x or path.startswith(x + ".") for x in allowed):
+                diffs.append(f"{path}: {a!r} -> {b!r}")
+
+        walk(old, new)
+        if diffs:
+            raise UserError(
+                f"--resume: the config differs from the run's saved {self.run.config} in fields that cannot change mid-run:\n  "
+                + "\n  ".join(sorted(diffs)) + "\n(only train.max_steps and log.* may change; start a new output_dir otherwise)"
+            )
+
+    def setup(self) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration, set_seed
+
+        cfg = self.cfg
+        self.train_prompts = read_prompts(cfg.prompts.train, "prompts.train")
+        self.eval_prompts = read_prompts(cfg.prompts.eval, "prompts.eval") if cfg.prompts.eval else self.train_prompts[:4]
+        specs = [dict(name=r.name, weight=r.weight, **r.options) for r in cfg.reward.rewards]
+        # build the reward before any diffusion weight loads: a bad reward option fails fast
+        self.reward = rewards.combine(specs, normalize=cfg.reward.normalize)
+        if not self.reward.differentiable and self.method_needs_gradient_reward():
+            raise UserError(f"reward: {self.reward.name} is not differentiable; {cfg.algorithm} backpropagates through the reward (use d3po or zo_ranksgd for black-box rewards)")
+        self.run.prepare(self.resume)
+        if self.resume:
+            self._check_resume_config()
+
+        cpu = cfg.train.device == "cpu" or not torch.cuda.is_available()
+        mp = resolve_mixed_precision(cfg.train.mixed_precision, "cpu" if cpu else "cuda")
+        trackers = [t for t in cfg.log.trackers if self._tracker_available(t)]
+        self.acc = Accelerator(
+            mixed_precision=mp,
+            gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+            log_with=trackers or None,
+            project_config=ProjectConfiguration(project_dir=str(self.run.root), logging_dir=str(self.run.root / "logs")),
+            cpu=cpu,
+        )
+        set_seed(cfg.seed)
+        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mp, torch.float32)
+        from .models import add_lora, load_model
+
+        self.model = load_model(
+            cfg.model.family, cfg.model.path, resolution=cfg.model.resolution, dtype=torch.float32,
+            revision=cfg.model.revision, variant=cfg.model.variant, attention=cfg.model.attention,
+            device=self.acc.device, gradient_checkpointing=cfg.model.gradient_checkpointing,
+        )
+        self.method = self.method_cls(cfg, self)  # may keep a frozen reference copy, etc.
+        m = self.model
+        if cfg.model.finetune == "lora":
+            # frozen weights in the compute dtype, trainable LoRA in fp32 (diffusers' recipe)
+            for mod in [m.unet, m.vae, *m.text_encoders]:
+                mod.to(dtype=weight_dtype)
+            params = add_lora(m, cfg.model.lora.rank, cfg.model.lora.alpha, cfg.model.lora.target_modules,
+                              cfg.model.lora.text_encoder, cfg.model.lora.dropout)
+            for p in params:
+                p.data = p.data.float()
+        else:
+            m.unet.requires_grad_(True)
+            for mod in [m.vae, *m.text_encoders]:
+                mod.to(dtype=weight_dtype)
+            params = [p for p in m.unet.parameters()]
+        m.unet.train()
+        self.params = params
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas),
+                                           eps=cfg.train.adam_eps, weight_decay=cfg.train.weight_decay)
+        from diffusers.optimization import get_scheduler
+
+        self.lr_scheduler = get_scheduler("constant_with_warmup" if cfg.train.lr_warmup_steps else "constant", self.optimizer,
+                                          num_warmup_steps=cfg.train.lr_warmup_steps * self.acc.num_processes)
+        self.acc.register_save_state_pre_hook(self._save_hook)
+        self.acc.register_load_state_pre_hook(self._load_hook)
+        unet, self.optimizer, self.lr_scheduler = self.acc.prepare(m.unet, self.optimizer, self.lr_scheduler)
+        m.denoiser = unet
+        self.reward.to(self.acc.device)
+        self.reward.requires_grad_(False)
+        self.reward.eval()
+        if trackers and self.acc.is_main_process:
+            self.acc.init_trackers("vfeedback", config=_flat_scalars(json.loads(self.cfg.model_dump_json())))
+        log.info("device %s, mixed precision %s, %d processes, %d trainable parameters", self.acc.device, mp,
+                 self.acc.num_processes, sum(p.numel() for p in params))
+
+    @property
+    def method_cls(self):
+        from .algorithms import get_method
+
+        return get_method(self.cfg.algorithm)
+
+    def method_needs_gradient_reward(self) -> bool:
+        return getattr(self.method_cls, "needs_differentiable_reward", False)
+
+    @staticmethod
+    def _tracker_available(name: str) -> bool:
+        import importlib.util
+
+        mod = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml", "aim": "aim"}.get(name, name)
+        ok = importlib.util.find_spec(mod) is not None
+        if not ok:
+            log.warning("log.trackers: %s is not installed; skipped", name)
+        return ok
+
+    # ---- checkpoint hooks: only the trainable weights, not the frozen base model
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        if self.cfg.model.finetune == "lora":
+            from .models import lora_state_dict
+
+            unet = self.acc.unwrap_model(self.model.denoiser)
+            sd = {f"unet.{k}": v for k, v in _peft(unet).items()}
+            if self.cfg.model.lora.text_encoder:
+                for i, enc in enumerate(self.model.text_encoders):
+                    sd.update({f"te{i}.{k}": v for k, v in _peft(enc).items()})
+            return {k: v.detach().float().cpu().contiguous() for k, v in sd.items()}
+        return {k: v.detach().cpu().contiguous() for k, v in self.acc.unwrap_model(self.model.denoiser).state_dict().items()}
+
+    def _save_hook(self, models, weights, output_dir):
+        from safetensors.torch import save_file
+
+        if self.acc.is_main_process:
+            save_file(self._trainable_state(), os.path.join(output_dir, TRAINABLE_FILE))
+        while weights:
+            weights.pop()
+
+    def _load_hook(self, models, input_dir):
+        from safetensors.torch import load_file
+
+        sd = load_file(os.path.join(input_dir, TRAINABLE_FILE))
+        while models:
+            models.pop()
+        unet = self.acc.unwrap_model(self.model.denoiser)
+        if self.cfg.model.finetune == "lora":
+            from peft.utils import set_peft_model_state_dict
+
+            set_peft_model_state_dict(unet, {k[5:]: v for k, v in sd.items() if k.startswith("unet.")}, adapter_name="default")
+            for i, enc in enumerate(self.model.text_encoders):
+                part = {k[len(f"te{i}."):]: v for k, v in sd.items() if k.startswith(f"te{i}.")}
+                if part:
+                    set_peft_model_state_dict(enc, part, adapter_name="default")
+            for p in self.params:
+                p.data = p.data.float()
+        else:
+            unet.load_state_dict(sd)
+
+    def save_checkpoint(self, step: int) -> Path:
+        final = self.run.checkpoints / f"step-{step:06d}"
+        tmp = self.run.checkpoints / f".tmp-step-{step:06d}"
+        if self.acc.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        self.acc.wait_for_everyone()
+        self.acc.save_state(str(tmp))
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            state = dict(step=step, nan_streak=self.nan_streak, nan_total=self.nan_total, evals=self.evals,
+                         wall_time_s=self.wall_time(), algorithm=self.cfg.algorithm)
+            atomic_write(tmp / STATE_FILE, json.dumps(state, indent=1))
+            rstate = {k: v.detach().cpu() for k, v in self.reward.state_dict().items() if "norms." in k}
+            if rstate:
+                from safetensors.torch import save_file
+
+                save_file(rstate, str(tmp / REWARD_STATE_FILE))
+            atomic_write(tmp / COMPLETE_MARKER, "")
+            fsync_dir(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            fsync_dir(self.run.checkpoints)
+            self.run.prune(self.cfg.log.keep_checkpoints)
+        self.acc.wait_for_everyone()
+        return final
+
+    def load_checkpoint(self) -> int:
+        ck = self.run.latest_checkpoint()
+        if ck is None:
+            log.info("--resume: no whole checkpoint in %s yet; starting from step 0", self.run.checkpoints)
+            return 0
+        try:
+            self.acc.load_state(str(ck))
+            state = json.loads((ck / STATE_FILE).read_text())
+        except Exception as e:  # a checkpoint we wrote and marked complete should always load
+            raise RunError(f"--resume: cannot read checkpoint {ck} ({type(e).__name__}: {e}); delete it to fall back to the previous one") from None
+        rfile = ck / REWARD_STATE_FILE
+        if rfile.exists():
+            from safetensors.torch import load_file
+
+            self.reward.load_state_dict(load_file(str(rfile)), strict=False)
+        self.nan_streak, self.nan_total = state["nan_streak"], state["nan_total"]
+        self.evals = state.get("evals", [])
+        self._time_offset = state.get("wall_time_s", 0.0)
+        if self.acc.is_main_process:
+            self.run.truncate_metrics(state["step"])
+        log.info("resumed from %s (step %d)", ck, state["step"])
+        return state["step"]
+
+    def wall_time(self) -> float:
+        return self._time_offset + (time.time() - self._t0)
+
+    # ------------------------------------------------------------------ eval
+    @torch.no_grad()
+    def evaluate(self, step: int) -> float:
+        """Eval grid of the fixed prompts x seeds at this step; returns the mean eval reward."""
+        from .sampling import sample
+
+        cfg, m = self.cfg, self.model
+        images, caps, scores = [], [], []
+        den, m.denoiser = m.denoiser, None  # unwrapped UNet: no DDP collective in eval
+        try:
+            for seed in cfg.prompts.eval_seeds:
+                gens = [generator("eval", seed, i) for i in range(len(self.eval_prompts))]
+                cond = m.encode_prompt(self.eval_prompts, [cfg.prompts.negative] * len(self.eval_prompts), cfg=cfg.sampling.guidance_scale > 1)
+                with self.acc.autocast():
+                    out = sample(m, cond, num_steps=cfg.sampling.steps, guidance_scale=cfg.sampling.guidance_scale,
+                                 eta=cfg.sampling.eta, generator=gens)
+                r = self.reward(out.images.float(), self.eval_prompts).float().cpu()
+                images.append(out.images.float().cpu())
+                scores.extend(r.tolist())
+                caps.extend(f"{p} | {v:.3f}" for p, v in zip(self.eval_prompts, r.tolist()))
+        finally:
+            m.denoiser = den
+        finite = [s for s in scores if math.isfinite(s)]
+        mean = sum(finite) / len(finite) if finite else float("nan")
+        if self.acc.is_main_process:
+            save_grid(torch.cat(images), self.run.samples / f"step-{step:06d}.png", captions=caps, ncol=len(self.eval_prompts),
+                      row_labels=[f"seed {s}" for s in cfg.prompts.eval_seeds])
+        self.evals = [e for e in self.evals if e["step"] != step] + [{"step": step, "eval_reward": mean}]
+        log.info("eval at step %d: reward %.4f", step, mean)
+        return mean
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> dict:
+        self._t0 = time.time()
+        self._time_offset = 0.0
+        self.nan_streak = self.nan_total = 0
+        self.evals: list[dict] = []
+        self.setup()
+        cfg, acc = self.cfg, self.acc
+        if acc.is_main_process and not self.resume:
+            atomic_write(self.run.config, dump_config(cfg))
+        start = self.load_checkpoint() if self.resume else 0
+        if acc.is_main_process and self.resume:
+            atomic_write(self.run.config, dump_config(cfg))
+        if start == 0 and not any(e["step"] == 0 for e in self.evals):
+            self.evaluate(0)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.train.max_steps, initial=start, disable=not acc.is_main_process, desc=cfg.algorithm, dynamic_ncols=True)
+        A, B, N, rank = cfg.train.gradient_accumulation_steps, cfg.train.batch_size, acc.num_processes, acc.process_index
+        if hasattr(self.reward, "update_stats"):
+            self.reward.update_stats = True
+        step = start
+        for step in range(start + 1, cfg.train.max_steps + 1):
+            t_step = time.time()
+            metrics_acc: dict[str, list[float]] = {}
+            skipped = False
+            for micro in range(A):
+                # the global batch of this micro-step, the same whatever the process count;
+                # this process takes its slice
+                g = generator(cfg.seed, "batch", step, micro)
+                idx = torch.randint(len(self.train_prompts), (B * N,), generator=g).tolist()
+                mine = list(range(rank * B, (rank + 1) * B))
+                prompts = [self.train_prompts[idx[j]] for j in mine]
+                gens = [generator(cfg.seed, "item", step, micro, j) for j in mine]
+                step_gen = generator(cfg.seed, "step", step, micro)
+                with acc.accumulate(self.model.denoiser):
+                    with acc.autocast():
+                        loss, mets = self.method.train_step(prompts, gens, step_gen)
+                    finite = torch.isfinite(loss.detach()).float().reshape(1)
+                    all_finite = bool(acc.gather(finite).min().item() > 0)
+                    if not all_finite:
+                        skipped = True
+                        self.optimizer.zero_grad(set_to_none=True)
+                        continue
+                    acc.backward(loss)
+                    for k, v in mets.items():
+                        metrics_acc.setdefault(k, []).append(float(v))
+                    metrics_acc.setdefault("loss", []).append(float(loss.detach()))
+                    if acc.sync_gradients and not skipped:
+                        gn = None
+                        if cfg.train.max_grad_norm:
+                            gn = acc.clip_grad_norm_(self.params, cfg.train.max_grad_norm)
+                        gfin = all(torch.isfinite(p.grad).all() for p in self.params if p.grad is not None)
+                        if gfin:
+                            self.optimizer.step()
+                            self.lr_scheduler.step()
+                        else:
+                            skipped = True
+                        if gn is not None:
+                            metrics_acc["grad_norm"] = [float(gn)]
+                    self.optimizer.zero_grad(set_to_none=True)
+            if skipped:
+                self.optimizer.zero_grad(set_to_none=True)
+                self.nan_streak += 1
+                self.nan_total += 1
+                log.warning("step %d: non-finite loss or gradient; step skipped (%d in a row)", step, self.nan_streak)
+            else:
+                self.nan_streak = 0
+            rec = {"step": step, **{k: _mean(v) for k, v in metrics_acc.items()}, "lr": self.lr_scheduler.get_last_lr()[0],
+                   "skipped": skipped, "nan_total": self.nan_total, "step_time_s": time.time() - t_step}
+            rec = self._reduce(rec)
+            if acc.is_main_process:
+                if step % cfg.log.every == 0 or step == cfg.train.max_steps:
+                    self.run.append_metrics(rec)
+                    acc.log({k: v for k, v in rec.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}, step=step)
+                bar.set_postfix(reward=f"{rec.get('reward_mean', float('nan')):.4f}", loss=f"{rec.get('loss', float('nan')):.3g}")
+            bar.update(1)
+            if self.nan_streak >= cfg.train.max_consecutive_nan:
+                bar.close()
+                acc.end_training()
+                raise RunError(f"{self.nan_streak} steps in a row had a non-finite loss or gradient (step {step}); stopping. "
+                               f"Lower train.lr, check the reward for NaN, or raise train.max_consecutive_nan. "
+                               f"Metrics so far are in {self.run.metrics}")
+            if cfg.log.eval_every and step % cfg.log.eval_every == 0 and step != cfg.train.max_steps:
+                self.evaluate(step)
+            if cfg.log.checkpoint_every and step % cfg.log.checkpoint_every == 0 and step != cfg.train.max_steps:
+                self.save_checkpoint(step)
+        bar.close()
+        if hasattr(self.reward, "update_stats"):
+            self.reward.update_stats = False
+        final = cfg.train.max_steps
+        if not any(e["step"] == final for e in self.evals):
+            self.evaluate(final)
+        self.save_checkpoint(final)
+        self.export()
+        summary = self.write_summary(final)
+        acc.end_training()
+        return summary
+
+    def _reduce(self, rec: dict) -> dict:
+        """Average numeric metrics over processes (each process saw its own slice)."""
+        if self.acc.num_processes == 1:
+            return rec
+        keys = sorted(k for k, v in rec.items() if isinstance(v, float))
+        t = torch.tensor([rec[k] for k in keys], device=self.acc.device, dtype=torch.float64)
+        t = self.acc.reduce(t, reduction="mean")
+        return {**rec, **dict(zip(keys, t.tolist()))}
+
+    def export(self) -> None:
+        """The trained LoRA (diffusers format) into OUT/lora, or the full UNet into OUT/unet."""
+        if not self.acc.is_main_process:
+            self.acc.wait_for_everyone()
+            return
+        root = self.run.root
+        tmp = root / ".lora-tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        unet = self.acc.unwrap_model(self.model.denoiser)
+        if self.cfg.model.finetune == "lora":
+            from .models import save_lora
+
+            save_lora(self.model, tmp, text_encoder=self.cfg.model.lora.text_encoder, unwrap=self.acc.unwrap_model)
+            dest = self.run.lora
+        else:
+            unet.save_pretrained(tmp, safe_serialization=True)
+            dest = root / "unet"
+        old = root / ".lora-old"
+        shutil.rmtree(old, ignore_errors=True)
+        if dest.exists():
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+        fsync_dir(root)
+        self.acc.wait_for_everyone()
+
+    def write_summary(self, final: int) -> dict:
+        records = self.run.read_metrics() if self.acc.is_main_process else []
+        evals = sorted(self.evals, key=lambda e: e["step"])
+        before = next((e["eval_reward"] for e in evals if e["step"] == 0), None)
+        after = next((e["eval_reward"] for e in evals if e["step"] == final), None)
+        train_r = [r["reward_mean"] for r in records if r.get("reward_mean") is not None]
+        summary = {
+            "algorithm": self.cfg.algorithm,
+            "model": self.cfg.model.path,
+            "reward": self.reward.name,
+            "steps": final,
+            "wall_time_s": round(self.wall_time(), 2),
+            "eval_reward_before": before,
+            "eval_reward_after": after,
+            "eval_history": evals,
+            "train_reward_first": train_r[0] if train_r else None,
+            "train_reward_last": train_r[-1] if train_r else None,
+            "skipped_steps": self.nan_total,
+            "num_processes": self.acc.num_processes,
+            "lora": str(self.run.lora) if self.cfg.model.finetune == "lora" else None,
+        }
+        summary.update(getattr(self.method, "summary_extra", lambda: {})())
+        if self.acc.is_main_process:
+            self.run.write_summary(summary)
+            plot_curves(records, self.run.samples / "reward_curve.png", evals=evals)
+            _before_after(self.run.samples, final)
+        return summary
+
+
+def _before_after(samples: Path, final: int) -> None:
+    """Stack the step-0 grid over the final grid into samples/before_after.png."""
+    from PIL import Image, ImageDraw
+
+    a, b = samples / "step-000000.png", samples / f"step-{final:06d}.png"
+    if not (a.exists() and b.exists()):
+        return
+    ia, ib = Image.open(a).convert("RGB"), Image.open(b).convert("RGB")
+    w = max(ia.width, ib.width)
+    out = Image.new("RGB", (w, ia.height + ib.height + 40), "white")
+    d = ImageDraw.Draw(out)
+    d.text((6, 4), "before (step 0)", fill="black")
+    out.paste(ia, (0, 18))
+    d.text((6, ia.height + 22), f"after (step {final})", fill="black")
+    out.paste(ib, (0, ia.height + 38))
+    tmp = samples / ".before_after.tmp.png"
+    out.save(tmp)
+    os.replace(tmp, samples / "before_after.png")
+
+
+def _peft(module) -> dict:
+    from peft.utils import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(module, adapter_name="default")
+
+
+def _mean(v: list[float]) -> float:
+    f = [x for x in v if math.isfinite(x)]
+    return sum(f) / len(f) if f else float("nan")
+
+
+def _flat_scalars(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat_scalars(v, key + "."))
+        elif isinstance(v, (int, float, str, bool)):
+            out[key] = v
+        elif v is not None:
+            out[key] = str(v)
+    return out

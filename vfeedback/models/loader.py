@@ -1,0 +1,236 @@
+"""Load a diffusion pipeline from a hub id, a local diffusers folder, a single file or ``tiny:``.
+
+All paths end in ``from_pretrained`` (or ``from_single_file``), so the tiny models used in tests
+exercise the same code that loads real weights.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from ..errors import UserError
+
+log = logging.getLogger(__name__)
+
+FAMILIES = ("sd15", "sdxl")
+PIPELINE_CLASS = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+DEFAULT_RESOLUTION = {"sd15": 512, "sdxl": 1024}
+
+
+@dataclass
+class Conditioning:
+    """Text conditioning for one batch: positive and (with CFG) negative, SD1.5 or SDXL."""
+
+    embeds: torch.Tensor  # (B, L, D)
+    neg_embeds: Optional[torch.Tensor] = None
+    pooled: Optional[torch.Tensor] = None  # SDXL: text_encoder_2 projection (B, P)
+    neg_pooled: Optional[torch.Tensor] = None
+    time_ids: Optional[torch.Tensor] = None  # SDXL: (B, 6)
+
+    def repeat(self, n: int) -> "Conditioning":
+        """Each row repeated n times (B -> B*n), e.g. several images per prompt."""
+        r = lambda t: None if t is None else t.repeat_interleave(n, dim=0)
+        return Conditioning(r(self.embeds), r(self.neg_embeds), r(self.pooled), r(self.neg_pooled), r(self.time_ids))
+
+    def unet_inputs(self, cfg: bool):
+        """``encoder_hidden_states`` and ``added_cond_kwargs`` for one UNet call (negatives first)."""
+        if cfg:
+            hs = torch.cat([self.neg_embeds, self.embeds])
+        else:
+            hs = self.embeds
+        added = None
+        if self.pooled is not None:
+            pooled = torch.cat([self.neg_pooled, self.pooled]) if cfg else self.pooled
+            tids = torch.cat([self.time_ids, self.time_ids]) if cfg else self.time_ids
+            added = {"text_embeds": pooled, "time_ids": tids}
+        return hs, added
+
+
+@dataclass
+class DiffusionModel:
+    """The pieces a reward-feedback method touches, around a diffusers pipeline."""
+
+    pipe: object
+    family: str
+    path: str
+    resolution: int
+    #: the module used for UNet forward calls during training (accelerate's prepared /
+    #: DDP-wrapped UNet); None: the pipeline's own UNet
+    denoiser: Optional[torch.nn.Module] = None
+
+    @property
+    def unet(self):
+        return self.pipe.unet
+
+    @property
+    def vae(self):
+        return self.pipe.vae
+
+    @property
+    def scheduler(self):
+        return self.pipe.scheduler
+
+    @property
+    def text_encoders(self) -> list:
+        encs = [self.pipe.text_encoder]
+        if self.family == "sdxl":
+            encs.append(self.pipe.text_encoder_2)
+        return [e for e in encs if e is not None]
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        s = self.resolution // self.vae_scale_factor
+        return (self.unet.config.in_channels, s, s)
+
+    def encode_prompt(self, prompts: Sequence[str], negative: Optional[Sequence[str]] = None, cfg: bool = True) -> Conditioning:
+        """Text conditioning through the pipeline's own ``encode_prompt`` (keeps autograd when
+        a text-encoder LoRA trains)."""
+        prompts = list(prompts)
+        neg = list(negative) if negative is not None else [""] * len(prompts)
+        dev = self.device
+        if self.family == "sdxl":
+            pe, npe, pooled, npooled = self.pipe.encode_prompt(
+                prompt=prompts, device=dev, num_images_per_prompt=1, do_classifier_free_guidance=cfg, negative_prompt=neg
+            )
+            # SDXL micro-conditioning: (original_size, crop top-left, target_size); we render
+            # uncropped at the training resolution, as the pipeline does by default.
+            r = self.resolution
+            tid = torch.tensor([r, r, 0, 0, r, r], device=dev, dtype=pe.dtype).expand(len(prompts), 6)
+            return Conditioning(pe, npe if cfg else None, pooled, npooled if cfg else None, tid)
+        pe, npe = self.pipe.encode_prompt(prompts, dev, 1, cfg, neg)
+        return Conditioning(pe, npe if cfg else None)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B,3,H,W) in [0,1] -> scaled latents (for the pre-training loss)."""
+        x = images.to(self.device, self.vae.dtype) * 2 - 1
+        lat = self.vae.encode(x).latent_dist.sample()
+        return lat * self.vae.config.scaling_factor
+
+    def decode(self, latents: torch.Tensor, checkpoint: bool = False) -> torch.Tensor:
+        """Scaled latents -> images (B,3,H,W) in [0,1], keeping autograd; optionally with
+        activation checkpointing through the decoder (saves most of the decode memory)."""
+        z = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
+        if checkpoint and torch.is_grad_enabled():
+            out = torch.utils.checkpoint.checkpoint(lambda t: self.vae.decode(t).sample, z, use_reentrant=False)
+        else:
+            out = self.vae.decode(z).sample
+        return (out.float() / 2 + 0.5).clamp(0, 1)
+
+
+def _detect_family(folder: Path) -> Optional[str]:
+    idx = folder / "model_index.json"
+    if not idx.exists():
+        return None
+    cls = json.loads(idx.read_text()).get("_class_name", "")
+    return "sdxl" if "XL" in cls else "sd15"
+
+
+def load_model(
+    family: str,
+    path: str,
+    *,
+    resolution: Optional[int] = None,
+    dtype: torch.dtype = torch.float32,
+    device: Optional[torch.device] = None,
+    revision: Optional[str] = None,
+    variant: Optional[str] = None,
+    attention: str = "auto",
+    gradient_checkpointing: bool = False,
+) -> DiffusionModel:
+    """Load an SD1.5 or SDXL pipeline with a DDIM scheduler; weights frozen.
+
+    ``path``: a hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``), a local diffusers
+    folder, a single ``.safetensors``/``.ckpt`` file, or ``tiny:sd15`` / ``tiny:sdxl``.
+    """
+    import diffusers
+    from diffusers import DDIMScheduler
+
+    from .tiny import tiny_path
+
+    if family not in FAMILIES:
+        raise UserError(f"model.family: {family!r} is not one of {', '.join(FAMILIES)}")
+    src = path
+    if path.startswith("tiny:"):
+        name = path.split(":", 1)[1]
+        src = str(tiny_path(name))
+        tiny_family = "sdxl" if name.startswith("sdxl") else "sd15"
+        if tiny_family != family:
+            raise UserError(f"model.family is {family!r} but model.path {path!r} is an {tiny_family} model; set model.family: {tiny_family}")
+    p = Path(src)
+    if p.is_dir():
+        found = _detect_family(p)
+        if found is None:
+            raise UserError(f"model.path: {src} is a folder without model_index.json; give a diffusers pipeline folder (save_pretrained)")
+        if found != family:
+            raise UserError(f"model.family is {family!r} but {src} holds an {found} pipeline; set model.family: {found}")
+    pipe_cls = getattr(diffusers, PIPELINE_CLASS[family])
+    kwargs = dict(dtype=dtype)
+    if family == "sd15":
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    try:
+        if p.is_file():
+            pipe = pipe_cls.from_single_file(str(p), **kwargs)
+        elif p.exists() or "/" in src:
+            pipe = pipe_cls.from_pretrained(src, revision=revision, variant=variant, **kwargs)
+        else:
+            raise UserError(f"model.path: {src!r} is neither a folder, a file nor a hub id (owner/name) nor tiny:sd15 / tiny:sdxl")
+    except UserError:
+        raise
+    except (OSError, EnvironmentError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"model.path: could not load {src!r} ({first}). Download it first "
+            f"(`huggingface-cli download {src}`) or point model.path at a local diffusers folder"
+        ) from None
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    for m in (pipe.unet, pipe.vae, *[getattr(pipe, n, None) for n in ("text_encoder", "text_encoder_2")]):
+        if m is not None:
+            m.requires_grad_(False)
+            m.eval()
+    if device is not None:
+        pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    _set_attention(pipe, attention)
+    if gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+    if resolution is None:
+        resolution = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    return DiffusionModel(pipe=pipe, family=family, path=path, resolution=int(resolution))
+
+
+def xformers_usable(device) -> bool:
+    import importlib.util
+
+    return torch.device(device).type == "cuda" and importlib.util.find_spec("xformers") is not None
+
+
+def _set_attention(pipe, attention: str) -> None:
+    """``sdpa`` (PyTorch scaled-dot-product attention, diffusers' default), ``xformers`` (CUDA
+    only), or ``auto``: xformers when installed and on CUDA, else SDPA."""
+    if attention not in ("auto", "sdpa", "xformers"):
+        raise UserError(f"model.attention: {attention!r} is not one of auto, sdpa, xformers")
+    dev = pipe.unet.device
+    if attention == "xformers" and not xformers_usable(dev):
+        raise UserError("model.attention: xformers needs CUDA and `pip install 'vfeedback[gpu]'`; use attention: auto or sdpa")
+    if attention in ("auto", "xformers") and xformers_usable(dev):
+        pipe.enable_xformers_memory_efficient_attention()
+        log.info("attention: xformers")
+    else:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        pipe.unet.set_attn_processor(AttnProcessor2_0())
+        pipe.vae.set_attn_processor(AttnProcessor2_0())

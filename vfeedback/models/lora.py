@@ -1,0 +1,98 @@
+"""LoRA through peft, saved and loaded in diffusers' format.
+
+``save_lora`` writes ``pytorch_lora_weights.safetensors`` with the LoRA config as metadata, via
+the pipeline class's own ``save_lora_weights``, so ``pipe.load_lora_weights(folder)`` of
+diffusers restores it (alpha included).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+ADAPTER = "default"
+
+
+def add_lora(model, rank: int = 4, alpha: Optional[float] = None, target_modules: Optional[Sequence[str]] = None,
+             text_encoder: bool = False, dropout: float = 0.0) -> list[torch.nn.Parameter]:
+    """Add a LoRA adapter to the UNet (and the text encoders when asked); return trainable params.
+
+    The LoRA ``B`` matrices start at zero (peft's default), so the untrained adapter leaves the
+    model's output unchanged, as in the diffusers training examples.
+    """
+    from peft import LoraConfig
+
+    alpha = float(rank if alpha is None else alpha)
+    ucfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights=True,
+                      target_modules=list(target_modules or UNET_TARGETS))
+    model.unet.add_adapter(ucfg, adapter_name=ADAPTER)
+    if text_encoder:
+        tcfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights=True, target_modules=TEXT_TARGETS)
+        for enc in model.text_encoders:
+            enc.add_adapter(tcfg, adapter_name=ADAPTER)
+    params = []
+    for m in [model.unet, *(model.text_encoders if text_encoder else [])]:
+        for n, p in m.named_parameters():
+            if "lora_" in n:
+                p.requires_grad_(True)
+                params.append(p)
+    return params
+
+
+def _peft_state(module) -> dict:
+    from peft.utils import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(module, adapter_name=ADAPTER)
+
+
+def lora_state_dict(model, text_encoder: bool = False) -> dict[str, torch.Tensor]:
+    """peft-format LoRA tensors of the UNet (prefix ``unet.``) and text encoders, on CPU."""
+    out = {f"unet.{k}": v.detach().cpu().clone() for k, v in _peft_state(model.unet).items()}
+    if text_encoder:
+        for i, enc in enumerate(model.text_encoders):
+            out.update({f"te{i}.{k}": v.detach().cpu().clone() for k, v in _peft_state(enc).items()})
+    return out
+
+
+def save_lora(model, folder, text_encoder: bool = False, unwrap=lambda m: m) -> Path:
+    """Write ``folder/pytorch_lora_weights.safetensors`` in diffusers' LoRA format."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    unet = unwrap(model.unet)
+    kwargs = dict(
+        unet_lora_layers=convert_state_dict_to_diffusers(_peft_state(unet)),
+        unet_lora_adapter_metadata=unet.peft_config[ADAPTER].to_dict(),
+        safe_serialization=True,
+    )
+    if text_encoder:
+        encs = [unwrap(e) for e in model.text_encoders]
+        kwargs["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(_peft_state(encs[0]))
+        kwargs["text_encoder_lora_adapter_metadata"] = encs[0].peft_config[ADAPTER].to_dict()
+        if len(encs) > 1:
+            kwargs["text_encoder_2_lora_layers"] = convert_state_dict_to_diffusers(_peft_state(encs[1]))
+            kwargs["text_encoder_2_lora_adapter_metadata"] = encs[1].peft_config[ADAPTER].to_dict()
+    type(model.pipe).save_lora_weights(folder, **kwargs)
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+def load_lora_into(model, folder) -> None:
+    """Load a saved LoRA folder into ``model.pipe`` with diffusers' ``load_lora_weights``.
+
+    A LoRA made for another architecture raises a clear ``UserError``.
+    """
+    from ..errors import UserError
+
+    folder = Path(folder)
+    f = folder / "pytorch_lora_weights.safetensors" if folder.is_dir() else folder
+    if not f.exists():
+        raise UserError(f"--lora: {f} does not exist (expected a folder holding pytorch_lora_weights.safetensors)")
+    try:
+        model.pipe.load_lora_weights(str(f.parent), weight_name=f.name)
+    except (ValueError, RuntimeError, KeyError) as e:
+        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise UserError(f"--lora: {f} does not fit this {model.family} model ({msg}); was it trained on another architecture?") from None

@@ -1,0 +1,214 @@
+"""The run folder every method writes (layout in the README / DESIGN.md):
+
+    OUT/config.yaml  OUT/metrics.jsonl  OUT/summary.json  OUT/samples/  OUT/checkpoints/  OUT/lora/
+
+Writes that must never be seen half-done go through :func:`atomic_write` (temp file in the
+same folder, fsync, rename) or a temp folder renamed into place.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+from .errors import UserError
+
+COMPLETE_MARKER = "COMPLETE"
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class RunDir:
+    def __init__(self, root):
+        self.root = Path(root)
+
+    config = property(lambda s: s.root / "config.yaml")
+    metrics = property(lambda s: s.root / "metrics.jsonl")
+    summary = property(lambda s: s.root / "summary.json")
+    samples = property(lambda s: s.root / "samples")
+    checkpoints = property(lambda s: s.root / "checkpoints")
+    lora = property(lambda s: s.root / "lora")
+
+    def holds_run(self) -> bool:
+        return self.config.exists() or self.checkpoints.exists() or self.summary.exists()
+
+    def prepare(self, resume: bool) -> None:
+        """Create the folder; refuse to overwrite an earlier run unless resuming."""
+        if self.root.exists() and not self.root.is_dir():
+            raise UserError(f"output_dir: {self.root} exists and is not a folder")
+        if not resume and self.holds_run():
+            raise UserError(f"output_dir: {self.root} already holds a run; pass --resume to continue it, or choose another output_dir (output_dir=...)")
+        if resume and not self.holds_run():
+            raise UserError(f"--resume: {self.root} holds no run to resume; drop --resume to start one")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f".write-test-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise UserError(f"output_dir: cannot write to {self.root} ({e.strerror}); choose a writable folder") from None
+        self.samples.mkdir(exist_ok=True)
+        self.checkpoints.mkdir(exist_ok=True)
+
+    # ---- metrics
+    def append_metrics(self, record: dict) -> None:
+        with open(self.metrics, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, default=_json_default) + "\n")
+            f.flush()
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics.exists():
+            return []
+        out = []
+        for line in self.metrics.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill mid-write
+        return out
+
+    def truncate_metrics(self, last_step: int) -> None:
+        """Keep only records up to ``last_step`` (those after a resumed checkpoint are redone)."""
+        kept = [r for r in self.read_metrics() if r.get("step", -1) <= last_step]
+        atomic_write(self.metrics, "".join(json.dumps(r) + "\n" for r in kept))
+
+    # ---- checkpoints
+    def complete_checkpoints(self) -> list[Path]:
+        if not self.checkpoints.exists():
+            return []
+        cks = [p for p in self.checkpoints.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / COMPLETE_MARKER).exists()]
+        return sorted(cks, key=lambda p: int(p.name.split("-")[1]))
+
+    def latest_checkpoint(self) -> Optional[Path]:
+        cks = self.complete_checkpoints()
+        return cks[-1] if cks else None
+
+    def prune(self, keep: int) -> None:
+        """Drop old whole checkpoints beyond ``keep`` and any half-written temp folders."""
+        cks = self.complete_checkpoints()
+        for p in cks[:-keep]:
+            shutil.rmtree(p, ignore_errors=True)
+        for p in self.checkpoints.iterdir():
+            if p.name.startswith(".tmp-"):
+                shutil.rmtree(p, ignore_errors=True)
+
+    def write_summary(self, summary: dict) -> None:
+        atomic_write(self.summary, json.dumps(summary, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(o):
+    if isinstance(o, torch.Tensor):
+        return o.item() if o.numel() == 1 else o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+# ---- images
+
+
+def save_grid(images: torch.Tensor, path: Path, captions: Optional[Sequence[str]] = None, ncol: Optional[int] = None,
+              row_labels: Optional[Sequence[str]] = None, cell: int = 160) -> Path:
+    """Save ``(N,3,H,W)`` images in [0,1] as one PNG, upscaled (nearest) to ``cell`` px, with an
+    optional caption under each image and a label left of each row."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from rewards.images import to_pil
+
+    pil = to_pil(images)
+    n = len(pil)
+    ncol = ncol or min(n, 8)
+    nrow = math.ceil(n / ncol)
+    cap_h = 28 if captions else 0
+    lab_w = 90 if row_labels else 0
+    font = ImageFont.load_default()
+    W, H = lab_w + ncol * (cell + 4) + 4, nrow * (cell + cap_h + 4) + 4
+    canvas = Image.new("RGB", (W, H), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for i, im in enumerate(pil):
+        r, c = divmod(i, ncol)
+        x, y = lab_w + 4 + c * (cell + 4), 4 + r * (cell + cap_h + 4)
+        canvas.paste(im.resize((cell, cell), Image.NEAREST), (x, y))
+        if captions:
+            text = captions[i]
+            lines = [text[:26], text[26:52]] if len(text) > 26 else [text]
+            for k, line in enumerate(lines):
+                draw.text((x, y + cell + 2 + 12 * k), line, fill=(0, 0, 0), font=font)
+    if row_labels:
+        for r, lab in enumerate(row_labels[:nrow]):
+            draw.text((4, 4 + r * (cell + cap_h + 4) + cell // 2), lab, fill=(0, 0, 0), font=font)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name("." + path.name + ".tmp.png")
+    canvas.save(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def plot_curves(records: Sequence[dict], path: Path, keys: Sequence[str] = ("reward_mean", "loss"), evals: Sequence[dict] = ()) -> Optional[Path]:
+    """Training reward (and loss) against step, with eval rewards as markers; PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in keys if any(k in r and r[k] is not None for r in records)]
+    if not keys:
+        return None
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        pts = [(r["step"], r[k]) for r in records if r.get(k) is not None and math.isfinite(r[k])]
+        if pts:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, lw=1, alpha=0.5, label=f"train {k}")
+            if len(ys) >= 5:
+                w = max(2, len(ys) // 10)
+                sm = [sum(ys[max(0, i - w + 1): i + 1]) / len(ys[max(0, i - w + 1): i + 1]) for i in range(len(ys))]
+                ax.plot(xs, sm, lw=2, label=f"{k} (moving avg)")
+        if k == "reward_mean" and evals:
+            ax.plot([e["step"] for e in evals], [e["eval_reward"] for e in evals], "o-", color="black", label="eval reward")
+        ax.set_xlabel("step")
+        ax.set_title(k)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name("." + path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,239 @@
+"""One DDIM sampler for every method: trajectories, per-step log-probs and a gradient window.
+
+DDIM (Song et al. 2021, eq. 12) with stochasticity ``eta``: for timestep t and the previous
+timestep t' (``t - T_train // steps``), with cumulative alphas a_t, a_t'
+
+    x0  = (x_t - sqrt(1 - a_t) * eps) / sqrt(a_t)
+    s^2 = eta^2 * (1 - a_t') / (1 - a_t) * (1 - a_t / a_t')
+    mu  = sqrt(a_t') * x0 + sqrt(1 - a_t' - s^2) * eps
+    x_t' = mu + s * z,   z ~ N(0, I)
+
+so each transition is a Gaussian policy ``pi(x_t' | x_t) = N(mu, s^2 I)``; its log-density is
+what D3PO (and DDPO) need. We follow diffusers' ``DDIMScheduler.step`` for the coefficients and
+ddpo-pytorch's ``ddim_step_with_logprob`` in averaging the log-density over latent dimensions.
+
+The autograd graph is kept only on the steps a method asks for (:class:`GradWindow`): none,
+ReFL's single late step predicting x0 (ImageReward's ``ReFL``: run to a random step in
+[lo, hi] without grad, then one step with grad and take ``pred_original_sample``), or the last
+K steps (truncated backprop, DRaFT-K style).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+import torch
+
+from .models.loader import Conditioning, DiffusionModel
+
+
+@dataclass(frozen=True)
+class GradWindow:
+    """Steps (0-based index into the sampling loop) that run with autograd on.
+
+    ``stop_at``: stop after computing the model output at that step and return its x0
+    prediction as the final latents (ReFL).
+    """
+
+    grad_steps: frozenset = frozenset()
+    stop_at: Optional[int] = None
+
+    @classmethod
+    def none(cls) -> "GradWindow":
+        return cls()
+
+    @classmethod
+    def refl(cls, stop_step: int) -> "GradWindow":
+        return cls(frozenset({stop_step}), stop_step)
+
+    @classmethod
+    def last(cls, k: int, num_steps: int) -> "GradWindow":
+        return cls(frozenset(range(max(0, num_steps - k), num_steps)))
+
+    @classmethod
+    def all(cls, num_steps: int) -> "GradWindow":
+        return cls(frozenset(range(num_steps)))
+
+
+@dataclass
+class SampleOutput:
+    latents: torch.Tensor  # final latents (x_0, or ReFL's x0 prediction)
+    images: Optional[torch.Tensor] = None  # (B,3,H,W) in [0,1]
+    timesteps: Optional[torch.Tensor] = None  # (T,) the timesteps visited, in order
+    trajectory: Optional[torch.Tensor] = None  # (B, T+1, C, h, w): x_T, ..., x_0 (detached)
+    log_probs: Optional[torch.Tensor] = None  # (B, T) log pi(x_t' | x_t), mean over dims
+    steps_run: int = 0
+
+
+def ddim_timesteps(model: DiffusionModel, num_steps: int) -> torch.Tensor:
+    """The DDIM timesteps for ``num_steps`` (a private scheduler copy: no shared state)."""
+    from diffusers import DDIMScheduler
+
+    sch = DDIMScheduler.from_config(model.scheduler.config)
+    sch.set_timesteps(num_steps)
+    return sch.timesteps.clone()
+
+
+def _alpha(model: DiffusionModel, t: torch.Tensor) -> torch.Tensor:
+    """a_t for timesteps t (a_t of a negative timestep is DDIM's final alpha)."""
+    sch = model.scheduler
+    ac = sch.alphas_cumprod.to(torch.float64)
+    final = ac[0] if sch.config.set_alpha_to_one is False else torch.tensor(1.0, dtype=torch.float64)
+    t = torch.as_tensor(t)
+    safe = t.clamp(min=0).long().cpu()
+    a = ac[safe]
+    return torch.where(t.cpu() >= 0, a, final.expand_as(a))
+
+
+def ddim_step(model_output: torch.Tensor, x_t: torch.Tensor, a_t: torch.Tensor, a_prev: torch.Tensor, eta: float,
+              prediction_type: str = "epsilon", prev_sample: Optional[torch.Tensor] = None,
+              noise: Optional[torch.Tensor] = None):
+    """One DDIM transition (equation in the module docstring), in float32.
+
+    Returns ``(prev_sample, log_prob, x0_pred, mean, std)``; ``log_prob`` is
+    ``log N(prev_sample; mean, std^2)`` averaged over all non-batch dims (NaN when std = 0).
+    ``prev_sample`` given: score that sample (D3PO recomputing a stored transition) instead of
+    drawing one with ``noise``.
+    """
+    x_t = x_t.float()
+    out = model_output.float()
+    a_t = torch.as_tensor(a_t, dtype=torch.float32, device=x_t.device)
+    a_prev = torch.as_tensor(a_prev, dtype=torch.float32, device=x_t.device)
+    b_t = 1 - a_t
+    if prediction_type == "epsilon":
+        x0 = (x_t - b_t.sqrt() * out) / a_t.sqrt()
+        eps = out
+    elif prediction_type == "v_prediction":
+        x0 = a_t.sqrt() * x_t - b_t.sqrt() * out
+        eps = a_t.sqrt() * out + b_t.sqrt() * x_t
+    elif prediction_type == "sample":
+        x0 = out
+        eps = (x_t - a_t.sqrt() * x0) / b_t.sqrt()
+    else:
+        raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+    variance = (1 - a_prev) / b_t * (1 - a_t / a_prev)
+    std = eta * variance.clamp(min=0).sqrt()
+    mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).clamp(min=0).sqrt() * eps
+    if prev_sample is None:
+        if std > 0:
+            if noise is None:
+                raise ValueError("ddim_step: eta > 0 needs noise")
+            prev_sample = mean + std * noise.to(mean)
+        else:
+            prev_sample = mean
+    prev_sample = prev_sample.float()
+    if std > 0:
+        lp = -((prev_sample.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+        log_prob = lp.mean(dim=tuple(range(1, lp.ndim)))
+    else:
+        log_prob = torch.full((x_t.shape[0],), float("nan"), device=x_t.device)
+    return prev_sample, log_prob, x0, mean, std
+
+
+def predict_noise(model: DiffusionModel, x_t: torch.Tensor, t, cond: Conditioning, guidance_scale: float) -> torch.Tensor:
+    """UNet output with classifier-free guidance (``guidance_scale`` <= 1: conditional only)."""
+    cfg = guidance_scale > 1.0
+    hs, added = cond.unet_inputs(cfg)
+    inp = torch.cat([x_t, x_t]) if cfg else x_t
+    dtype = model.unet.dtype
+    if added is not None:
+        added = {k: v.to(dtype) for k, v in added.items()}
+    tt = torch.as_tensor(t, device=x_t.device)
+    net = model.denoiser if model.denoiser is not None else model.unet
+    out = net(inp.to(dtype), tt, encoder_hidden_states=hs.to(dtype), added_cond_kwargs=added).sample
+    if cfg:
+        un, te = out.chunk(2)
+        out = un + guidance_scale * (te - un)
+    return out.float()
+
+
+Generators = Union[torch.Generator, Sequence[torch.Generator], None]
+
+
+def randn(shape, generator: Generators, device) -> torch.Tensor:
+    """Standard normal noise drawn on the CPU (device independent, so a seed gives the same
+    image everywhere). A list of generators draws row i from generator i, so an image depends
+    only on its own seed, not on the batch it is in."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        rows = [torch.randn((1, *shape[1:]), generator=g, dtype=torch.float32) for g in generator]
+        return torch.cat(rows).to(device)
+    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+
+
+def initial_latents(model: DiffusionModel, batch: int, generator: Generators = None) -> torch.Tensor:
+    """Standard normal latents of the model's shape (see :func:`randn`)."""
+    return randn((batch, *model.latent_shape), generator, model.device)
+
+
+def sample(model: DiffusionModel, cond: Conditioning, *, num_steps: int = 50, guidance_scale: float = 7.5, eta: float = 0.0,
+           latents: Optional[torch.Tensor] = None, generator: Generators = None,
+           grad: GradWindow = GradWindow(), return_trajectory: bool = False, log_probs: bool = False,
+           decode: bool = True, vae_checkpoint: bool = False) -> SampleOutput:
+    """DDIM sampling for SD1.5 and SDXL conditioning.
+
+    ``cond``: one row per image (repeat it for several images per prompt). Randomness (initial
+    latents when not given, and the per-step noise when ``eta`` > 0) comes from ``generator``
+    on the CPU. ``grad`` picks the steps that keep autograd; the images are decoded with grad
+    when the last step run did.
+    """
+    b = cond.embeds.shape[0]
+    if latents is None:
+        latents = initial_latents(model, b, generator)
+    x = latents.float().to(model.device)
+    timesteps = ddim_timesteps(model, num_steps)
+    step_gap = model.scheduler.config.num_train_timesteps // num_steps
+    pred_type = model.scheduler.config.prediction_type
+    traj = [x.detach()] if return_trajectory else None
+    lps = [] if log_probs else None
+    steps_run = 0
+    last_grad = False
+    for i, t in enumerate(timesteps):
+        noise = None
+        if eta > 0:
+            noise = randn(x.shape, generator, x.device)
+        with_grad = i in grad.grad_steps
+        if with_grad and not last_grad:
+            x = x.detach()
+        with torch.set_grad_enabled(with_grad and torch.is_inference_mode_enabled() is False):
+            out = predict_noise(model, x, t, cond, guidance_scale)
+            a_t, a_prev = _alpha(model, t), _alpha(model, t - step_gap)
+            x_prev, lp, x0, _, _ = ddim_step(out, x, a_t, a_prev, eta, pred_type, noise=noise)
+        steps_run += 1
+        last_grad = with_grad
+        if grad.stop_at is not None and i == grad.stop_at:
+            x = x0
+            break
+        x = x_prev
+        if traj is not None:
+            traj.append(x.detach())
+        if lps is not None:
+            lps.append(lp.detach())
+    images = None
+    if decode:
+        with torch.set_grad_enabled(last_grad):
+            images = model.decode(x, checkpoint=vae_checkpoint)
+    return SampleOutput(
+        latents=x,
+        images=images,
+        timesteps=timesteps,
+        trajectory=torch.stack(traj, dim=1) if traj is not None else None,
+        log_probs=torch.stack(lps, dim=1) if lps else None,
+        steps_run=steps_run,
+    )
+
+
+def transition_log_prob(model: DiffusionModel, cond: Conditioning, x_t: torch.Tensor, t, x_prev: torch.Tensor,
+                        *, num_steps: int, guidance_scale: float, eta: float) -> torch.Tensor:
+    """``log pi(x_prev | x_t, c)`` under the model's current weights, with autograd.
+
+    The quantity D3PO's loss differentiates (their ``compute_log_prob``): the stored next
+    latent scored under the policy's Gaussian at timestep ``t``. Returns shape (B,).
+    """
+    step_gap = model.scheduler.config.num_train_timesteps // num_steps
+    out = predict_noise(model, x_t.float(), t, cond, guidance_scale)
+    _, lp, _, _, _ = ddim_step(out, x_t, _alpha(model, t), _alpha(model, torch.as_tensor(t) - step_gap), eta,
+                               model.scheduler.config.prediction_type, prev_sample=x_prev)
+    return lp
