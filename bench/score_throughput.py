@@ -40,15 +40,18 @@ BENCH_CFG = {
 }
 
 
-def make_tiny_checkpoint(folder: Path) -> str:
+def make_checkpoint(folder: Path, arch: str) -> str:
+    """A random-weight checkpoint in the HPS layout ({'state_dict': ...}); reused if present."""
     import open_clip
 
-    (folder / f"{BENCH_MODEL}.json").write_text(json.dumps(BENCH_CFG))
-    open_clip.add_model_config(folder / f"{BENCH_MODEL}.json")
-    torch.manual_seed(0)
-    model = open_clip.create_model(BENCH_MODEL)
-    path = folder / "bench_hps.pt"
-    torch.save({"state_dict": model.state_dict()}, path)
+    if arch == BENCH_MODEL:
+        (folder / f"{BENCH_MODEL}.json").write_text(json.dumps(BENCH_CFG))
+        open_clip.add_model_config(folder / f"{BENCH_MODEL}.json")
+    path = folder / f"bench_{arch}.pt"
+    if not path.is_file():
+        torch.manual_seed(0)
+        model = open_clip.create_model(arch)
+        torch.save({"state_dict": model.state_dict()}, path)
     return str(path)
 
 
@@ -69,7 +72,10 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=256, help="side of the generated test images")
     ap.add_argument("--checkpoint", help="a real HPS checkpoint (default: a generated tiny one)")
     ap.add_argument("--model", default=None, help="open_clip architecture of --checkpoint (default ViT-H-14)")
+    ap.add_argument("--arch", default=BENCH_MODEL, help="architecture of the generated random checkpoint (e.g. ViT-H-14 for HPSv2's real size)")
+    ap.add_argument("--workdir", help="keep the generated checkpoint here and reuse it (default: a temp folder)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", help="dtype of the batched / one-per-call reward (float32, float16, bfloat16)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "score_throughput.json"))
     args = ap.parse_args(argv)
 
@@ -79,7 +85,9 @@ def main(argv=None) -> int:
     if args.checkpoint:
         ckpt, arch = args.checkpoint, args.model or "ViT-H-14"
     else:
-        ckpt, arch = make_tiny_checkpoint(Path(tmp.name)), BENCH_MODEL
+        work = Path(args.workdir) if args.workdir else Path(tmp.name)
+        work.mkdir(parents=True, exist_ok=True)
+        ckpt, arch = make_checkpoint(work, args.arch), args.arch
     dev = torch.device(args.device)
 
     g = torch.Generator().manual_seed(0)
@@ -88,8 +96,8 @@ def main(argv=None) -> int:
     prompts = [f"a photo number {i}" for i in range(args.n)]
     pils = to_pil(images)
 
-    t_load = timed(lambda: rewards.load("hpsv2", checkpoint=ckpt, model=arch, device=str(dev), dtype="float32"))
-    r = rewards.load("hpsv2", checkpoint=ckpt, model=arch, device=str(dev), dtype="float32")
+    t_load = timed(lambda: rewards.load("hpsv2", checkpoint=ckpt, model=arch, device=str(dev), dtype=args.dtype))
+    r = rewards.load("hpsv2", checkpoint=ckpt, model=arch, device=str(dev), dtype=args.dtype)
     r.score(images[:2], prompts[:2], batch_size=2)  # warm-up
 
     results: dict = {}
@@ -127,8 +135,9 @@ def main(argv=None) -> int:
     doc = {
         "bench": "score_throughput",
         "model": arch,
-        "checkpoint": "generated tiny (%.1fM params)" % (sum(p.numel() for p in r.parameters()) / 1e6) if not args.checkpoint else args.checkpoint,
-        "device": str(dev),
+        "checkpoint": "generated random (%.1fM params)" % (sum(p.numel() for p in r.parameters()) / 1e6) if not args.checkpoint else args.checkpoint,
+        "device": str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""),
+        "dtype": args.dtype,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
