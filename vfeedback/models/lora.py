@@ -31,8 +31,13 @@ def add_lora(model, rank: int = 4, alpha: Optional[float] = None, target_modules
     model.unet.add_adapter(ucfg, adapter_name=ADAPTER)
     if text_encoder:
         tcfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights=True, target_modules=TEXT_TARGETS)
+        from peft import inject_adapter_in_model
+
         for enc in model.text_encoders:
-            enc.add_adapter(tcfg, adapter_name=ADAPTER)
+            # peft directly (what diffusers' UNet add_adapter does too): transformers' own
+            # add_adapter demands a newer peft than the one released
+            inject_adapter_in_model(tcfg, enc, adapter_name=ADAPTER)
+            enc.peft_config = {ADAPTER: tcfg}
     params = []
     for m in [model.unet, *(model.text_encoders if text_encoder else [])]:
         for n, p in m.named_parameters():
