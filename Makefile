@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 # torch: the CPU-capable build pip finds on this machine's disk; a CUDA machine may override.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
-EXTRAS ?= test
+EXTRAS ?= test,face
 
 .PHONY: venv quickstart test test-all bench clean
 
@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	$(BIN)/python -m pip install -q --no-deps facenet-pytorch
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

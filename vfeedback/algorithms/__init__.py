@@ -1,8 +1,11 @@
 """One module per method (refl, d3po, itercomp, zo_ranksgd, ...).
 
-Gradient methods (ReFL, D3PO) define a class with ``train_step(prompts, generators, step)``
-that the shared loop in :mod:`vfeedback.engine` drives; ``METHODS`` maps the config's
-``algorithm`` value to ``module:Class``.
+Gradient methods (ReFL, D3PO) define a class ``Method(cfg, trainer)`` with
+``train_step(prompts, generators, step_generator) -> (loss, metrics)`` that the shared loop in
+:mod:`vfeedback.engine` (``Trainer``) drives. A method with its own loop (ZO-RankSGD) instead
+defines a classmethod ``run_standalone(cfg, resume) -> summary dict`` and writes the same run
+folder through :mod:`vfeedback.rundir`. ``METHODS`` maps the config's ``algorithm`` value to
+``module:Class``.
 """
 import importlib
 

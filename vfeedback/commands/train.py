@@ -36,9 +36,15 @@ def run(args) -> int:
             cmd.append("--multi_gpu")
         cmd += ["-m", "vfeedback", "train", args.config, *args.overrides] + (["--resume"] if args.resume else [])
         return subprocess.call(cmd)
+    from ..algorithms import get_method
     from ..engine import Trainer
 
-    summary = Trainer(cfg, resume=args.resume, config_source=args.config).fit()
+    method = get_method(cfg.algorithm)
+    if hasattr(method, "run_standalone"):
+        # methods with their own loop (no gradients: ZO-RankSGD) still write the same run folder
+        summary = method.run_standalone(cfg, resume=args.resume)
+    else:
+        summary = Trainer(cfg, resume=args.resume, config_source=args.config).fit()
     if summary is not None and _is_main():
         b, a = summary.get("eval_reward_before"), summary.get("eval_reward_after")
         print(f"done: {summary['steps']} steps in {summary['wall_time_s']:.0f}s; eval reward {_fmt(b)} -> {_fmt(a)}")
