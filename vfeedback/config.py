@@ -99,6 +99,38 @@ class ReflConfig(Section):
     pretrain: Optional[PretrainConfig] = Field(None, description="optional pre-training (denoising) loss on user data")
 
 
+class ZORankSGDSection(Section):
+    """ZO-RankSGD (Tang, Rybin & Chang, ICLR 2024): gradient-free descent from rankings of perturbed
+    candidates. See docs/zo_ranksgd.md and vfeedback/algorithms/zo_ranksgd_diffusion.py."""
+
+    target: Literal["latent", "prompt_embedding", "lora"] = Field(
+        "latent", description="what is optimised: the initial latent noise of one image (the paper's image refinement), "
+        "the prompt's text embedding, or a LoRA's flattened weights (black-box fine-tuning)")
+    rounds: int = Field(20, ge=1, description="oracle rounds (each shows num_candidates candidates); the reference needs 10-20 for refinement")
+    num_candidates: int = Field(8, ge=2, le=256, description="m: candidates shown (rendered and ranked) per round")
+    smoothing: float = Field(0.1, gt=0, description="mu: candidates are x + mu*u with u ~ N(0, I) (latent target: relative to the shell radius sqrt(d), so 0.1 is a ~0.1 rad perturbation)")
+    step_size: float = Field(0.5, gt=0, description="eta: the step x + eta*D (the largest line-search step when line_search is on)")
+    estimator: Literal["paper", "reference"] = Field("paper", description="rank-based estimator: 'paper' (the DAG edge average of section 2.2) or 'reference' (the authors' code: weights m-2p and no division by mu)")
+    line_search: bool = Field(True, description="the reference's human loop: a gradient round, then a round in which the oracle picks among step sizes eta*2^-j, the previous best and the current point; false: Algorithm 1 (a fixed step each round)")
+    line_search_points: Optional[int] = Field(None, ge=1, description="step sizes shown in a line-search round (default num_candidates - 2)")
+    average_directions: bool = Field(True, description="line search only: average successive gradient estimates while the current point keeps winning (the reference's running mean)")
+    top_k: Optional[int] = Field(None, ge=1, description="the oracle ranks only its k best candidates (null: a full ranking)")
+    shuffle: bool = Field(True, description="show candidates in a seeded random order (a person cannot tell the current point by position)")
+    prompt: Optional[str] = Field(None, description="prompt of the refined image (latent, prompt_embedding targets); default: the first of prompts.train")
+    seed: Optional[int] = Field(None, description="seed of the start latent and of the optimiser's perturbations; default: the run's seed")
+    latent_norm: Literal["shell", "none"] = Field(
+        "shell", description="latent target: 'shell' keeps every rendered latent at norm sqrt(d) (where Gaussian noise lives) and retracts the iterate there after each move; 'none': the raw iterate")
+    batch_size: int = Field(8, ge=1, description="images rendered per UNet call")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.top_k is not None and self.top_k > self.num_candidates:
+            raise ValueError(f"top_k ({self.top_k}) cannot exceed num_candidates ({self.num_candidates})")
+        if self.line_search and self.line_search_points is None and self.num_candidates < 3:
+            raise ValueError(f"line_search needs num_candidates >= 3 (got {self.num_candidates}) or line_search_points set")
+        return self
+
+
 class TrainConfig(Section):
     max_steps: int = Field(100, ge=1, description="optimizer steps")
     batch_size: int = Field(2, ge=1, description="prompts per step per process")
@@ -123,7 +155,7 @@ class LogConfig(Section):
 
 
 class RunConfig(Section):
-    algorithm: Literal["refl"] = Field(..., description="method: refl")
+    algorithm: Literal["refl", "zo_ranksgd"] = Field(..., description="method: refl, zo_ranksgd")
     output_dir: str = Field(..., description="run folder")
     seed: int = Field(0, description="global seed; every step's randomness derives from (seed, step)")
     model: ModelConfig
@@ -133,6 +165,7 @@ class RunConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     refl: ReflConfig = Field(default_factory=ReflConfig)
+    zo_ranksgd: ZORankSGDSection = Field(default_factory=ZORankSGDSection, description="ZO-RankSGD settings (algorithm: zo_ranksgd)")
 
     @model_validator(mode="after")
     def _cross_checks(self):

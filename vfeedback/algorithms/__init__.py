@@ -11,6 +11,7 @@ import importlib
 
 METHODS = {
     "refl": "vfeedback.algorithms.refl:ReFL",
+    "zo_ranksgd": "vfeedback.algorithms.zo_ranksgd_diffusion:ZORankSGDMethod",
 }
 
 
