@@ -109,7 +109,7 @@ class ZORankSGDSection(Section):
     rounds: int = Field(20, ge=1, description="oracle rounds (each shows num_candidates candidates); the reference needs 10-20 for refinement")
     num_candidates: int = Field(8, ge=2, le=256, description="m: candidates shown (rendered and ranked) per round")
     smoothing: float = Field(0.1, gt=0, description="mu: candidates are x + mu*u with u ~ N(0, I) (latent target: relative to the shell radius sqrt(d), so 0.1 is a ~0.1 rad perturbation)")
-    step_size: float = Field(0.5, gt=0, description="eta: the step x + eta*D (the largest line-search step when line_search is on)")
+    step_size: float = Field(1.0, gt=0, description="eta: the step x + eta*D (the largest line-search step when line_search is on)")
     estimator: Literal["paper", "reference"] = Field("paper", description="rank-based estimator: 'paper' (the DAG edge average of section 2.2) or 'reference' (the authors' code: weights m-2p and no division by mu)")
     line_search: bool = Field(True, description="the reference's human loop: a gradient round, then a round in which the oracle picks among step sizes eta*2^-j, the previous best and the current point; false: Algorithm 1 (a fixed step each round)")
     line_search_points: Optional[int] = Field(None, ge=1, description="step sizes shown in a line-search round (default num_candidates - 2)")
@@ -128,6 +128,31 @@ class ZORankSGDSection(Section):
             raise ValueError(f"top_k ({self.top_k}) cannot exceed num_candidates ({self.num_candidates})")
         if self.line_search and self.line_search_points is None and self.num_candidates < 3:
             raise ValueError(f"line_search needs num_candidates >= 3 (got {self.num_candidates}) or line_search_points set")
+        return self
+
+
+class D3POConfig(Section):
+    """D3PO (Yang et al., CVPR 2024): DPO applied to every denoising step of pairs of trajectories
+    that share their initial latent. Defaults are the reference's (yk7333/d3po config/base.py);
+    see docs/d3po.md."""
+
+    beta: float = Field(0.1, gt=0, description="DPO temperature: loss = -log sigmoid(beta * (log ratio_preferred - log ratio_rejected)) per step")
+    ratio_clip: Optional[float] = Field(0.1, gt=0, lt=1, description="eps: each step's ratio pi_theta/pi_ref is clamped to [1 - eps, 1 + eps] (the reference's train.eps; its human-label script uses 0.2); null: no clamp")
+    group_size: int = Field(2, ge=2, le=64, description="images per prompt, all from one shared initial latent; every pair the judge can tell apart is trained")
+    timestep_fraction: float = Field(1.0, gt=0, le=1, description="fraction of the denoising steps trained per trajectory: a random subset, the same for every member of a group")
+    mode: Literal["online", "offline"] = Field("online", description="online: sample and label a fresh group per prompt each step; offline: train on a fixed preference set (from d3po.file, or sampled from the base model and labelled once)")
+    preference: Literal["reward", "pareto", "file"] = Field("reward", description="the judge: reward (the reward section as one scalar oracle), pareto (each reward an objective; a pair counts when one image dominates), file (labels, e.g. human, from d3po.file)")
+    file: Optional[str] = Field(None, description="preference file (.jsonl / .json: labelled pairs or ranked groups; format in docs/d3po.md), for preference: file")
+    offline_groups: int = Field(64, ge=1, description="mode offline with preference reward/pareto: groups sampled from the base model and labelled once at the start")
+    tie_tol: float = Field(0.0, ge=0, description="judge scores closer than this are a tie (the pair is skipped)")
+    winrate_seeds: list[int] = Field(default_factory=lambda: [1000, 1001, 1002, 1003], min_length=1, description="held-out seeds for the final win rate of the tuned model over the base (eval prompts x these seeds, judged by the same oracle)")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.preference == "file" and not self.file:
+            raise ValueError("preference: file needs d3po.file (a .jsonl/.json preference file)")
+        if self.preference == "file" and self.mode != "offline":
+            raise ValueError("preference: file trains on stored labels; set d3po.mode: offline")
         return self
 
 
@@ -155,7 +180,7 @@ class LogConfig(Section):
 
 
 class RunConfig(Section):
-    algorithm: Literal["refl", "zo_ranksgd"] = Field(..., description="method: refl, zo_ranksgd")
+    algorithm: Literal["refl", "zo_ranksgd", "d3po"] = Field(..., description="method: refl, zo_ranksgd, d3po")
     output_dir: str = Field(..., description="run folder")
     seed: int = Field(0, description="global seed; every step's randomness derives from (seed, step)")
     model: ModelConfig
@@ -166,12 +191,31 @@ class RunConfig(Section):
     log: LogConfig = Field(default_factory=LogConfig)
     refl: ReflConfig = Field(default_factory=ReflConfig)
     zo_ranksgd: ZORankSGDSection = Field(default_factory=ZORankSGDSection, description="ZO-RankSGD settings (algorithm: zo_ranksgd)")
+    d3po: D3POConfig = Field(default_factory=D3POConfig, description="D3PO settings (algorithm: d3po)")
 
     @model_validator(mode="after")
     def _cross_checks(self):
         lo, hi = self.refl.stop_range
         if self.algorithm == "refl" and not (0 <= lo <= hi < self.sampling.steps):
             raise ValueError(f"refl.stop_range {list(self.refl.stop_range)} must satisfy 0 <= lo <= hi < sampling.steps ({self.sampling.steps})")
+        return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _d3po_sampling_defaults(cls, data):
+        # D3PO samples with the reference's DDIM settings (20 steps, CFG 5, eta 1) unless the
+        # config says otherwise: its policy is the stochastic (eta > 0) DDIM transition
+        if isinstance(data, dict) and data.get("algorithm") == "d3po":
+            s = data.get("sampling")
+            if s is None or isinstance(s, dict):
+                data = {**data, "sampling": {"steps": 20, "guidance_scale": 5.0, "eta": 1.0, **(s or {})}}
+        return data
+
+    @model_validator(mode="after")
+    def _d3po_checks(self):
+        if self.algorithm == "d3po" and self.sampling.eta <= 0:
+            raise ValueError(f"sampling.eta is {self.sampling.eta}: d3po's policy is the stochastic DDIM transition, whose log-prob "
+                             "needs eta > 0 (the reference uses 1.0)")
         return self
 
 
