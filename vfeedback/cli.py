@@ -41,13 +41,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # key=value overrides may come after options too (`train c.yaml --resume a.b=1`)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = list(args.overrides) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    # force: each call writes to the current stderr (tests call main() many times)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s" if args.verbose else "%(message)s",
+        stream=sys.stderr,
+        force=True,
     )
-    for noisy in ("httpx", "urllib3", "PIL", "matplotlib", "h5py", "torch.distributed"):
+    for noisy in ("httpx", "urllib3", "PIL", "matplotlib", "h5py", "torch.distributed", "accelerate", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    _quiet_libraries(args.verbose)
     if not args.command:
         parser.print_help()
         return 2
@@ -70,6 +80,27 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    """diffusers / transformers load-time progress bars and advisory warnings drown our own
+    output; keep them for -v."""
+    if verbose:
+        return
+    try:
+        import diffusers.utils.logging as dl
+
+        dl.set_verbosity_error()
+        dl.disable_progress_bar()
+    except ImportError:
+        pass
+    try:
+        import transformers.utils.logging as tl
+
+        tl.set_verbosity_error()
+        tl.disable_progress_bar()
+    except ImportError:
+        pass
 
 
 if __name__ == "__main__":
