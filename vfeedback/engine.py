@@ -351,7 +351,10 @@ class Trainer:
                         skipped = True
                         self.optimizer.zero_grad(set_to_none=True)
                         continue
-                    acc.backward(loss)
+                    if not getattr(self.method, "does_own_backward", False):
+                        # a method that backpropagates in chunks inside train_step (D3PO: one
+                        # denoising step at a time, to bound memory) returns a detached loss
+                        acc.backward(loss)
                     for k, v in mets.items():
                         metrics_acc.setdefault(k, []).append(float(v))
                     metrics_acc.setdefault("loss", []).append(float(loss.detach()))

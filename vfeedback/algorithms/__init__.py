@@ -12,6 +12,7 @@ import importlib
 METHODS = {
     "refl": "vfeedback.algorithms.refl:ReFL",
     "zo_ranksgd": "vfeedback.algorithms.zo_ranksgd_diffusion:ZORankSGDMethod",
+    "d3po": "vfeedback.algorithms.d3po:D3PO",
 }
 
 
