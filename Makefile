@@ -32,3 +32,9 @@ test-all: $(STAMP)
 
 clean:
 	rm -rf runs/quickstart
+
+# The shapes world (docs/world.md): judges, tiny:shapes and its base rate, from scratch on one
+# CPU thread in about an hour; writes rewards/assets/shapes and vfeedback/assets/tiny-shapes.
+.PHONY: world
+world: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m vfeedback.world.train_world

@@ -156,12 +156,23 @@ def build_sdxl(seed: int = 0):
 BUILDERS = {"sd15": build_sd15, "sdxl": build_sdxl}
 
 
+#: trained tiny pipelines shipped in the package (not built in code): ``tiny:shapes`` draws the
+#: shapes world (vfeedback/world, docs/world.md)
+SHIPPED = {"shapes": Path(__file__).resolve().parents[1] / "assets" / "tiny-shapes"}
+
+
 def tiny_path(name: str, seed: int = 0) -> Path:
     """Folder holding the saved tiny pipeline ``name``; built (atomically) on first use."""
+    if name in SHIPPED:
+        if not (SHIPPED[name] / "model_index.json").exists():
+            from ..errors import UserError
+
+            raise UserError(f"model.path: tiny:{name} weights are missing from {SHIPPED[name]}; run `make world` to train them")
+        return SHIPPED[name]
     if name not in BUILDERS:
         from ..errors import UserError
 
-        raise UserError(f"model.path: unknown tiny model 'tiny:{name}'; choose one of {', '.join('tiny:' + n for n in BUILDERS)}")
+        raise UserError(f"model.path: unknown tiny model 'tiny:{name}'; choose one of {', '.join('tiny:' + n for n in [*BUILDERS, *SHIPPED])}")
     key = hashlib.sha1(f"{name}-{seed}-{TINY_VERSION}".encode()).hexdigest()[:10]
     folder = cache_root() / "tiny" / f"{name}-{key}"
     if (folder / "model_index.json").exists():
