@@ -155,8 +155,8 @@ def test_cli_score_with_reference(photos, capsys):
     from vfeedback.cli import main
 
     imgs = [str(photos[k]) for k in ("ast_aug", "gh_aug", "coffee")]
-    # images before --reference: --reference takes one or more paths
-    rc = main(["score", "--json", *imgs, "--reward", "face_id", "--reference", str(photos["ast"])])
+    # --reference takes one path (repeat it for several), so images may follow it
+    rc = main(["score", "--json", "--reward", "face_id", "--reference", str(photos["ast"]), *imgs])
     out = capsys.readouterr().out
     assert rc == 0, out
     res = {Path(r["image"]).name: r["scores"]["face_id"] for r in json.loads(out)["results"]}

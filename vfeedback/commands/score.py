@@ -37,7 +37,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--prompt", "-p", help="one prompt for every image")
     g.add_argument("--prompts", metavar="FILE", help='prompts: one per line in image order, or JSONL lines {"image": ..., "prompt": ...}')
-    p.add_argument("--reference", nargs="+", action="extend", default=[], metavar="IMG", help="reference image(s) for rewards that take one (face_id)")
+    p.add_argument("--reference", action="append", default=[], metavar="IMG", help="reference image for rewards that take one (face_id); repeat for several")
     p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
                    help="reward load option, e.g. model=ViT-B-32 or clip.pretrained=/path.pt (REWARD.KEY targets one reward); repeatable")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
