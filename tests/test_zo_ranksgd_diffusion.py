@@ -135,3 +135,20 @@ def test_session_ask_tell_for_an_app(tmp_path, tiny_sd15):
     assert r.tell(pick)["event"] == "moved" and s.tell(pick)["event"] == "moved"
     assert torch.equal(r.current(), s.current())
     assert r.current_images().shape == (1, 3, 64, 64)
+
+
+def test_reward_oracle_ranks_candidates_by_mean_image_score_and_skips_full_ties():
+    from vfeedback.algorithms.zo_ranksgd_diffusion import Candidates, rank_candidates
+    from vfeedback.feedback.oracles import RewardRankingOracle
+
+    # 3 candidates x 2 images; reward = mean brightness
+    levels = torch.tensor([[0.2, 0.4], [0.9, 0.7], [0.1, float("nan")]])
+    imgs = levels[:, :, None, None, None].expand(3, 2, 3, 4, 4).clone()
+    c = Candidates(imgs, ["a", "b", "c"], 0, "gradient", ["p", "p"])
+    bright = lambda x, prompts=None: x.mean(dim=(1, 2, 3))
+    ranking, scores = rank_candidates(RewardRankingOracle(bright), c)
+    assert ranking == [1, 0, 2] and scores[0] == pytest.approx(0.3)  # NaN images are skipped in the mean
+    assert rank_candidates(RewardRankingOracle(bright, top_k=1), c)[0] == [1]
+    flat = Candidates(torch.full((3, 1, 3, 4, 4), 0.5), ["a", "b", "c"], 0, "gradient", ["p"])
+    assert rank_candidates(RewardRankingOracle(bright), flat)[0] == []
+    assert rank_candidates(lambda tiles: [2, 1, 0], flat)[0] == [2, 1, 0]  # a person gets the tiles

@@ -354,12 +354,16 @@ def rank_candidates(oracle, cands: Candidates) -> tuple[list[int], Optional[list
 
     An oracle with ``scores(images, prompts)`` (a Reward-backed one) ranks candidates by the mean
     score of their images, NaN last, keeping its ``top_k``; any other oracle (a person) gets
-    the tiles through ``rank``.
+    the tiles through ``rank``. Scores that are all equal (or NaN) give ``[]``: the round is
+    skipped rather than ranked in an arbitrary order.
     """
     from ..feedback.oracles import order_scores
 
     if hasattr(oracle, "scores"):
         scores = score_images(oracle, cands.images, cands.prompts)
+        if len({s for s in scores if math.isfinite(s)}) <= 1:
+            # all tied (e.g. face_id finds no face anywhere): "cannot tell", not a random order
+            return [], scores
         return order_scores(scores, higher_is_better=True, top_k=getattr(oracle, "top_k", None)), scores
     return _call_oracle(oracle, list(cands.tiles)), None
 
