@@ -590,6 +590,7 @@ class _Run:
         else:
             if self.resume:
                 log.info("--resume: no whole checkpoint in %s yet; starting from round 0", rd.checkpoints)
+                rd.truncate_metrics(0)  # rounds logged before a crash that left no checkpoint are redone
             session = RankingSession.from_config(cfg, model=model)
         prompts = session.target.prompts()
         start = session.start_images()
