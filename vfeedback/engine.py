@@ -105,9 +105,12 @@ class Trainer:
         self.reward = rewards.combine(specs, normalize=cfg.reward.normalize)
         if not self.reward.differentiable and self.method_needs_gradient_reward():
             raise UserError(f"reward: {self.reward.name} is not differentiable; {cfg.algorithm} backpropagates through the reward (use d3po or zo_ranksgd for black-box rewards)")
-        self.run.prepare(self.resume)
-        if self.resume:
-            self._check_resume_config()
+        # only the main process checks and creates the run folder (the others would see the
+        # folder it just made as "an earlier run"); they wait for it at the barrier below
+        if os.environ.get("RANK", "0") == "0":
+            self.run.prepare(self.resume)
+            if self.resume:
+                self._check_resume_config()
 
         cpu = cfg.train.device == "cpu" or not torch.cuda.is_available()
         mp = resolve_mixed_precision(cfg.train.mixed_precision, "cpu" if cpu else "cuda")
@@ -119,6 +122,7 @@ class Trainer:
             project_config=ProjectConfiguration(project_dir=str(self.run.root), logging_dir=str(self.run.root / "logs")),
             cpu=cpu,
         )
+        self.acc.wait_for_everyone()
         set_seed(cfg.seed)
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mp, torch.float32)
         from .models import add_lora, load_model

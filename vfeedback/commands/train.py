@@ -28,14 +28,17 @@ def run(args) -> int:
     if args.num_processes < 1:
         raise UserError(f"--num-processes must be >= 1, got {args.num_processes}")
     if args.num_processes > 1 and "LOCAL_RANK" not in os.environ:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(args.num_processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        rest = ["-m", "vfeedback", "train", args.config, *args.overrides] + (["--resume"] if args.resume else [])
         if cfg.train.device == "cpu" or not _cuda():
-            cmd.append("--cpu")
+            # CPU: torch's own launcher; accelerate's Accelerator(cpu=True) then picks up the
+            # world size and runs MULTI_CPU with the gloo backend
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.num_processes),
+                   "--master_addr", "127.0.0.1", "--master_port", str(_free_port())] + rest
         else:
-            cmd.append("--multi_gpu")
-        cmd += ["-m", "vfeedback", "train", args.config, *args.overrides] + (["--resume"] if args.resume else [])
-        return subprocess.call(cmd)
+            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(args.num_processes),
+                   "--num_machines", "1", "--dynamo_backend", "no"] + rest
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+        return subprocess.call(cmd, env=env)
     from ..algorithms import get_method
     from ..engine import Trainer
 
@@ -54,6 +57,14 @@ def run(args) -> int:
 
 def _fmt(v):
     return "n/a" if v is None else f"{v:.4f}"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _cuda() -> bool:
