@@ -108,6 +108,11 @@ class OpenClipScorer(Reward):
         t = self.model.encode_text(tokens).float()
         return t / t.norm(dim=-1, keepdim=True)
 
+    def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Prompts -> L2-normalised float32 text embeddings ``(B, D)`` (no cache, with grad off)."""
+        with torch.no_grad():
+            return self._encode_text(list(prompts))
+
     def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
         """``(B,3,H,W)`` in ``[0,1]`` -> L2-normalised float32 embeddings ``(B, D)``."""
         x = self.preprocess(images.to(self.device), dtype=self._dtype)

@@ -32,6 +32,8 @@ def run(args) -> int:
         info = names[spec.name]
         if not info.installed:
             raise UserError(f"reward.rewards.{i}.name: {spec.name!r} needs `pip install 'vfeedback[{info.extra}]'`")
+    section = getattr(cfg, cfg.algorithm, None)
+    budget = f"{section.rounds} rounds" if hasattr(section, "rounds") else f"{cfg.train.max_steps} steps"
     print(f"{args.config}: OK ({cfg.algorithm}, {cfg.model.family} {cfg.model.path}, {n_train} train / {n_eval} eval prompts, "
-          f"reward {' + '.join(r.name for r in cfg.reward.rewards)}, {cfg.train.max_steps} steps -> {cfg.output_dir})")
+          f"reward {' + '.join(r.name for r in cfg.reward.rewards)}, {budget} -> {cfg.output_dir})")
     return 0

@@ -48,11 +48,11 @@ class ClipEmbedder:
     """Image and text embeddings from a CLIP-type reward (``rewards.load("clip", ...)``,
     anything with ``image_embeddings``), L2-normalised, float32, no autograd.
 
-    Adapter around the scorer's ``image_embeddings`` (public) and ``_encode_text``.
+    Adapter around the scorer's public ``image_embeddings`` and ``text_embeddings``.
     """
 
     def __init__(self, reward: Reward):
-        if not (hasattr(reward, "image_embeddings") and hasattr(reward, "_encode_text")):
+        if not (hasattr(reward, "image_embeddings") and hasattr(reward, "text_embeddings")):
             raise RewardError(
                 f"{getattr(reward, 'name', reward)!r} does not expose CLIP image and text embeddings; "
                 "use a CLIP-type reward (rewards.load('clip', ...)) for VLM-RM, or pass goal with mode for a plain score"
@@ -67,7 +67,7 @@ class ClipEmbedder:
     @torch.no_grad()
     def text(self, prompts: Sequence[str]) -> torch.Tensor:
         """``N`` prompts -> ``(N, D)`` unit vectors."""
-        return self.reward._encode_text(list(prompts)).float()
+        return self.reward.text_embeddings(list(prompts)).float()
 
 
 def projection(goal: torch.Tensor, baseline: Optional[torch.Tensor], alpha: float) -> torch.Tensor:
@@ -130,7 +130,7 @@ class FrameScorer:
         self.goal = goal
         self.alpha = float(alpha)
         self.batch_size = int(batch_size)
-        clip_like = hasattr(reward, "image_embeddings") and hasattr(reward, "_encode_text")
+        clip_like = hasattr(reward, "image_embeddings") and hasattr(reward, "text_embeddings")
         self.vlm_rm = (clip_like and goal is not None) if vlm_rm is None else bool(vlm_rm)
         if self.vlm_rm:
             if goal is None:
