@@ -178,3 +178,25 @@ def test_unwritable_output_dir(tmp_path, capsys):
     cfg = write_cfg(tmp_path, target)
     assert main(["train", str(cfg)]) == 2
     assert "output_dir" in capsys.readouterr().err
+
+
+def test_refl_with_pretraining_loss_on_an_image_text_folder(tmp_path):
+    from PIL import Image
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, (name, col) in enumerate([("red", (220, 20, 20)), ("blue", (20, 40, 220))]):
+        Image.new("RGB", (40, 40), col).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(f"a {name} square")
+    out = tmp_path / "pre"
+    cfg = write_cfg(tmp_path, out, **{"train.max_steps": 2, "refl.pretrain": {"data": str(data), "weight": 0.5}})
+    assert main(["train", str(cfg)]) == 0
+    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["pretrain_loss"] > 0 for r in recs)
+    assert all(r["loss"] == pytest.approx(r["refl_loss"] + 0.5 * r["pretrain_loss"], rel=1e-4) for r in recs)
+    # a JSONL with a broken line names the line
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"image": "0.png", "text": "x"}\n{"image": 3}\n')
+    cfg2 = write_cfg(tmp_path, tmp_path / "pre2", **{"refl.pretrain": {"data": str(bad)}})
+    assert main(["train", str(cfg2)]) == 2
+    assert not (tmp_path / "pre2").exists()

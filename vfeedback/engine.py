@@ -105,6 +105,9 @@ class Trainer:
         self.reward = rewards.combine(specs, normalize=cfg.reward.normalize)
         if not self.reward.differentiable and self.method_needs_gradient_reward():
             raise UserError(f"reward: {self.reward.name} is not differentiable; {cfg.algorithm} backpropagates through the reward (use d3po or zo_ranksgd for black-box rewards)")
+        check = getattr(self.method_cls, "check_config", None)
+        if check is not None:  # method-specific input checks (data files...) before any folder is made
+            check(cfg)
         # only the main process checks and creates the run folder (the others would see the
         # folder it just made as "an earlier run"); they wait for it at the barrier below
         if os.environ.get("RANK", "0") == "0":

@@ -34,6 +34,12 @@ class ReFL:
         self.trainer = trainer
         self.pretrain = PretrainData(cfg.refl.pretrain.data) if cfg.refl.pretrain else None
 
+    @staticmethod
+    def check_config(cfg) -> None:
+        """Fail on bad pre-training data before the run folder is created."""
+        if cfg.refl.pretrain:
+            PretrainData(cfg.refl.pretrain.data)
+
     def train_step(self, prompts, generators, step_gen: torch.Generator):
         cfg, m = self.cfg, self.trainer.model
         lo, hi = cfg.refl.stop_range
