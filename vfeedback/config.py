@@ -156,6 +156,37 @@ class D3POConfig(Section):
         return self
 
 
+class GalleryModel(Section):
+    path: str = Field(..., description="hub id, local diffusers folder, single checkpoint file, or tiny:sd15 / tiny:sdxl")
+    family: Optional[Literal["sd15", "sdxl"]] = Field(None, description="architecture; default: sdxl for tiny:sdxl, sd15 for other tiny: models, else model.family")
+    lora: Optional[str] = Field(None, description="optional LoRA folder (diffusers format, e.g. a run's OUT/lora) loaded onto the model")
+    name: Optional[str] = Field(None, description="label stored with the ranking (default: path, plus the LoRA folder)")
+
+
+class RankConfig(Section):
+    """`vfeedback rank CONFIG`: the Gradio app where a person ranks images (docs/rank_app.md)."""
+
+    mode: Optional[Literal["zo_ranksgd", "d3po", "gallery"]] = Field(
+        None, description="zo_ranksgd: rank candidates of ZO-RankSGD rounds; d3po: label pairs/groups and run D3PO updates in "
+        "the background; gallery: rank one prompt's images from several models (IterComp); default: the algorithm")
+    host: str = Field("127.0.0.1", description="address the app binds; anything but a loopback address needs --auth")
+    port: int = Field(7860, ge=0, le=65535, description="port (0: any free port)")
+    labels_per_update: int = Field(8, ge=0, description="d3po: run a D3PO update in the background after this many new labels (0: only on the button)")
+    update_steps: int = Field(20, ge=1, description="d3po: optimizer steps of each background update (offline D3PO on every label so far)")
+    group_size: Optional[int] = Field(None, ge=2, le=9, description="d3po: images shown per prompt (2: a pair); default d3po.group_size")
+    gallery: list[Union[str, GalleryModel]] = Field(default_factory=list, description="gallery: the models compared (a path like tiny:sd15, or {path, family, lora, name})")
+    gallery_seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="gallery: seeds shared by every model; one round per prompt x seed")
+    gallery_prompts: Union[list[str], str, None] = Field(None, description="gallery: compositional prompts (list or .txt/.jsonl file); default prompts.train")
+    display_size: int = Field(256, ge=32, le=2048, description="pixels each candidate is shown at (small images are upscaled without smoothing)")
+    annotator: Optional[str] = Field(None, description="name stored with every answer (default: the --auth user, else none)")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.mode == "gallery" and len(self.gallery) < 2:
+            raise ValueError(f"mode: gallery compares models; list at least two under rank.gallery (got {len(self.gallery)})")
+        return self
+
+
 class TrainConfig(Section):
     max_steps: int = Field(100, ge=1, description="optimizer steps")
     batch_size: int = Field(2, ge=1, description="prompts per step per process")
@@ -192,6 +223,7 @@ class RunConfig(Section):
     refl: ReflConfig = Field(default_factory=ReflConfig)
     zo_ranksgd: ZORankSGDSection = Field(default_factory=ZORankSGDSection, description="ZO-RankSGD settings (algorithm: zo_ranksgd)")
     d3po: D3POConfig = Field(default_factory=D3POConfig, description="D3PO settings (algorithm: d3po)")
+    rank: RankConfig = Field(default_factory=RankConfig, description="the ranking app (vfeedback rank)")
 
     @model_validator(mode="after")
     def _cross_checks(self):
