@@ -173,7 +173,7 @@ def clear_cache() -> None:
         _CACHE.clear()
 
 
-_BUILTIN_MODULES = ["analytic", "clip", "aesthetic", "pickscore", "hpsv2", "imagereward", "vqa", "face", "shapes"]
+_BUILTIN_MODULES = ["analytic", "clip", "aesthetic", "pickscore", "hpsv2", "imagereward", "vqa", "face", "shapes", "composition", "itercomp_rm"]
 _imported = False
 
 

@@ -1,0 +1,304 @@
+"""IterComp's composition-aware reward models: a frozen image-text backbone, one head per aspect.
+
+IterComp (Zhang et al. 2024, arXiv:2410.07171, Sec. 3.2; github.com/YangLing0818/IterComp
+``train/``) trains one reward model per compositional aspect (attribute binding, spatial,
+non-spatial) on image-rank pairs from a gallery of models, with ImageReward's (Xu et al. 2023)
+pairwise ranking loss: for every ordered pair of a ranking (better ``x_w``, worse ``x_l``) of
+the images of one prompt ``y``,
+
+    L = - E_(y, x_w, x_l) [ log sigmoid( r(x_w, y) - r(x_l, y) ) ]
+
+(the reference writes it as cross-entropy over ``[r_w, r_l]`` with target 0, the same thing).
+The reference fine-tunes BLIP with an MLP head; here the backbone (open_clip or transformers
+CLIP) stays frozen and each aspect gets a small MLP head over the image embedding, the prompt
+embedding and their product, so heads train in seconds on cached embeddings and the scorer is
+differentiable in the pixels (ReFL backpropagates through it). As in ImageReward the output is
+standardised by the mean and std of the training images' scores.
+
+A trained model is a safetensors file (one per aspect) whose metadata holds the backbone spec,
+the head's shape and its training report; ``rewards.load("itercomp_rm", path=...)`` loads one
+file, several, or a folder of them. With several aspects the score is their weighted sum, or,
+with ``hinge_margin=m``, ``m - sum_c w_c relu(m - r_c)``: ReFL's ``relu(m - reward)`` on that is
+exactly the reference's multi-reward loss ``sum_c relu(m - r_c)`` (``feedback_train.py``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _hub
+from .base import Reward, RewardError, register
+
+log = logging.getLogger(__name__)
+
+FORMAT = "vfeedback.itercomp_rm/1"
+
+
+# --------------------------------------------------------------------------------------------
+# the loss
+
+
+def ranking_pairs(ranking: Sequence[int], n: Optional[int] = None) -> list[tuple[int, int]]:
+    """Every ordered pair ``(better, worse)`` of a best-first ranking.
+
+    ``ranking`` lists indices best first; with ``n`` given, indices in ``range(n)`` missing from
+    the ranking (a top-k answer) count as worse than every ranked one, unordered among
+    themselves.
+    """
+    ranked = [int(i) for i in ranking]
+    pairs = [(ranked[a], ranked[b]) for a in range(len(ranked)) for b in range(a + 1, len(ranked))]
+    if n is not None:
+        rest = [i for i in range(n) if i not in set(ranked)]
+        pairs += [(r, u) for r in ranked for u in rest]
+    return pairs
+
+
+def pairwise_ranking_loss(r_better: torch.Tensor, r_worse: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """``-log sigmoid(r_better - r_worse)`` per pair (ImageReward / IterComp), averaged."""
+    loss = -F.logsigmoid(r_better - r_worse)
+    return loss.mean() if reduction == "mean" else loss
+
+
+def pair_accuracy(r_better: torch.Tensor, r_worse: torch.Tensor) -> float:
+    """Fraction of pairs the scores order correctly (ties count half)."""
+    d = (r_better - r_worse).detach()
+    if d.numel() == 0:
+        return float("nan")
+    return float(((d > 0).float() + 0.5 * (d == 0).float()).mean())
+
+
+# --------------------------------------------------------------------------------------------
+# backbones: images and prompts -> L2-normalised embeddings
+
+
+_BACKBONES: dict[tuple, "Backbone"] = {}
+_LOCK = threading.Lock()
+
+
+class Backbone(nn.Module):
+    """A frozen CLIP: ``spec = {"kind": "open_clip", "model": ..., "pretrained": ...}`` (any
+    open_clip name, ``hf-hub:`` or ``local-dir:`` folder) or ``{"kind": "hf_clip", "model":
+    hub id or folder, "processor": optional}``. Differentiable in the pixels."""
+
+    def __init__(self, spec: dict, device: torch.device, dtype: torch.dtype):
+        super().__init__()
+        self.spec = dict(spec)
+        kind = self.spec.get("kind", "open_clip")
+        self._dtype = dtype
+        self._text: dict[str, torch.Tensor] = {}
+        from .preprocess import TorchPreprocess
+
+        if kind == "open_clip":
+            from .clip import load_open_clip
+            from .preprocess import spec_from_open_clip
+
+            self.model, self.tokenizer = load_open_clip(self.spec["model"], self.spec.get("pretrained"), device, dtype, "itercomp_rm", "backbone.pretrained")
+            self.preprocess = TorchPreprocess(spec_from_open_clip(self.model))
+        elif kind == "hf_clip":
+            from .pickscore import load_hf_clip
+            from .preprocess import spec_from_hf_image_processor
+
+            self.model, self.processor = load_hf_clip(self.spec["model"], self.spec.get("processor") or self.spec["model"], device, dtype, "itercomp_rm")
+            self.preprocess = TorchPreprocess(spec_from_hf_image_processor(self.processor))
+        else:
+            raise RewardError(f"itercomp_rm: backbone kind must be open_clip or hf_clip, got {kind!r}")
+        self.kind = kind
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.preprocess(images.to(self.device), dtype=self._dtype)
+        if self.kind == "open_clip":
+            e = self.model.encode_image(x).float()
+        else:
+            e = self.model.visual_projection(self.model.vision_model(pixel_values=x).pooler_output).float()
+        return e / e.norm(dim=-1, keepdim=True)
+
+    @torch.no_grad()
+    def _encode_text(self, prompts: list[str]) -> torch.Tensor:
+        if self.kind == "open_clip":
+            t = self.model.encode_text(self.tokenizer(prompts).to(self.device)).float()
+        else:
+            tok = self.processor.tokenizer(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt").to(self.device)
+            t = self.model.text_projection(self.model.text_model(**tok).pooler_output).float()
+        return t / t.norm(dim=-1, keepdim=True)
+
+    def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._text))
+        if missing:
+            if len(self._text) > 8192:
+                self._text.clear()
+            for p, e in zip(missing, self._encode_text(missing)):
+                self._text[p] = e
+        return torch.stack([self._text[p] for p in prompts])
+
+
+def load_backbone(spec: dict, device=None, dtype=None) -> Backbone:
+    """A cached, frozen :class:`Backbone` for ``spec``."""
+    dev = _hub.parse_device(device)
+    dt = _hub.parse_dtype(dtype, dev) if dtype is not None else torch.float32
+    key = (json.dumps(spec, sort_keys=True), str(dev), str(dt))
+    with _LOCK:
+        if key not in _BACKBONES:
+            _BACKBONES[key] = Backbone(spec, dev, dt).requires_grad_(False).eval()
+        return _BACKBONES[key]
+
+
+# --------------------------------------------------------------------------------------------
+# the head
+
+
+class RewardHead(nn.Module):
+    """MLP over ``[e_img, e_txt, e_img * e_txt]`` -> one score; standardised by stored stats."""
+
+    def __init__(self, dim: int, hidden: int = 256, dropout: float = 0.1):
+        super().__init__()
+        self.dim, self.hidden, self.dropout = dim, hidden, dropout
+        self.mlp = nn.Sequential(
+            nn.Linear(3 * dim, hidden), nn.GELU(), nn.Dropout(dropout),
+            nn.Linear(hidden, max(hidden // 4, 4)), nn.GELU(), nn.Dropout(dropout),
+            nn.Linear(max(hidden // 4, 4), 1),
+        )
+        self.register_buffer("mean", torch.zeros(()))
+        self.register_buffer("std", torch.ones(()))
+
+    def raw(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+        txt = txt.to(img)
+        return self.mlp(torch.cat([img, txt, img * txt], -1)).squeeze(-1)
+
+    def forward(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+        return (self.raw(img, txt) - self.mean) / self.std.clamp_min(1e-6)
+
+    def config(self) -> dict:
+        return {"dim": self.dim, "hidden": self.hidden, "dropout": self.dropout}
+
+
+def save_head(path: Union[str, Path], head: RewardHead, backbone: dict, category: str, report: Optional[dict] = None) -> Path:
+    """Write one aspect's reward model: head weights + stats, metadata (format, backbone spec,
+    head config, category, training report). Written to a temp file, then renamed."""
+    import os
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"format": FORMAT, "backbone": json.dumps(backbone, sort_keys=True), "head": json.dumps(head.config()),
+            "category": category, "report": json.dumps(report or {})}
+    tmp = path.with_name("." + path.name + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return path
+
+
+def read_head(path: Union[str, Path]) -> tuple[RewardHead, dict, str, dict]:
+    """``(head, backbone spec, category, report)`` from a file written by :func:`save_head`."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if not p.is_file():
+        raise RewardError(f"itercomp_rm: no reward model file {p}")
+    try:
+        with safe_open(str(p), "pt") as f:
+            meta = f.metadata() or {}
+        sd = load_file(str(p))
+    except Exception as e:  # not a safetensors file
+        raise RewardError(f"itercomp_rm: cannot read {p} ({type(e).__name__}: {e}); expected a file written by the itercomp loop") from None
+    if meta.get("format") != FORMAT:
+        raise RewardError(f"itercomp_rm: {p} is not an IterComp reward model (metadata format {meta.get('format')!r}, expected {FORMAT})")
+    cfg = json.loads(meta["head"])
+    head = RewardHead(cfg["dim"], cfg["hidden"], cfg["dropout"])
+    head.load_state_dict(sd)
+    return head, json.loads(meta["backbone"]), meta.get("category", p.stem), json.loads(meta.get("report", "{}"))
+
+
+def _files(path) -> list[Path]:
+    items = path if isinstance(path, (list, tuple)) else [path]
+    out: list[Path] = []
+    for it in items:
+        p = Path(str(it)).expanduser()
+        if p.is_dir():
+            found = sorted(p.glob("*.safetensors"))
+            if not found:
+                raise RewardError(f"itercomp_rm: folder {p} holds no *.safetensors reward models")
+            out.extend(found)
+        else:
+            out.append(p)
+    return out
+
+
+@register(
+    "itercomp_rm",
+    differentiable=True,
+    description="IterComp composition-aware reward model(s): frozen CLIP + a head per aspect trained on gallery rankings (path=file, files or folder)",
+)
+class CompositionRewardModel(Reward):
+    """Scores of one or several trained aspect heads sharing one frozen backbone.
+
+    Options: ``path`` (a ``.safetensors`` file, a list of files, or a folder of them, one per
+    aspect), ``weights`` (``{aspect: weight}``; default 1 each), ``hinge_margin`` (None: the
+    weighted sum; a number m: ``m - sum_c w_c relu(m - r_c)``, see the module docstring),
+    ``device``, ``dtype``, ``fingerprint`` (ignored; part of the load cache key so a retrained
+    file at the same path is not served from the cache). Each aspect's score is standardised
+    (mean 0, std 1 over its training images). ``last_components`` holds each aspect's score.
+    """
+
+    needs_prompt = True
+
+    def __init__(self, path: Union[str, Sequence[str]], weights: Optional[dict] = None, hinge_margin: Optional[float] = None,
+                 device: Optional[str] = None, dtype: Optional[str] = None, fingerprint: Optional[str] = None):
+        super().__init__()
+        heads, spec = {}, None
+        self.reports = {}
+        for f in _files(path):
+            head, bb, cat, report = read_head(f)
+            if spec is not None and bb != spec:
+                raise RewardError(f"itercomp_rm: {f} uses backbone {bb}, the others {spec}; heads loaded together must share one backbone")
+            spec = bb
+            if cat in heads:
+                raise RewardError(f"itercomp_rm: two reward models for aspect {cat!r} (second: {f})")
+            heads[cat] = head
+            self.reports[cat] = report
+        self.backbone_spec = spec
+        self.backbone = load_backbone(spec, device, dtype)
+        self.heads = nn.ModuleDict(heads).to(self.backbone.device).eval().requires_grad_(False)
+        weights = dict(weights or {})
+        unknown = [k for k in weights if k not in heads]
+        if unknown:
+            raise RewardError(f"itercomp_rm: weights name aspect(s) {unknown} not among the loaded {sorted(heads)}")
+        self.weights = {c: float(weights.get(c, 1.0)) for c in heads}
+        self.hinge_margin = None if hinge_margin is None else float(hinge_margin)
+        self.last_components: dict[str, torch.Tensor] = {}
+
+    @property
+    def categories(self) -> list[str]:
+        return list(self.heads)
+
+    def components(self, images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Each aspect's standardised score ``(B,)``."""
+        img = self.backbone.image_embeddings(images)
+        txt = self.backbone.text_embeddings(list(prompts)).to(img.device)
+        return {c: h(img, txt) for c, h in self.heads.items()}
+
+    def forward(self, images, prompts=None, **context):
+        if prompts is None:
+            raise RewardError(f"{self.name}: needs a prompt per image")
+        if isinstance(prompts, str):
+            prompts = [prompts] * images.shape[0]
+        comps = self.components(images, prompts)
+        self.last_components = {c: v.detach() for c, v in comps.items()}
+        if self.hinge_margin is not None:
+            m = self.hinge_margin
+            total = m - sum(self.weights[c] * F.relu(m - v) for c, v in comps.items())
+        else:
+            total = sum(self.weights[c] * v for c, v in comps.items())
+        return total.to(images.device)
