@@ -168,11 +168,25 @@ class RewardHead(nn.Module):
             nn.Linear(hidden, max(hidden // 4, 4)), nn.GELU(), nn.Dropout(dropout),
             nn.Linear(max(hidden // 4, 4), 1),
         )
+        # output statistics (ImageReward's standardisation) and input feature statistics: a
+        # frozen backbone's embeddings of similar images are nearly collinear, so each feature
+        # is centred and scaled by its spread over the training set before the MLP
         self.register_buffer("mean", torch.zeros(()))
         self.register_buffer("std", torch.ones(()))
+        self.register_buffer("feat_mean", torch.zeros(2, dim))
+        self.register_buffer("feat_std", torch.ones(2, dim))
+
+    @torch.no_grad()
+    def fit_features(self, img: torch.Tensor, txt: torch.Tensor) -> None:
+        """Set the input standardisation from training embeddings ``(N, dim)`` each."""
+        for k, x in enumerate((img, txt)):
+            self.feat_mean[k] = x.float().mean(0)
+            self.feat_std[k] = x.float().std(0).clamp_min(1e-4) if x.shape[0] > 1 else 1.0
 
     def raw(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
         txt = txt.to(img)
+        img = (img - self.feat_mean[0]) / self.feat_std[0]
+        txt = (txt - self.feat_mean[1]) / self.feat_std[1]
         return self.mlp(torch.cat([img, txt, img * txt], -1)).squeeze(-1)
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:

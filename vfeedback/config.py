@@ -187,6 +187,71 @@ class RankConfig(Section):
         return self
 
 
+class IterCompRankerConfig(Section):
+    kind: Literal["auto", "human"] = Field("auto", description="auto: rank each gallery group by the category's composition scorer; "
+                                          "human: read rankings a person gave (ranking JSONL, docs/itercomp.md) from file or OUT/iter-K/rankings.jsonl")
+    file: Optional[str] = Field(None, description="human: ranking JSONL (prompt, category, images, ranking best-first; or the rank app's export); "
+                                "groups it lacks are looked up in OUT/iter-K/rankings.jsonl")
+    scorers: dict[str, RewardSpec] = Field(
+        default_factory=lambda: {
+            "attribute": RewardSpec(name="composition_attribute"),
+            "spatial": RewardSpec(name="composition_spatial"),
+            "nonspatial": RewardSpec(name="composition_nonspatial"),
+            "count": RewardSpec(name="composition_count"),
+        },
+        description="auto: the composition scorer ranking each category ({category: {name, options}}); also the per-iteration composition measure")
+
+
+class IterCompRewardModelConfig(Section):
+    backbone: dict[str, Any] = Field(default_factory=lambda: {"kind": "open_clip", "model": "ViT-L-14", "pretrained": "openai"},
+                                     description="frozen image-text backbone: {kind: open_clip, model, pretrained} or {kind: hf_clip, model, processor}")
+    hidden: int = Field(256, ge=4, description="width of each category's MLP head")
+    dropout: float = Field(0.1, ge=0, lt=1, description="dropout in the head")
+    epochs: int = Field(200, ge=1, description="passes over the ranking pairs per iteration")
+    batch_size: int = Field(256, ge=1, description="pairs per optimizer step")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the heads")
+    weight_decay: float = Field(1e-4, ge=0)
+    val_fraction: float = Field(0.2, ge=0, lt=1, description="share of prompts held out to report validation pair accuracy (the best epoch by validation loss is kept)")
+    val_split: Literal["prompt", "group"] = Field("prompt", description="what is held out: whole prompts (accuracy on unseen prompts) or ranked groups (unseen images of seen prompts)")
+    refine: bool = Field(True, description="start each iteration's heads from the previous iteration's (IterComp's self-refinement); false: from scratch")
+
+
+class IterCompSection(Section):
+    """IterComp (Zhang et al. 2024): a gallery of models renders compositional prompts, the images
+    are ranked per category, composition-aware reward models learn from the rankings, ReFL
+    refines the base model with them, and the result joins the gallery. See docs/itercomp.md."""
+
+    gallery: list[Union[str, GalleryModel]] = Field(default_factory=list, description="models rendering every prompt with shared seeds (path like tiny:sd15 or a hub id, or {path, family, lora, name}); the base model (model.*) joins as 'base'")
+    iterations: int = Field(3, ge=1, description="rounds of render -> rank -> train reward models -> ReFL -> add the refined model to the gallery")
+    categories: list[Literal["attribute", "spatial", "nonspatial", "count"]] = Field(
+        default_factory=lambda: ["attribute", "spatial", "nonspatial"], min_length=1, description="composition categories, one reward model each")
+    weights: dict[str, float] = Field(default_factory=dict, description="weight of each category's reward model in ReFL (default 1 each)")
+    prompts: dict[str, Union[list[str], str]] = Field(default_factory=dict, description="prompts per category (list or .txt/.jsonl file); default: the shipped vfeedback/itercomp/prompts/<category>.txt")
+    max_prompts: Optional[int] = Field(None, ge=1, description="use at most this many prompts per category (the first ones)")
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="seeds shared by every gallery model; one ranked group per prompt x seed")
+    gallery_batch_size: int = Field(8, ge=1, description="images rendered per UNet call")
+    ranker: IterCompRankerConfig = Field(default_factory=IterCompRankerConfig)
+    reward_model: IterCompRewardModelConfig = Field(default_factory=IterCompRewardModelConfig)
+    refl_steps: int = Field(100, ge=1, description="ReFL optimizer steps per iteration (train.max_steps of each iteration's inner ReFL run)")
+    hinge: bool = Field(True, description="ReFL loss sum_c w_c relu(margin - r_c) over the category reward models (the reference); false: relu(margin - sum_c w_c r_c)")
+
+    @model_validator(mode="after")
+    def _check(self):
+        bad = [k for k in self.weights if k not in self.categories]
+        if bad:
+            raise ValueError(f"weights name {bad}, not among categories {self.categories}")
+        bad = [k for k in self.prompts if k not in self.categories]
+        if bad:
+            raise ValueError(f"prompts name {bad}, not among categories {self.categories}")
+        if self.ranker.kind == "auto":
+            missing = [c for c in self.categories if c not in self.ranker.scorers]
+            if missing:
+                raise ValueError(f"ranker.scorers has no scorer for {missing}; add {{name: ..., options: ...}} for each category")
+        if self.ranker.kind == "human" and self.ranker.file is not None and not self.ranker.file.endswith((".jsonl", ".json")):
+            raise ValueError(f"ranker.file must be a .jsonl ranking file, got {self.ranker.file!r}")
+        return self
+
+
 class TrainConfig(Section):
     max_steps: int = Field(100, ge=1, description="optimizer steps")
     batch_size: int = Field(2, ge=1, description="prompts per step per process")
@@ -211,7 +276,7 @@ class LogConfig(Section):
 
 
 class RunConfig(Section):
-    algorithm: Literal["refl", "zo_ranksgd", "d3po"] = Field(..., description="method: refl, zo_ranksgd, d3po")
+    algorithm: Literal["refl", "zo_ranksgd", "d3po", "itercomp"] = Field(..., description="method: refl, zo_ranksgd, d3po, itercomp")
     output_dir: str = Field(..., description="run folder")
     seed: int = Field(0, description="global seed; every step's randomness derives from (seed, step)")
     model: ModelConfig
@@ -223,12 +288,13 @@ class RunConfig(Section):
     refl: ReflConfig = Field(default_factory=ReflConfig)
     zo_ranksgd: ZORankSGDSection = Field(default_factory=ZORankSGDSection, description="ZO-RankSGD settings (algorithm: zo_ranksgd)")
     d3po: D3POConfig = Field(default_factory=D3POConfig, description="D3PO settings (algorithm: d3po)")
+    itercomp: IterCompSection = Field(default_factory=IterCompSection, description="IterComp settings (algorithm: itercomp)")
     rank: RankConfig = Field(default_factory=RankConfig, description="the ranking app (vfeedback rank)")
 
     @model_validator(mode="after")
     def _cross_checks(self):
         lo, hi = self.refl.stop_range
-        if self.algorithm == "refl" and not (0 <= lo <= hi < self.sampling.steps):
+        if self.algorithm in ("refl", "itercomp") and not (0 <= lo <= hi < self.sampling.steps):
             raise ValueError(f"refl.stop_range {list(self.refl.stop_range)} must satisfy 0 <= lo <= hi < sampling.steps ({self.sampling.steps})")
         return self
 

@@ -13,6 +13,7 @@ METHODS = {
     "refl": "vfeedback.algorithms.refl:ReFL",
     "zo_ranksgd": "vfeedback.algorithms.zo_ranksgd_diffusion:ZORankSGDMethod",
     "d3po": "vfeedback.algorithms.d3po:D3PO",
+    "itercomp": "vfeedback.algorithms.itercomp:IterComp",
 }
 
 
