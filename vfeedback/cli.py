@@ -18,6 +18,7 @@ COMMANDS = {
     "sample": "sample",
     "score": "score",
     "rewards": "rewards_list",
+    "rank": "rank",
 }
 
 

@@ -1,0 +1,255 @@
+"""The Gradio page of ``vfeedback rank``: candidates to click in order, Submit, Undo, shortcuts.
+
+The page holds no state of its own beyond the picks of the round on screen (per browser tab);
+every answer goes straight to the backend, which commits it to the store. Keyboard: 1-9 pick the
+n-th image (again: unpick), Enter submits, u undoes the last answer, c clears the picks,
+t = tie, s = skip. Scripts and tests use the API endpoints ``/answer``, ``/undo_answer``,
+``/status`` and (d3po) ``/run_update`` (docs/rank_app.md).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+KEYS_JS = """
+<script>
+(function () {
+  if (window.__vfeedbackRankKeys) return;
+  window.__vfeedbackRankKeys = true;
+  function press(id) {
+    const el = document.getElementById(id);
+    const b = el && (el.tagName === 'BUTTON' ? el : el.querySelector('button'));
+    if (b && !b.disabled && b.offsetParent !== null) { b.click(); return true; }
+    return false;
+  }
+  document.addEventListener('keydown', function (e) {
+    const t = e.target;
+    if (t && (t.tagName === 'INPUT' || t.tagName === 'TEXTAREA' || t.isContentEditable)) return;
+    if (e.ctrlKey || e.metaKey || e.altKey || e.repeat) return;
+    let done = false;
+    if (/^[1-9]$/.test(e.key)) {
+      const items = document.querySelectorAll('#rank-cands .thumbnail-item');
+      const it = items[parseInt(e.key, 10) - 1];
+      if (it) { it.click(); done = true; }
+    } else if (e.key === 'Enter') { done = press('rank-submit'); }
+    else if (e.key === 'u' || e.key === 'U') { done = press('rank-undo'); }
+    else if (e.key === 'c' || e.key === 'C' || e.key === 'Escape') { done = press('rank-clear'); }
+    else if (e.key === 't' || e.key === 'T') { done = press('rank-tie'); }
+    else if (e.key === 's' || e.key === 'S') { done = press('rank-skip'); }
+    if (done) e.preventDefault();
+  });
+})();
+</script>
+"""
+
+CSS = """
+#rank-cands .thumbnail-item { cursor: pointer; }
+#rank-header h2 { margin-bottom: 0.2em; }
+#rank-picked p { font-size: 1.1em; }
+.rank-keys { font-size: 0.85em; opacity: 0.8; }
+"""
+
+BADGE = (230, 60, 30)
+
+
+def badge(img, place: int):
+    """A copy of ``img`` with a numbered disc (``place``, 1 = best) in its top-right corner and a border."""
+    from PIL import ImageDraw, ImageFont
+
+    im = img.convert("RGB").copy()
+    w, h = im.size
+    d = ImageDraw.Draw(im)
+    r = max(12, min(w, h) // 9)
+    bw = max(3, min(w, h) // 60)
+    d.rectangle([0, 0, w - 1, h - 1], outline=BADGE, width=bw)
+    x0 = w - bw - 4 - 2 * r  # top-right: the gallery's label covers the top-left corner of the first image
+    d.ellipse([x0, bw + 4, x0 + 2 * r, bw + 4 + 2 * r], fill=BADGE, outline=(255, 255, 255), width=max(2, bw // 2))
+    try:
+        font = ImageFont.load_default(size=int(r * 1.3))
+    except TypeError:  # Pillow < 10.1
+        font = ImageFont.load_default()
+    d.text((x0 + r, bw + 4 + r), str(place), fill=(255, 255, 255), font=font, anchor="mm")
+    return im
+
+
+def build_app(backend, title: str = "vfeedback rank"):
+    """The ``gr.Blocks`` of the app around ``backend`` (see :mod:`vfeedback.app.backend`)."""
+    import gradio as gr
+
+    mode = backend.mode
+
+    def header(v, msg: str = "") -> str:
+        n = backend.count()
+        lines = [f"## {v.title}", f"**Prompt:** {v.prompt}" if v.prompt else "",
+                 f"Round {v.round + 1} &nbsp;·&nbsp; **{n} answer{'s' if n != 1 else ''} saved** &nbsp;·&nbsp; {mode}", "", v.instructions]
+        return "\n\n".join(x for x in lines if x is not None)
+
+    def picked_md(v, picks) -> str:
+        if v.done:
+            return ""
+        if not picks:
+            return "Picked: *nothing yet* — click images (or press 1-9), best first."
+        return "Picked (best first): " + " → ".join(f"**#{i + 1}**" for i in picks)
+
+    def cands_value(v, picks):
+        out = []
+        for i, im in enumerate(v.images):
+            cap = f"{i + 1}"
+            if i in picks:
+                im = badge(im, picks.index(i) + 1)
+                cap = f"{i + 1} — picked {picks.index(i) + 1}"
+            out.append((im, cap))
+        return out
+
+    def side_values():
+        s = backend.side()
+        if mode == "zo_ranksgd":
+            return [s.get("current"), s.get("history", [])]
+        if mode == "d3po":
+            u = s.get("update") or {}
+            return [update_md(u), update_bar(u), (u.get("last") or {}).get("before_after")]
+        return []
+
+    def update_md(u: dict) -> str:
+        if not u:
+            return ""
+        every = u.get("labels_per_update")
+        lines = [f"**{u['labels']} labels** with a preference so far."]
+        if u.get("running") is not None:
+            lines.append(f"D3PO update {u['running']} running: {u.get('phase', '')}.")
+        elif every:
+            lines.append(f"Next background update at {u['next_at']} labels.")
+        last = u.get("last")
+        if last:
+            wr = last.get("win_rate")
+            lines.append(f"Update {last['n']} finished: held-out win rate over the base model "
+                         f"{'n/a' if wr is None else f'{wr:.2f}'}; LoRA in `{last['lora']}`.")
+        if u.get("failed") is not None and (not last or u["failed"] > last["n"]):
+            lines.append(f"Update {u['failed']} did not finish; see `{u.get('failed_log')}`.")
+        return "\n\n".join(lines)
+
+    def update_bar(u: dict) -> str:
+        if not u or u.get("running") is None:
+            return ""
+        p = max(0.0, min(1.0, float(u.get("progress") or 0.0)))
+        return (f"<div style='border:1px solid #999;border-radius:4px;height:14px;width:100%'>"
+                f"<div style='background:#e63c1e;height:100%;width:{p * 100:.0f}%'></div></div>"
+                f"<div class='rank-keys'>{p * 100:.0f}% of {backend.cfg.rank.update_steps} steps</div>")
+
+    def refresh(picks, msg=""):
+        v = backend.view()
+        picks = [p for p in (picks or []) if p < len(v.images)]
+        return [picks, header(v), gr.update(value=cands_value(v, picks), columns=min(4, max(1, len(v.images)))),
+                picked_md(v, picks), msg] + side_values()
+
+    with gr.Blocks(title=title, analytics_enabled=False) as demo:
+        picks = gr.State([])
+        with gr.Row():
+            with gr.Column(scale=3):
+                head = gr.Markdown(elem_id="rank-header")
+                cands = gr.Gallery(label="Candidates — click in order, best first", show_label=True, columns=4, height="auto",
+                                   allow_preview=False, interactive=False, object_fit="contain", elem_id="rank-cands",
+                                   buttons=[], format="png")
+                picked = gr.Markdown(elem_id="rank-picked")
+                with gr.Row():
+                    submit = gr.Button("Submit (Enter)", variant="primary", elem_id="rank-submit")
+                    clear = gr.Button("Clear picks (c)", elem_id="rank-clear")
+                    tie = gr.Button("Tie (t)", elem_id="rank-tie", visible=mode in ("d3po", "gallery"))
+                    skip = gr.Button("Skip / can't tell (s)", elem_id="rank-skip")
+                    undo = gr.Button("Undo last answer (u)", elem_id="rank-undo")
+                status = gr.Markdown(elem_id="rank-status")
+                gr.Markdown("Keys: **1-9** pick / unpick · **Enter** submit · **u** undo · **c** clear · **t** tie · **s** skip. "
+                            "Every answer is saved the moment you give it.", elem_classes=["rank-keys"])
+            with gr.Column(scale=2):
+                side: list = []
+                if mode == "zo_ranksgd":
+                    side.append(gr.Image(label="Current best", interactive=False, elem_id="rank-current", height=320, buttons=[]))
+                    side.append(gr.Gallery(label="History (start → now, last 12)", columns=6, height=260, allow_preview=True,
+                                           fit_columns=False, interactive=False, elem_id="rank-history", buttons=[], format="png"))
+                elif mode == "d3po":
+                    side.append(gr.Markdown(elem_id="rank-update"))
+                    side.append(gr.HTML(elem_id="rank-update-bar"))
+                    side.append(gr.Image(label="Last update: before | after", interactive=False, elem_id="rank-before-after", buttons=[]))
+                    run_btn = gr.Button("Run a D3PO update now", elem_id="rank-run-update")
+                    timer = gr.Timer(2.0)
+                else:
+                    gr.Markdown("Images of one prompt from several models, same seed, random order. "
+                                "Rank them; the models are named after you submit.")
+        outs = [picks, head, cands, picked, status] + side
+
+        def on_load(p):
+            return refresh(p)
+
+        def on_select(p, evt: gr.SelectData):
+            v = backend.view()
+            i = evt.index if isinstance(evt.index, int) else evt.index[0]
+            p = list(p or [])
+            if i in p:
+                p.remove(i)
+            elif len(p) < v.max_picks:
+                p.append(i)
+            elif v.max_picks == 1:
+                p = [i]
+            return refresh(p)
+
+        on_select.__annotations__["evt"] = gr.SelectData  # a real class: this module has postponed annotations
+
+        def do(kind):
+            def fn(p):
+                try:
+                    msg = backend.answer(kind, list(p or []))
+                except ValueError as e:
+                    return refresh(p, f"⚠ {e}")
+                return refresh([], msg)
+            return fn
+
+        def on_undo(p):
+            return refresh([], backend.undo())
+
+        demo.load(on_load, [picks], outs, api_visibility="private")
+        cands.select(on_select, [picks], outs, api_visibility="private")
+        submit.click(do("rank"), [picks], outs, api_visibility="private")
+        tie.click(do("tie"), [picks], outs, api_visibility="private")
+        skip.click(do("skip"), [picks], outs, api_visibility="private")
+        clear.click(lambda p: refresh([]), [picks], outs, api_visibility="private")
+        undo.click(on_undo, [picks], outs, api_visibility="private")
+        if mode == "d3po":
+            def on_run(p):
+                n = backend.updates.start()
+                return refresh(p, f"Started D3PO update {n}." if n else "An update is running already, or there are no labels yet.")
+
+            run_btn.click(on_run, [picks], outs, api_visibility="private")
+            timer.tick(lambda: side_values(), None, side, api_visibility="private")
+
+        # ---- API for scripts and tests (gradio_client)
+        def answer(ranking: str, kind: str = "rank") -> dict:
+            """Answer the shown round: ranking = display indices best first, 0-based, comma-separated
+            ("2,0,5"); kind = rank | tie | skip. Returns the status after the answer."""
+            picks_ = [int(x) for x in ranking.replace(" ", "").split(",") if x != ""]
+            try:
+                msg = backend.answer(kind, picks_)
+            except ValueError as e:
+                return {"error": str(e), **backend.status()}
+            return {"message": msg, **backend.status()}
+
+        def undo_answer() -> dict:
+            """Undo the last answer; returns the status."""
+            return {"message": backend.undo(), **backend.status()}
+
+        def status_() -> dict:
+            """The shown round and the answer count."""
+            return backend.status()
+
+        gr.api(answer, api_name="answer")
+        gr.api(undo_answer, api_name="undo_answer")
+        gr.api(status_, api_name="status")
+        if mode == "d3po":
+            def run_update() -> dict:
+                """Start a D3PO update on every label so far (if none is running)."""
+                return {"started": backend.updates.start(), **backend.status()}
+
+            gr.api(run_update, api_name="run_update")
+    return demo
