@@ -225,11 +225,12 @@ class _Detector:
             self.net = auto.from_pretrained(model, dtype=dtype).to(device).eval().requires_grad_(False)
         ip = self.processor.image_processor
         size = getattr(ip, "size", None) or {}
-        if isinstance(size, dict):
-            h = size.get("height") or size.get("shortest_edge") or 960
-            w = size.get("width") or h
-        else:
+        if isinstance(size, (int, float)):
             h = w = int(size)
+        else:  # a dict or transformers' SizeDict
+            get = (lambda k: size.get(k)) if isinstance(size, dict) else (lambda k: getattr(size, k, None))
+            h = get("height") or get("shortest_edge") or 960
+            w = get("width") or h
         self.size = (int(h), int(w))
         self.mean = torch.tensor(getattr(ip, "image_mean", None) or [0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
         self.std = torch.tensor(getattr(ip, "image_std", None) or [0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
