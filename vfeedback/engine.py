@@ -118,6 +118,12 @@ class Trainer:
         cpu = cfg.train.device == "cpu" or not torch.cuda.is_available()
         mp = resolve_mixed_precision(cfg.train.mixed_precision, "cpu" if cpu else "cuda")
         trackers = [t for t in cfg.log.trackers if self._tracker_available(t)]
+        # one process may run several trainings (IterComp iterations, tests, notebooks):
+        # accelerate keeps mixed precision etc. in a process-wide singleton, so clear it; the
+        # distributed part (PartialState: process group, device) is kept
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=False)
         self.acc = Accelerator(
             mixed_precision=mp,
             gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
