@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 # torch: the CPU-capable build pip finds on this machine's disk; a CUDA machine may override.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
-EXTRAS ?= test,face,llm,robot
+EXTRAS ?= test,face,llm,robot,demo
 
 .PHONY: venv quickstart test test-all bench clean
 
@@ -38,3 +38,9 @@ clean:
 .PHONY: world
 world: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m vfeedback.world.train_world
+
+# The ranking app on the tiny model (docs/rank_app.md): http://127.0.0.1:7860, answers saved in
+# runs/rank-tiny-zo/feedback.sqlite (stop and run again to resume).
+.PHONY: demo
+demo: $(STAMP)
+	$(BIN)/vfeedback rank configs/rank/tiny-zo.yaml
