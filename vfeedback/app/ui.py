@@ -117,7 +117,8 @@ def build_app(backend, title: str = "vfeedback rank"):
         if not u:
             return ""
         every = u.get("labels_per_update")
-        lines = [f"**{u['labels']} labels** with a preference so far."]
+        n = u["labels"]
+        lines = [f"**{n} label{'s' if n != 1 else ''}** with a preference so far."]
         if u.get("running") is not None:
             lines.append(f"D3PO update {u['running']} running: {u.get('phase', '')}.")
         elif every:
