@@ -103,7 +103,6 @@ class Spec:
 _C = "|".join(COLOUR_NAMES)
 _S = "|".join(SHAPES)
 _NP = rf"(a|an|one|two|three)\s+({_C})\s+({_S})(?:e?s)?"
-_REL = r"(?:to\s+the\s+)?(left\s+of|right\s+of)|(above|below)|(?:on\s+top\s+of)"
 _SPATIAL = re.compile(rf"^{_NP}\s+(?:is\s+)?(?:(?:to\s+the\s+)?(left|right)\s+of|(above|below|on\s+top\s+of|under))\s+{_NP}$")
 _ONE_NP = re.compile(rf"^{_NP}$")
 
@@ -268,6 +267,13 @@ def spec_terms(counts: torch.Tensor, coords: torch.Tensor, spec: Spec, tau: floa
     return out
 
 
+def match_prob(terms: dict[str, torch.Tensor]) -> torch.Tensor:
+    """P(the whole caption holds) from :func:`spec_terms`: the exact count when the caption
+    counts (it implies presence), else presence, times the relation when there is one."""
+    p = terms["count"] if "count" in terms else terms["attribute"]
+    return p * terms["spatial"] if "spatial" in terms else p
+
+
 PARTS = ("all", "attribute", "spatial", "count")
 
 
@@ -313,7 +319,7 @@ class ShapesJudge(Reward):
                 continue
             terms = spec_terms(counts[i], coords[i], spec, self.tau)
             if self.part == "all":
-                v = torch.stack(list(terms.values())).prod()
+                v = match_prob(terms)
             else:
                 v = terms.get(self.part, nan)
             vals.append(v)

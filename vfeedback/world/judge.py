@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rewards.shapes import ASSETS, KINDS, MAX_COUNT, N_CATEGORIES, build_judge, category, load_judge, parse, spec_terms
+from rewards.shapes import ASSETS, KINDS, MAX_COUNT, N_CATEGORIES, build_judge, category, load_judge, match_prob, spec_terms
 
 from .scenes import corrupt, make_batch
 
@@ -34,9 +34,9 @@ log = logging.getLogger("vfeedback.world")
 #: from each other, from the diffusion model's pool (2e7..) and from the evaluation sets (< 1e6).
 JUDGES = {
     "judge": dict(arch="grid", kwargs={"width": 32}, seed=1, data_seed=100_000_000, free_frac=0.5,
-                  blur=1.0, noise=0.06, gain=0.10, steps=1000, batch=64, lr=2e-3),
+                  blur=1.0, noise=0.06, gain=0.10, steps=1000, batch=64, lr=2e-3, focus_steps=300),
     "judge_heldout": dict(arch="res", kwargs={"width": 24}, seed=2, data_seed=300_000_000, free_frac=0.35,
-                          blur=0.8, noise=0.08, gain=0.12, steps=1000, batch=64, lr=2e-3),
+                          blur=0.8, noise=0.08, gain=0.12, steps=600, batch=64, lr=2e-3, focus_steps=300),
 }
 GRID = 8
 
@@ -82,37 +82,60 @@ def augment(x: torch.Tensor, g: torch.Generator, blur: float, noise: float, gain
     return x.clamp(0, 1)
 
 
-def train_judge(name: str, steps: Optional[int] = None, out_dir: Path = ASSETS) -> dict:
-    cfg = dict(JUDGES[name])
-    steps = steps or cfg["steps"]
-    torch.manual_seed(cfg["seed"])
-    net = build_judge(cfg["arch"], **cfg["kwargs"])
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg["lr"], weight_decay=1e-4)
-    g = torch.Generator().manual_seed(cfg["seed"])
-    n_free = int(round(cfg["batch"] * cfg["free_frac"]))
-    kinds = ["free"] * n_free + [None] * (cfg["batch"] - n_free)
+def _loss(net, x, scenes):
+    counts, centre, present, heat = targets(scenes)
+    c_logits, coords, where = net(x)
+    loss = F.cross_entropy(c_logits.reshape(-1, MAX_COUNT + 1), counts.reshape(-1))
+    if where is not None:  # grid judge: cross-entropy against the splatted centres
+        pos = -(heat * where.log_softmax(-1)).sum(-1)
+    else:
+        pos = F.smooth_l1_loss(coords, centre, reduction="none", beta=0.05).sum(-1) * 10
+    return loss + (pos * present).sum() / present.sum().clamp_min(1)
+
+
+def _phase(net, cfg: dict, name: str, steps: int, lr: float, kinds: list, data_seed: int, g: torch.Generator) -> None:
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     t0 = time.time()
     net.train()
     for step in range(steps):
-        lr = cfg["lr"] * (min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps)))
         for pg in opt.param_groups:
-            pg["lr"] = lr
-        x, scenes = make_batch(cfg["batch"], seed=cfg["data_seed"] + step, kinds=kinds)
+            pg["lr"] = lr * (min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        x, scenes = make_batch(cfg["batch"], seed=data_seed + step, kinds=kinds)
         x = augment(x, g, cfg["blur"], cfg["noise"], cfg["gain"])
-        counts, centre, present, heat = targets(scenes)
-        c_logits, coords, where = net(x)
-        loss = F.cross_entropy(c_logits.reshape(-1, MAX_COUNT + 1), counts.reshape(-1))
-        if where is not None:  # grid judge: cross-entropy against the splatted centres
-            lp = where.log_softmax(-1)
-            pos = -(heat * lp).sum(-1)
-        else:
-            pos = F.smooth_l1_loss(coords, centre, reduction="none", beta=0.05).sum(-1) * 10
-        loss = loss + (pos * present).sum() / present.sum().clamp_min(1)
+        loss = _loss(net, x, scenes)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if step % 100 == 0 or step == steps - 1:
             log.info("%s step %d/%d loss %.4f %.0fs", name, step, steps, loss.item(), time.time() - t0)
+
+
+def train_judge(name: str, steps: Optional[int] = None, out_dir: Path = ASSETS, focus_only: bool = False) -> dict:
+    """Train judge ``name`` (see :data:`JUDGES`) and write ``out_dir/name.safetensors``.
+
+    Two phases, each with a fresh optimizer and cosine schedule: ``steps`` on the main mix
+    (captioned scenes of all kinds and free scenes), then ``focus_steps`` at a quarter of the
+    learning rate on count-heavy batches (several objects of one category are rare otherwise,
+    and reading 2 vs 3 of them is the judge's hardest call). ``focus_only``: load the saved
+    judge and run only the second phase (what a run stopped between the phases resumes with).
+    """
+    cfg = dict(JUDGES[name])
+    steps = steps or cfg["steps"]
+    torch.manual_seed(cfg["seed"])
+    g = torch.Generator().manual_seed(cfg["seed"])
+    t0 = time.time()
+    if focus_only:
+        net = load_judge(out_dir / f"{name}.safetensors").requires_grad_(True)
+        g.manual_seed(cfg["seed"] + 1)
+    else:
+        net = build_judge(cfg["arch"], **cfg["kwargs"])
+        n_free = int(round(cfg["batch"] * cfg["free_frac"]))
+        kinds = ["free"] * n_free + [None] * (cfg["batch"] - n_free)
+        _phase(net, cfg, name, steps, cfg["lr"], kinds, cfg["data_seed"], g)
+        g.manual_seed(cfg["seed"] + 1)
+    b = cfg["batch"]
+    focus = ["count"] * (b // 2) + ["free"] * (b // 4) + [None] * (b - b // 2 - b // 4)
+    _phase(net, cfg, name + " (count focus)", cfg["focus_steps"], cfg["lr"] / 4, focus, cfg["data_seed"] + 50_000_000, g)
     net.eval().requires_grad_(False)
     metrics = evaluate(net, n_per_kind=200, seed=7)
     metrics["train_seconds"] = round(time.time() - t0, 1)
@@ -148,8 +171,8 @@ def evaluate(net, n_per_kind: int = 200, seed: int = 7, tau: float = 0.04) -> di
         ok = 0
         for i, s in enumerate(scenes):
             neg = corrupt(s.spec, rng)
-            p_pos = torch.stack(list(spec_terms(counts[i], coords[i], s.spec, tau).values())).prod()
-            p_neg = torch.stack(list(spec_terms(counts[i], coords[i], neg, tau).values())).prod()
+            p_pos = match_prob(spec_terms(counts[i], coords[i], s.spec, tau))
+            p_neg = match_prob(spec_terms(counts[i], coords[i], neg, tau))
             ok += int(p_pos > 0.5) + int(p_neg <= 0.5)
         res["match_accuracy"][kind] = ok / (2 * len(scenes))
         correct_all += ok
@@ -173,6 +196,7 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-only", action="store_true")
     ap.add_argument("--only", choices=list(JUDGES), default=None)
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--focus-only", action="store_true", help="load the saved judge and run only the count-focus phase")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     names = [args.only] if args.only else list(JUDGES)
@@ -180,7 +204,7 @@ def main(argv=None) -> int:
         if args.eval_only:
             print(name, json.dumps(evaluate(load_judge(ASSETS / f"{name}.safetensors"))))
         else:
-            train_judge(name, args.steps)
+            train_judge(name, args.steps, focus_only=args.focus_only)
     return 0
 
 

@@ -1,7 +1,7 @@
 """Build the shapes world from scratch on a CPU: judges, then ``tiny:shapes``, then its base rate.
 
     python -m vfeedback.world.train_world            (or: make world)
-    python -m vfeedback.world.train_world --stages vae,unet --unet-minutes 40
+    python -m vfeedback.world.train_world --stages vae,decoder,unet --unet-minutes 38
 
 Stages (each reads what the previous ones wrote):
 
@@ -9,6 +9,8 @@ Stages (each reads what the previous ones wrote):
   :mod:`vfeedback.world.judge`.
 - ``vae``: a two-level AutoencoderKL (32 px -> 4 x 16 x 16) trained on scenes; its
   ``scaling_factor`` is set to 1 / std of the latents, as SD1.5's 0.18215 is for its VAE.
+- ``decoder``: the decoder trained on with the encoder frozen (so the latent space is that of
+  the ``vae`` stage), on slightly noised latents, for a wall-clock budget.
 - ``unet``: an SD1.5-architecture UNet2DConditionModel and a 2-layer CLIP text encoder
   trained jointly from scratch (epsilon prediction, SD1.5's scaled-linear DDPM schedule,
   10% caption dropout for classifier-free guidance, EMA weights), for a wall-clock budget:
@@ -129,6 +131,53 @@ def train_vae(steps: int, batch: int, seed: int, out: Path) -> None:
                                                      "seconds": time.time() - t0}, indent=1))
 
 
+def train_decoder(vae_dir: Path, minutes: float, batch: int, seed: int, lr: float = 1e-3) -> None:
+    """Go on training the VAE's decoder with the encoder frozen (the latent space the UNet
+    learns does not move), on latents with a little noise so it forgives the UNet's errors.
+    Trains for a wall-clock budget like the UNet; writes the VAE back to ``vae_dir``."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL.from_pretrained(vae_dir)
+    vae.encoder.requires_grad_(False)
+    vae.quant_conv.requires_grad_(False)
+    params = [p for p in vae.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    t0 = time.time()
+    total, step, losses = 100_000, 0, []
+    while step < total:
+        for g in opt.param_groups:
+            g["lr"] = lr * _cosine(step, total, 20)
+        x, _ = make_batch(batch, seed=30_000_000 + step)
+        x = x * 2 - 1
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mean
+            z = z + torch.randn(z.shape, generator=gen) * z.std() * 0.1
+        rec = vae.decode(z).sample
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        step += 1
+        if step == 20:
+            total = int(max(21, minutes * 60 / ((time.time() - t0) / 20)))
+            log.info("decoder: %d steps in %.0f min", total, minutes)
+        if step % 100 == 0 or step == total:
+            log.info("decoder step %d/%d loss %.4f %.0fs", step, total, float(np.mean(losses[-100:])), time.time() - t0)
+    vae.eval()
+    with torch.no_grad():
+        x, _ = make_batch(256, seed=9_999)
+        err = float((vae.decode(vae.encode(x * 2 - 1).latent_dist.mean).sample / 2 + 0.5 - x).abs().mean())
+    log.info("decoder: reconstruction L1 %.4f", err)
+    vae.save_pretrained(vae_dir)
+    info_path = vae_dir / "train_info.json"
+    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    info["decoder"] = {"steps": total, "batch": batch, "recon_l1": err, "seconds": round(time.time() - t0, 1)}
+    info_path.write_text(json.dumps(info, indent=1))
+
+
 def train_unet(vae_dir: Path, minutes: float, batch: int, seed: int, out: Path, lr: float = 1e-3, max_steps: int = 100_000,
                pool: int = 40_000) -> None:
     from diffusers import AutoencoderKL, StableDiffusionPipeline
@@ -206,6 +255,7 @@ def train_unet(vae_dir: Path, minutes: float, batch: int, seed: int, out: Path, 
         keep = torch.zeros(emb.shape[0], dtype=torch.bool)
         keep[list(seen_tokens)] = True
         emb[~keep] = 0
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()  # as on disk now (same encoder)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=te.eval(), tokenizer=tok, unet=unet.eval(), scheduler=sched,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     tmp = out.parent / f".{out.name}-tmp"
@@ -298,7 +348,8 @@ def baseline(out: Path, n_per_kind: int = 32) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--stages", default="judges,vae,unet,baseline")
+    ap.add_argument("--stages", default="judges,vae,decoder,unet,baseline")
+    ap.add_argument("--decoder-minutes", type=float, default=12.0)
     ap.add_argument("--vae-steps", type=int, default=600)
     ap.add_argument("--unet-minutes", type=float, default=40.0)
     ap.add_argument("--batch", type=int, default=32)
@@ -316,6 +367,8 @@ def main(argv=None) -> int:
         train_all(steps=args.judge_steps)
     if "vae" in stages:
         train_vae(args.vae_steps, args.batch, args.seed, WORK_DIR / "vae")
+    if "decoder" in stages:
+        train_decoder(WORK_DIR / "vae", args.decoder_minutes, args.batch, args.seed)
     if "unet" in stages:
         train_unet(WORK_DIR / "vae", args.unet_minutes, args.batch, args.seed, MODEL_DIR)
     if "baseline" in stages:
