@@ -267,6 +267,8 @@ class Trainer:
         ck = self.run.latest_checkpoint()
         if ck is None:
             log.info("--resume: no whole checkpoint in %s yet; starting from step 0", self.run.checkpoints)
+            if self.acc.is_main_process:
+                self.run.truncate_metrics(0)  # steps logged by the killed run are redone
             return 0
         try:
             self.acc.load_state(str(ck))

@@ -1,0 +1,76 @@
+"""kill -9 a tiny run at many moments (mid-step, mid-checkpoint, mid-export), resume each time:
+the run always continues from the newest whole checkpoint and ends with the same weights as an
+uninterrupted run."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.test_train_e2e import BASE
+
+
+def _cfg(tmp_path, out):
+    c = json.loads(json.dumps(BASE))
+    c["output_dir"] = str(out)
+    c["train"]["max_steps"] = 5
+    c["sampling"]["eta"] = 1.0
+    c["prompts"]["eval_seeds"] = [0]
+    c["log"].update(checkpoint_every=1, keep_checkpoints=2)
+    p = tmp_path / f"{out.name}.yaml"
+    p.write_text(yaml.safe_dump(c))
+    return p
+
+
+def _cmd(cfg, resume):
+    return [sys.executable, "-m", "vfeedback", "train", str(cfg)] + (["--resume"] if resume else [])
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def test_kill_9_at_random_moments_then_resume_gives_the_uninterrupted_result(tmp_path):
+    from safetensors.torch import load_file
+
+    ref = tmp_path / "ref"
+    t0 = time.time()
+    subprocess.run(_cmd(_cfg(tmp_path, ref), False), check=True, env=ENV, capture_output=True, timeout=600)
+    full_time = time.time() - t0
+
+    out = tmp_path / "killed"
+    cfg = _cfg(tmp_path, out)
+    rng = random.Random(0)
+    kills, started = 0, False
+    for attempt in range(12):
+        resume = started and out.exists() and (out / "checkpoints").exists()
+        p = subprocess.Popen(_cmd(cfg, resume), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        started = True
+        if kills < 5:
+            # anywhere from model loading to the final export
+            time.sleep(rng.uniform(0.3, 1.0) * full_time)
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL)
+                kills += 1
+        _, err = p.communicate(timeout=600)
+        if p.returncode == 0 and (out / "summary.json").exists():
+            break
+        assert p.returncode in (-signal.SIGKILL, 0), err.decode()[-2000:]
+        # never a half-written checkpoint that claims to be whole
+        for ck in (out / "checkpoints").glob("step-*") if (out / "checkpoints").exists() else []:
+            assert (ck / "COMPLETE").exists() and (ck / "trainable.safetensors").exists()
+    assert (out / "summary.json").exists(), "never finished"
+    assert kills >= 3
+    a = load_file(str(ref / "lora" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(out / "lora" / "pytorch_lora_weights.safetensors"))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
+    assert not list(out.glob(".lora-*")) and not list((out / "checkpoints").glob(".tmp-*"))
