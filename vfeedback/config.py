@@ -28,6 +28,22 @@ class LoraConfig(Section):
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
 
 
+class IPAdapterConfig(Section):
+    """An IP-Adapter loaded into the pipeline (diffusers' ``load_ip_adapter``) and conditioned on
+    reference image(s) of a face: ID-Aligner's adapter variant (docs/id_aligner.md). The UNet LoRA
+    trains with the adapter in place; the adapter's own weights stay frozen."""
+
+    path: str = Field(..., description="hub id (e.g. h94/IP-Adapter) or local folder holding the adapter; tiny:sd15 / tiny:sdxl: "
+                      "a tiny random adapter in the real format (tests)")
+    subfolder: str = Field("models", description="folder of the weight file inside path (h94/IP-Adapter: models for SD1.5, sdxl_models for SDXL)")
+    weight_name: str = Field("ip-adapter_sd15.safetensors", description="adapter weight file, e.g. ip-adapter-plus-face_sd15.safetensors")
+    image_encoder: str = Field("image_encoder", description="CLIP image encoder: a folder name inside subfolder, a path inside path "
+                               "(with a '/', e.g. models/image_encoder for the ViT-H SDXL face adapters), or a local folder")
+    scale: float = Field(1.0, ge=0, description="IP-Adapter scale (0: the adapter has no effect; 1: full)")
+    reference: list[str] = Field(..., min_length=1, description="image file(s) of the face the adapter is conditioned on "
+                                 "(several: one image token group each, as diffusers does); relative paths: from the current folder, else the config's")
+
+
 class ModelConfig(Section):
     family: Literal["sd15", "sdxl"] = Field(..., description="architecture: sd15 or sdxl")
     path: str = Field(..., description="hub id, local diffusers folder, single checkpoint file, or tiny:sd15 / tiny:sdxl")
@@ -39,6 +55,7 @@ class ModelConfig(Section):
     gradient_checkpointing: bool = Field(True, description="UNet activation checkpointing (saves memory)")
     vae_checkpointing: bool = Field(True, description="checkpoint the VAE decode that rewards backprop through")
     attention: Literal["auto", "sdpa", "xformers"] = Field("auto", description="auto: xformers when installed on CUDA, else PyTorch SDPA")
+    ip_adapter: Optional[IPAdapterConfig] = Field(None, description="optional IP-Adapter conditioned on a reference face (ID-Aligner's adapter variant)")
 
     @field_validator("resolution")
     @classmethod
@@ -296,6 +313,10 @@ class RunConfig(Section):
         lo, hi = self.refl.stop_range
         if self.algorithm in ("refl", "itercomp") and not (0 <= lo <= hi < self.sampling.steps):
             raise ValueError(f"refl.stop_range {list(self.refl.stop_range)} must satisfy 0 <= lo <= hi < sampling.steps ({self.sampling.steps})")
+        # d3po and zo_ranksgd slice / concatenate Conditioning field by field and would drop the
+        # IP-Adapter image embeddings; refl and itercomp go through encode_prompt only
+        if self.model.ip_adapter is not None and self.algorithm not in ("refl", "itercomp"):
+            raise ValueError(f"model.ip_adapter is supported with algorithm refl or itercomp, not {self.algorithm}")
         return self
 
     @model_validator(mode="before")
@@ -397,6 +418,22 @@ def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None) -
         v = getattr(cfg.prompts, field_name)
         if isinstance(v, str) and not Path(v).exists() and (base / v).exists():
             setattr(cfg.prompts, field_name, str(base / v))
+    ip = cfg.model.ip_adapter
+    if ip is not None:  # reference faces must exist and decode before any weight loads
+        from PIL import Image, UnidentifiedImageError
+
+        refs = []
+        for i, r in enumerate(ip.reference):
+            rp = Path(r) if Path(r).exists() or Path(r).is_absolute() else base / r
+            if not rp.is_file():
+                raise UserError(f"model.ip_adapter.reference.{i}: {r}: no such image file")
+            try:
+                with Image.open(rp) as im:
+                    im.verify()
+            except (OSError, UnidentifiedImageError) as e:
+                raise UserError(f"model.ip_adapter.reference.{i}: {rp} is not a readable image ({e})") from None
+            refs.append(str(rp))
+        ip.reference = refs
     return cfg
 
 

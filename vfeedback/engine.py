@@ -140,6 +140,7 @@ class Trainer:
             cfg.model.family, cfg.model.path, resolution=cfg.model.resolution, dtype=torch.float32,
             revision=cfg.model.revision, variant=cfg.model.variant, attention=cfg.model.attention,
             device=self.acc.device, gradient_checkpointing=cfg.model.gradient_checkpointing,
+            ip_adapter=cfg.model.ip_adapter,
         )
         self.method = self.method_cls(cfg, self)  # may keep a frozen reference copy, etc.
         m = self.model

@@ -22,20 +22,37 @@ PIPELINE_CLASS = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLP
 DEFAULT_RESOLUTION = {"sd15": 512, "sdxl": 1024}
 
 
+class AdapterEmbeds(list):
+    """IP-Adapter image embeddings, one tensor per adapter (the list diffusers' UNet takes as
+    ``added_cond_kwargs["image_embeds"]``), with ``.to`` so callers that cast every
+    ``added_cond_kwargs`` value (``sampling.predict_noise``) cast each tensor."""
+
+    def to(self, *args, **kwargs) -> "AdapterEmbeds":
+        return AdapterEmbeds(t.to(*args, **kwargs) for t in self)
+
+
 @dataclass
 class Conditioning:
-    """Text conditioning for one batch: positive and (with CFG) negative, SD1.5 or SDXL."""
+    """Text conditioning for one batch: positive and (with CFG) negative, SD1.5 or SDXL; with an
+    IP-Adapter loaded, also the reference image embeddings."""
 
     embeds: torch.Tensor  # (B, L, D)
     neg_embeds: Optional[torch.Tensor] = None
     pooled: Optional[torch.Tensor] = None  # SDXL: text_encoder_2 projection (B, P)
     neg_pooled: Optional[torch.Tensor] = None
     time_ids: Optional[torch.Tensor] = None  # SDXL: (B, 6)
+    # IP-Adapter: one tensor per adapter, (B, R, D) image embeds of the R reference images (or
+    # (B, R, T, D) encoder hidden states for the Plus / full-face variants); the negatives are what
+    # diffusers' pipelines use for CFG (zeros, or the encoding of a black image for Plus)
+    image_embeds: Optional[list] = None
+    neg_image_embeds: Optional[list] = None
 
     def repeat(self, n: int) -> "Conditioning":
         """Each row repeated n times (B -> B*n), e.g. several images per prompt."""
         r = lambda t: None if t is None else t.repeat_interleave(n, dim=0)
-        return Conditioning(r(self.embeds), r(self.neg_embeds), r(self.pooled), r(self.neg_pooled), r(self.time_ids))
+        rl = lambda ts: None if ts is None else [r(t) for t in ts]
+        return Conditioning(r(self.embeds), r(self.neg_embeds), r(self.pooled), r(self.neg_pooled), r(self.time_ids),
+                            rl(self.image_embeds), rl(self.neg_image_embeds))
 
     def unet_inputs(self, cfg: bool):
         """``encoder_hidden_states`` and ``added_cond_kwargs`` for one UNet call (negatives first)."""
@@ -48,6 +65,9 @@ class Conditioning:
             pooled = torch.cat([self.neg_pooled, self.pooled]) if cfg else self.pooled
             tids = torch.cat([self.time_ids, self.time_ids]) if cfg else self.time_ids
             added = {"text_embeds": pooled, "time_ids": tids}
+        if self.image_embeds is not None:  # IP-Adapter: negatives first, as for the text
+            ims = [torch.cat([n, p]) for n, p in zip(self.neg_image_embeds, self.image_embeds)] if cfg else list(self.image_embeds)
+            added = {**(added or {}), "image_embeds": AdapterEmbeds(ims)}
         return hs, added
 
 
@@ -62,6 +82,9 @@ class DiffusionModel:
     #: the module used for UNet forward calls during training (accelerate's prepared /
     #: DDP-wrapped UNet); None: the pipeline's own UNet
     denoiser: Optional[torch.nn.Module] = None
+    #: IP-Adapter: (positive, negative) reference image embeddings per adapter, batch 1, computed
+    #: once at load (the reference face does not change during training); None: no adapter
+    ip_image_embeds: Optional[list] = None
 
     @property
     def unet(self):
@@ -109,9 +132,18 @@ class DiffusionModel:
             # uncropped at the training resolution, as the pipeline does by default.
             r = self.resolution
             tid = torch.tensor([r, r, 0, 0, r, r], device=dev, dtype=pe.dtype).expand(len(prompts), 6)
-            return Conditioning(pe, npe if cfg else None, pooled, npooled if cfg else None, tid)
+            return self._with_image_embeds(Conditioning(pe, npe if cfg else None, pooled, npooled if cfg else None, tid), cfg)
         pe, npe = self.pipe.encode_prompt(prompts, dev, 1, cfg, neg)
-        return Conditioning(pe, npe if cfg else None)
+        return self._with_image_embeds(Conditioning(pe, npe if cfg else None), cfg)
+
+    def _with_image_embeds(self, cond: Conditioning, cfg: bool) -> Conditioning:
+        """Attach the IP-Adapter reference embeddings, one copy per row (the same face for every prompt)."""
+        if self.ip_image_embeds is None:
+            return cond
+        b = cond.embeds.shape[0]
+        cond.image_embeds = [pos.expand(b, *pos.shape[1:]) for pos, _ in self.ip_image_embeds]
+        cond.neg_image_embeds = [neg.expand(b, *neg.shape[1:]) for _, neg in self.ip_image_embeds] if cfg else None
+        return cond
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -150,11 +182,14 @@ def load_model(
     variant: Optional[str] = None,
     attention: str = "auto",
     gradient_checkpointing: bool = False,
+    ip_adapter=None,
 ) -> DiffusionModel:
     """Load an SD1.5 or SDXL pipeline with a DDIM scheduler; weights frozen.
 
     ``path``: a hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``), a local diffusers
     folder, a single ``.safetensors``/``.ckpt`` file, or ``tiny:sd15`` / ``tiny:sdxl``.
+    ``ip_adapter``: an :class:`~vfeedback.config.IPAdapterConfig` (or the same keys as a dict):
+    load the adapter, set its scale and encode the reference face once (see :func:`_load_ip_adapter`).
     """
     import diffusers
     from diffusers import DDIMScheduler
@@ -209,7 +244,60 @@ def load_model(
         pipe.unet.enable_gradient_checkpointing()
     if resolution is None:
         resolution = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    return DiffusionModel(pipe=pipe, family=family, path=path, resolution=int(resolution))
+    model = DiffusionModel(pipe=pipe, family=family, path=path, resolution=int(resolution))
+    if ip_adapter is not None:
+        # after _set_attention: it replaces every processor, and diffusers builds the IP-Adapter
+        # processors to match the current ones (SDPA or xformers)
+        model.ip_image_embeds = _load_ip_adapter(pipe, ip_adapter, family)
+    return model
+
+
+def _load_ip_adapter(pipe, ip, family: str) -> list:
+    """``pipe.load_ip_adapter`` + ``set_ip_adapter_scale``; returns the reference embeddings.
+
+    The reference images are encoded once with the pipeline's own
+    ``prepare_ip_adapter_image_embeds`` (CLIP image embeds for the basic adapter, penultimate
+    hidden states for Plus / full-face, and the matching CFG negatives), then the image encoder
+    is dropped: training never re-encodes the fixed reference. Every adapter weight (the
+    ``to_k_ip`` / ``to_v_ip`` processors, the image projection) is frozen, so a LoRA added later
+    trains alone (peft's to_k / to_v targets do not match to_k_ip / to_v_ip).
+    """
+    from PIL import Image
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    from .tiny import TINY_IP_WEIGHT, tiny_ip_adapter_path
+
+    ip = ip if isinstance(ip, dict) else ip.model_dump()
+    src, subfolder, weight, enc = ip["path"], ip.get("subfolder", "models"), ip.get("weight_name"), ip.get("image_encoder", "image_encoder")
+    if src.startswith("tiny:"):
+        name = src.split(":", 1)[1]
+        if name != family:
+            raise UserError(f"model.ip_adapter.path: {src} is for {name} but model.family is {family}; use tiny:{family}")
+        src, subfolder, weight, enc = str(tiny_ip_adapter_path(name)), "models", TINY_IP_WEIGHT, "image_encoder"
+    # a local image-encoder folder (anywhere) is loaded here; diffusers only looks inside `path`
+    local_enc = next((d for d in (Path(enc), Path(src) / subfolder / enc, Path(src) / enc) if (d / "config.json").is_file()), None)
+    dev, dtype = pipe.unet.device, pipe.unet.dtype
+    try:
+        if local_enc is not None and getattr(pipe, "image_encoder", None) is None:
+            pipe.register_modules(image_encoder=CLIPVisionModelWithProjection.from_pretrained(local_enc, dtype=dtype).to(dev))
+            if getattr(pipe, "feature_extractor", None) is None and (local_enc / "preprocessor_config.json").is_file():
+                pipe.register_modules(feature_extractor=CLIPImageProcessor.from_pretrained(local_enc))
+        pipe.load_ip_adapter(src, subfolder=subfolder, weight_name=weight, image_encoder_folder=None if local_enc is not None else enc)
+    except (OSError, EnvironmentError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"model.ip_adapter: could not load {weight!r} from {src!r} (subfolder {subfolder!r}, image_encoder {enc!r}): {first}") from None
+    pipe.set_ip_adapter_scale(float(ip.get("scale", 1.0)))
+    refs = []
+    for r in ip["reference"]:
+        with Image.open(r) as im:
+            refs.append(im.convert("RGB"))
+    with torch.no_grad():
+        # one entry per adapter; a list of images for one adapter gives (1, R, ...) embeddings
+        both = pipe.prepare_ip_adapter_image_embeds([refs], None, dev, 1, True)
+    embeds = [tuple(t.chunk(2)[::-1]) for t in both]  # diffusers stacks (negative, positive)
+    pipe.register_modules(image_encoder=None)
+    pipe.unet.requires_grad_(False)  # the new processors / image projection were made trainable
+    return [(pos.detach(), neg.detach()) for pos, neg in embeds]
 
 
 def xformers_usable(device) -> bool:

@@ -203,3 +203,89 @@ def tiny_path(name: str, seed: int = 0) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+# --------------------------------------------------------------------------------------------
+# tiny IP-Adapter (tests and the CPU demo of ID-Aligner's adapter variant, docs/id_aligner.md)
+
+TINY_IP_WEIGHT = "ip-adapter_tiny.safetensors"
+
+
+def write_tiny_ip_adapter(folder, unet_config: dict, seed: int = 0, image_embed_dim: int = 16) -> Path:
+    """Write a tiny, seeded, random IP-Adapter for a UNet, in the layout of ``h94/IP-Adapter``.
+
+    ``folder/models/ip-adapter_tiny.safetensors`` holds the basic IP-Adapter (ImageProjection)
+    with the keys diffusers' ``load_ip_adapter`` reads: ``image_proj.proj.weight/bias``
+    (``(4 * cross_attention_dim, image_embed_dim)``: four image tokens), ``image_proj.norm.weight/bias``
+    and ``ip_adapter.{1,3,5,...}.to_k_ip.weight`` / ``to_v_ip.weight`` (``(hidden, cross_attention_dim)``),
+    one pair per cross-attention processor in ``unet.attn_processors`` order (the odd numbers: the
+    original checkpoints number self- and cross-attention processors together).
+    ``folder/models/image_encoder`` holds a tiny ``CLIPVisionModelWithProjection`` (projection
+    ``image_embed_dim``, 32x32 input) and its ``CLIPImageProcessor``. Returns ``folder``.
+    """
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    folder = Path(folder)
+    models = folder / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    # the processor names and sizes come from the UNet itself (built on the meta device: no weights)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(unet_config)
+    cad = unet.config.cross_attention_dim
+    blocks = list(unet.config.block_out_channels)
+    g = torch.Generator().manual_seed(seed)
+    sd = {
+        "image_proj.proj.weight": torch.randn(4 * cad, image_embed_dim, generator=g) / image_embed_dim**0.5,
+        "image_proj.proj.bias": torch.zeros(4 * cad),
+        "image_proj.norm.weight": torch.ones(cad),
+        "image_proj.norm.bias": torch.zeros(cad),
+    }
+    key_id = 1
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            continue
+        if name.startswith("mid_block"):
+            hidden = blocks[-1]
+        elif name.startswith("up_blocks"):
+            hidden = blocks[::-1][int(name[len("up_blocks.")])]
+        else:
+            hidden = blocks[int(name[len("down_blocks.")])]
+        for kind in ("to_k_ip", "to_v_ip"):
+            sd[f"ip_adapter.{key_id}.{kind}.weight"] = torch.randn(hidden, cad, generator=g) / cad**0.5
+        key_id += 2
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(models / TINY_IP_WEIGHT))
+    torch.manual_seed(seed)
+    enc = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, projection_dim=image_embed_dim, num_hidden_layers=2,
+        num_attention_heads=4, image_size=32, patch_size=8, hidden_act="quick_gelu",
+    ))
+    enc.save_pretrained(models / "image_encoder", safe_serialization=True)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(models / "image_encoder")
+    return folder
+
+
+def tiny_ip_adapter_path(name: str, seed: int = 0) -> Path:
+    """Folder of the tiny IP-Adapter for ``tiny:<name>`` (``sd15`` / ``sdxl``); built on first use."""
+    if name not in BUILDERS:
+        from ..errors import UserError
+
+        raise UserError(f"model.ip_adapter.path: tiny:{name} is not one of {', '.join('tiny:' + n for n in BUILDERS)}")
+    key = hashlib.sha1(f"ip-{name}-{seed}-{TINY_VERSION}".encode()).hexdigest()[:10]
+    folder = cache_root() / "tiny" / f"ip-adapter-{name}-{key}"
+    if (folder / "models" / TINY_IP_WEIGHT).exists():
+        return folder
+    unet_config = json.loads((tiny_path(name, seed) / "unet" / "config.json").read_text())
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".ip-{name}-", dir=folder.parent))
+    try:
+        write_tiny_ip_adapter(tmp, unet_config, seed)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process won the race; its copy is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
