@@ -163,7 +163,7 @@ def test_one_optimizer_step_raises_preferred_and_lowers_rejected(fresh_sd15):
     assert torch.allclose(before, torch.zeros(2), atol=1e-6)  # LoRA B = 0: pi_theta == pi_ref
     opt = torch.optim.SGD(params, lr=5.0)
     mets = {}
-    loss = method._train_on(batch, torch.Generator().manual_seed(0), mets)
+    loss = method._train_on(batch, [torch.Generator().manual_seed(0)], mets, pair_total=len(batch.pairs))
     assert loss.requires_grad is False and loss.item() == pytest.approx(math.log(2), abs=1e-5)
     assert mets["d3po/pairs"] == 1 and mets["d3po/timesteps"] == 4
     assert all(p.grad is not None for p in params) and any(p.grad.abs().sum() > 0 for p in params)
@@ -231,6 +231,6 @@ def test_sdxl_tiny_step(tiny_sdxl):
     method = _method(m, cfg)
     batch = _pair_batch(m, cfg)
     mets = {}
-    loss = method._train_on(batch, torch.Generator().manual_seed(1), mets)
+    loss = method._train_on(batch, [torch.Generator().manual_seed(1)], mets, pair_total=len(batch.pairs))
     assert torch.isfinite(loss) and mets["d3po/timesteps"] == 2  # int(4 * 0.5)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)

@@ -52,3 +52,33 @@ def test_two_process_refl_matches_one_process_with_the_same_global_batch(tmp_pat
     la = [json.loads(l)["loss"] for l in (one / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(l)["loss"] for l in (two / "metrics.jsonl").read_text().splitlines()]
     assert la == pytest.approx(lb, rel=1e-4)
+
+
+def test_two_process_d3po_matches_one_process(tmp_path):
+    from safetensors.torch import load_file
+
+    d3po = {"algorithm": "d3po", "sampling": {"steps": 4, "guidance_scale": 4.0, "eta": 1.0},
+            "d3po": {"group_size": 2, "timestep_fraction": 1.0, "winrate_seeds": [1000]}}
+
+    def cfg(out, batch):
+        c = json.loads(json.dumps(BASE))
+        c.pop("refl")
+        c.update(output_dir=str(out), algorithm="d3po", sampling=d3po["sampling"], d3po=d3po["d3po"])
+        # adam_eps well above the tiny model's gradient noise: Adam's first steps are then linear
+        # in the gradient rather than ~lr * sign(g), where float noise in a ~0 component would
+        # flip a whole lr-sized update
+        c["train"].update(max_steps=2, batch_size=batch, max_grad_norm=None, adam_eps=1e-4)
+        c["prompts"]["eval_seeds"] = [0]
+        p = tmp_path / f"{out.name}.yaml"
+        p.write_text(yaml.safe_dump(c))
+        return p
+
+    one, two = tmp_path / "d1", tmp_path / "d2"
+    _run([str(cfg(one, 2))])
+    _run([str(cfg(two, 1)), "--num-processes", "2"])
+    a = load_file(str(one / "lora" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(two / "lora" / "pytorch_lora_weights.safetensors"))
+    assert any(v.abs().sum() > 0 for k, v in a.items() if "lora.up" in k)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+    assert "heldout_win_rate" in json.loads((two / "summary.json").read_text())

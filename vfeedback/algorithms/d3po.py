@@ -249,11 +249,32 @@ class D3PO:
             batch = self._online_batch(prompts, generators, mets)
         else:
             batch = self._offline_batch(generators, mets)
-        if not batch.pairs:
+        acc = self.trainer.acc
+        P = len(batch.pairs)
+        # the pair count over all processes: each process's loss is scaled by it so that DDP's
+        # gradient average equals the 1-process mean over every pair of the global batch
+        P_all = P
+        if acc.num_processes > 1:
+            P_all = int(acc.reduce(torch.tensor([float(P)], device=acc.device), reduction="sum").item())
+        if P_all == 0:  # every process agrees: nothing to learn from this batch
             mets.update({"d3po/pairs": 0.0})
             return torch.zeros(()), mets
-        loss = self._train_on(batch, step_gen, mets)
+        if P == 0:
+            # other processes will all-reduce gradients: take part with a zero-weight backward
+            self._participate(batch)
+            mets.update({"d3po/pairs": 0.0})
+            return torch.zeros(()), mets
+        loss = self._train_on(batch, generators, mets, pair_total=P_all)
         return loss, mets
+
+    def _participate(self, b) -> None:
+        s, m = self.cfg.sampling, self.trainer.model
+        x = b.traj.to(m.device)
+        t = _timesteps(m, s.steps)[0]
+        with self.trainer.acc.autocast():
+            lp = transition_log_prob(m, _take(b.cond, [0]), x[[0], 0], t, x[[0], 1], num_steps=s.steps,
+                                     guidance_scale=s.guidance_scale, eta=s.eta)
+        self.trainer.acc.backward(lp.float().sum() * 0.0)
 
     def _online_batch(self, prompts, generators, mets) -> _Batch:
         """Sample a group of ``group_size`` images per prompt from one shared x_T with the
@@ -373,7 +394,7 @@ class D3PO:
                             f"this run needs {want} (sampling.steps + 1 latents x_T..x_0 of the model's latent shape)")
         return t.float().to(m.device)
 
-    def _train_on(self, b: _Batch, step_gen: torch.Generator, mets: dict) -> torch.Tensor:
+    def _train_on(self, b: _Batch, generators, mets: dict, pair_total: int) -> torch.Tensor:
         """Per-timestep DPO loss over the pairs of ``b``, backpropagated one timestep at a time."""
         cfg, d, m, acc = self.cfg, self.cfg.d3po, self.trainer.model, self.trainer.acc
         s = cfg.sampling
@@ -383,8 +404,9 @@ class D3PO:
             raise UserError(f"d3po: trajectories have {T} steps but sampling.steps is {s.steps}")
         K = max(1, int(T * d.timestep_fraction))  # the reference's int(num_steps * timestep_fraction)
         n_groups = max(b.group) + 1
-        # one random timestep order per group, shared by all its members (so by every pair)
-        trained = [set(torch.randperm(T, generator=step_gen)[:K].tolist()) for _ in range(n_groups)]
+        # one random timestep order per group, shared by all its members (so by every pair),
+        # drawn from that group's own generator: the same whichever process holds the group
+        trained = [set(torch.randperm(T, generator=generators[gi % len(generators)])[:K].tolist()) for gi in range(n_groups)]
         live_rows = sorted({r for pr in b.pairs for r in pr})
         ks = [k for k in range(T) if any(k in tr for tr in trained)]
         rows_at = {k: [r for r in live_rows if k in trained[b.group[r]]] for k in ks}
@@ -401,7 +423,9 @@ class D3PO:
             for k in ks:
                 ref[rows_at[k], k] = lp(rows_at[k], k).float()
         P = len(b.pairs)
-        scale = 1.0 / (K * P)  # mean over pairs and trained timesteps (see the module docstring)
+        # mean over the global batch's pairs and trained timesteps (see the module docstring);
+        # DDP then averages over processes, hence the num_processes factor
+        scale = acc.num_processes / (K * pair_total)
         total, stats = 0.0, {"acc": [], "lr_w": [], "lr_l": [], "clip": []}
         no_sync = getattr(acc, "no_sync", None)
         for n, k in enumerate(ks):
