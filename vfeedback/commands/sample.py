@@ -33,13 +33,14 @@ def run(args) -> int:
     from ..rundir import save_grid
     from ..sampling import sample
 
-    steps, gs, eta, family, path, res = 40, 7.5, 0.0, args.family, args.model, None
+    steps, gs, eta, family, path, res, ip = 40, 7.5, 0.0, args.family, args.model, None, None
     if args.config:
         cfg = load_config(args.config)
         steps, gs, eta = cfg.sampling.steps, cfg.sampling.guidance_scale, cfg.sampling.eta
         family = family or cfg.model.family
         path = path or cfg.model.path
         res = cfg.model.resolution
+        ip = cfg.model.ip_adapter if not args.model else None  # the adapter the LoRA was trained with
     if not path:
         raise UserError("sample: give --model or --config")
     if family is None:
@@ -52,7 +53,7 @@ def run(args) -> int:
     except ValueError:
         raise UserError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = load_model(family, path, resolution=res, device=device)
+    model = load_model(family, path, resolution=res, device=device, ip_adapter=ip)
     if args.lora:
         load_lora_into(model, args.lora)
     out = Path(args.out)
