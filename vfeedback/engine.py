@@ -69,30 +69,6 @@ class Trainer:
         self.config_source = config_source
 
     # ------------------------------------------------------------------ set-up
-    def _check_resume_config(self) -> None:
-        import yaml
-
-        if not self.run.config.exists():
-            return
-        old = yaml.safe_load(self.run.config.read_text())
-        new = yaml.safe_load(dump_config(self.cfg))
-        allowed = {"train.max_steps", "log"}
-        diffs = []
-
-        def walk(a, b, path=""):
-            if isinstance(a, dict) and isinstance(b, dict):
-                for k in set(a) | set(b):
-                    walk(a.get(k), b.get(k), f"{path}.{k}" if path else k)
-            elif a != b and not any(path == x or path.startswith(x + ".") for x in allowed):
-                diffs.append(f"{path}: {a!r} -> {b!r}")
-
-        walk(old, new)
-        if diffs:
-            raise UserError(
-                f"--resume: the config differs from the run's saved {self.run.config} in fields that cannot change mid-run:\n  "
-                + "\n  ".join(sorted(diffs)) + "\n(only train.max_steps and log.* may change; start a new output_dir otherwise)"
-            )
-
     def setup(self) -> None:
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration, set_seed
@@ -113,7 +89,7 @@ class Trainer:
         if os.environ.get("RANK", "0") == "0":
             self.run.prepare(self.resume)
             if self.resume:
-                self._check_resume_config()
+                self.run.check_resume_config(cfg, ("train.max_steps", "log"))
 
         cpu = cfg.train.device == "cpu" or not torch.cuda.is_available()
         mp = resolve_mixed_precision(cfg.train.mixed_precision, "cpu" if cpu else "cuda")

@@ -124,6 +124,34 @@ class RunDir:
             if p.name.startswith(".tmp-"):
                 shutil.rmtree(p, ignore_errors=True)
 
+    def check_resume_config(self, cfg, resumable: tuple[str, ...]) -> None:
+        """Refuse ``--resume`` when the config differs from the saved one in a field outside
+        ``resumable`` (dotted prefixes such as ``train.max_steps`` or ``log``), listing each."""
+        import yaml
+
+        from .config import dump_config
+
+        if not self.config.exists():
+            return
+        old = yaml.safe_load(self.config.read_text())
+        new = yaml.safe_load(dump_config(cfg))
+        diffs: list[str] = []
+
+        def walk(a, b, path=""):
+            if isinstance(a, dict) and isinstance(b, dict):
+                for k in sorted(set(a) | set(b)):
+                    walk(a.get(k), b.get(k), f"{path}.{k}" if path else k)
+            elif a != b and not any(path == x or path.startswith(x + ".") for x in resumable):
+                diffs.append(f"{path}: {a!r} -> {b!r}")
+
+        walk(old, new)
+        if diffs:
+            allowed = " and ".join(x if "." in x else f"{x}.*" for x in resumable)
+            raise UserError(
+                f"--resume: the config differs from the run's saved {self.config} in fields that cannot change mid-run:\n  "
+                + "\n  ".join(diffs) + f"\n(only {allowed} may change; start a new output_dir otherwise)"
+            )
+
     def write_summary(self, summary: dict) -> None:
         atomic_write(self.summary, json.dumps(summary, indent=2, default=_json_default) + "\n")
 

@@ -107,27 +107,13 @@ class IterCompRun:
         except rewards.RewardError as e:
             raise UserError(f"itercomp: {e}") from None
 
-    def check_resume_config(self) -> None:
-        import yaml
-
-        if not self.run_dir.config.exists():
-            return
-        old = yaml.safe_load(self.run_dir.config.read_text())
-        new = yaml.safe_load(dump_config(self.cfg))
-        for k in ("log",):
-            old.pop(k, None), new.pop(k, None)
-        old.get("itercomp", {}).pop("iterations", None)
-        new.get("itercomp", {}).pop("iterations", None)
-        if old != new:
-            raise UserError(f"--resume: the config differs from the run's saved {self.run_dir.config} (only itercomp.iterations and log.* may change); start a new output_dir")
-
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict:
         t0 = time.time()
         self.check_inputs()
         self.run_dir.prepare(self.resume)
         if self.resume:
-            self.check_resume_config()
+            self.run_dir.check_resume_config(self.cfg, ("itercomp.iterations", "log"))
         atomic_write(self.run_dir.config, dump_config(self.cfg))
         records = []
         offset = 0.0

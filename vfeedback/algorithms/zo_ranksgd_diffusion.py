@@ -512,33 +512,6 @@ def load_model_for(cfg):
 RESUMABLE = ("zo_ranksgd.rounds", "log")
 
 
-def _check_resume_config(run, cfg) -> None:
-    import yaml
-
-    from ..config import dump_config
-    from ..errors import UserError
-
-    if not run.config.exists():
-        return
-    old = yaml.safe_load(run.config.read_text())
-    new = yaml.safe_load(dump_config(cfg))
-    diffs = []
-
-    def walk(a, b, path=""):
-        if isinstance(a, dict) and isinstance(b, dict):
-            for k in sorted(set(a) | set(b)):
-                walk(a.get(k), b.get(k), f"{path}.{k}" if path else k)
-        elif a != b and not any(path == x or path.startswith(x + ".") for x in RESUMABLE):
-            diffs.append(f"{path}: {a!r} -> {b!r}")
-
-    walk(old, new)
-    if diffs:
-        raise UserError(
-            f"--resume: the config differs from the run's saved {run.config} in fields that cannot change mid-run:\n  "
-            + "\n  ".join(diffs) + "\n(only zo_ranksgd.rounds and log.* may change; start a new output_dir otherwise)"
-        )
-
-
 class ZORankSGDMethod:
     """``algorithm: zo_ranksgd`` for ``vfeedback train``: runs its own loop (no gradients)."""
 
@@ -571,7 +544,7 @@ class _Run:
         reward = rewards.combine(specs, normalize=cfg.reward.normalize)  # fails fast, before the model loads
         rd.prepare(self.resume)
         if self.resume:
-            _check_resume_config(rd, cfg)
+            rd.check_resume_config(cfg, RESUMABLE)
         atomic_write(rd.config, dump_config(cfg))
         model = load_model_for(cfg)
         reward = reward.to(model.device).eval()
