@@ -174,12 +174,14 @@ class GridJudge(nn.Module):
         pooled = torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1)
         counts = self.count(pooled).view(-1, N_CATEGORIES, MAX_COUNT + 1)
         logits = self.where(h).flatten(2)  # (B, K, 64)
-        g = h.shape[-1]
-        p = logits.softmax(-1)
-        coords = (torch.arange(g, device=x.device, dtype=p.dtype) + 0.5) / g
-        cy = (p.view(-1, N_CATEGORIES, g, g).sum(3) * coords).sum(-1)
-        cx = (p.view(-1, N_CATEGORIES, g, g).sum(2) * coords).sum(-1)
-        return counts, torch.stack([cx, cy], -1), logits
+        return counts, _soft_centres(logits, h.shape[-1]), logits
+
+
+def _soft_centres(logits: torch.Tensor, g: int) -> torch.Tensor:
+    """(B, K, g*g) logits over a g x g grid -> expected (x, y) in [0, 1], shape (B, K, 2)."""
+    p = logits.softmax(-1).view(*logits.shape[:2], g, g)
+    coords = (torch.arange(g, device=logits.device, dtype=p.dtype) + 0.5) / g
+    return torch.stack([(p.sum(2) * coords).sum(-1), (p.sum(3) * coords).sum(-1)], -1)
 
 
 class _Res(nn.Module):
@@ -192,8 +194,9 @@ class _Res(nn.Module):
 
 
 class ResJudge(nn.Module):
-    """Residual net with BatchNorm, 5x5 stem and max-pool downsampling; counts and centres
-    regressed from the flattened 4x4 map (the held-out judge's architecture)."""
+    """Residual net with BatchNorm, ReLU, a 5x5 stem and max-pool downsampling (the held-out
+    judge's architecture); counts from pooled features through a wider MLP, centres from a
+    separate 3x3 conv head over the 8x8 map."""
 
     def __init__(self, width: int = 24):
         super().__init__()
@@ -201,19 +204,18 @@ class ResJudge(nn.Module):
         self.body = nn.Sequential(
             nn.Conv2d(3, w, 5, 1, 2), _Res(w), nn.MaxPool2d(2),
             nn.Conv2d(w, 2 * w, 3, 1, 1), _Res(2 * w), nn.MaxPool2d(2),
-            nn.Conv2d(2 * w, 4 * w, 3, 1, 1), _Res(4 * w), nn.MaxPool2d(2),
-            nn.Conv2d(4 * w, 4 * w, 3, 1, 1), _Res(4 * w), nn.BatchNorm2d(4 * w), nn.ReLU(),
+            nn.Conv2d(2 * w, 4 * w, 3, 1, 1), _Res(4 * w), _Res(4 * w), nn.BatchNorm2d(4 * w), nn.ReLU(),
         )
-        f = 4 * w * 16
-        self.trunk = nn.Sequential(nn.Flatten(), nn.Linear(f, 384), nn.ReLU())
-        self.count = nn.Linear(384, N_CATEGORIES * (MAX_COUNT + 1))
-        self.where = nn.Linear(384, N_CATEGORIES * 2)
+        f = 4 * w
+        self.count = nn.Sequential(nn.Linear(2 * f, 384), nn.ReLU(), nn.Linear(384, N_CATEGORIES * (MAX_COUNT + 1)))
+        self.where = nn.Sequential(nn.Conv2d(f, f, 3, 1, 1), nn.ReLU(), nn.Conv2d(f, N_CATEGORIES, 1))
 
     def forward(self, x):
-        z = self.trunk(self.body(x))
-        counts = self.count(z).view(-1, N_CATEGORIES, MAX_COUNT + 1)
-        coords = self.where(z).view(-1, N_CATEGORIES, 2).sigmoid()
-        return counts, coords, None
+        h = self.body(x)  # (B, f, 8, 8)
+        pooled = torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1)
+        counts = self.count(pooled).view(-1, N_CATEGORIES, MAX_COUNT + 1)
+        logits = self.where(h).flatten(2)
+        return counts, _soft_centres(logits, h.shape[-1]), logits
 
 
 ARCHS = {"grid": GridJudge, "res": ResJudge}

@@ -36,7 +36,7 @@ JUDGES = {
     "judge": dict(arch="grid", kwargs={"width": 32}, seed=1, data_seed=100_000_000, free_frac=0.5,
                   blur=1.0, noise=0.06, gain=0.10, steps=1000, batch=64, lr=2e-3, focus_steps=300),
     "judge_heldout": dict(arch="res", kwargs={"width": 24}, seed=2, data_seed=300_000_000, free_frac=0.35,
-                          blur=0.8, noise=0.08, gain=0.12, steps=600, batch=64, lr=2e-3, focus_steps=300),
+                          blur=0.8, noise=0.08, gain=0.12, steps=700, batch=64, lr=2e-3, focus_steps=200),
 }
 GRID = 8
 

@@ -16,6 +16,8 @@ Stages (each reads what the previous ones wrote):
   10% caption dropout for classifier-free guidance, EMA weights), for a wall-clock budget:
   the step count is fixed after timing the first steps, so the cosine schedule ends on time.
   The pipeline is written with ``save_pretrained`` to ``vfeedback/assets/tiny-shapes``.
+- ``unet_more``: training continued from the saved pipeline (fresh optimizer, half the
+  learning rate, a new pool of scenes), for another wall-clock budget.
 - ``baseline``: the shipped model sampled on a fixed, seeded prompt set and scored by both
   judges; written to ``vfeedback/assets/tiny-shapes/base_rate.json`` (tests compare to it).
 """
@@ -179,7 +181,9 @@ def train_decoder(vae_dir: Path, minutes: float, batch: int, seed: int, lr: floa
 
 
 def train_unet(vae_dir: Path, minutes: float, batch: int, seed: int, out: Path, lr: float = 1e-3, max_steps: int = 100_000,
-               pool: int = 40_000) -> None:
+               pool: int = 40_000, resume: bool = False, pool_seed: int = 20_000_000) -> None:
+    """Train the UNet and text encoder (from scratch, or with ``resume`` from the pipeline in
+    ``out``: a fresh optimizer, schedule and scene pool) and save the pipeline to ``out``."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline
 
     from ..models.tiny import _scheduler
@@ -190,6 +194,16 @@ def train_unet(vae_dir: Path, minutes: float, batch: int, seed: int, out: Path, 
     te, tok = build_text(seed)
     torch.manual_seed(seed + 1)
     unet = build_unet()
+    prev_info = None
+    if resume:
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        unet = UNet2DConditionModel.from_pretrained(out / "unet", torch_dtype=torch.float32)
+        te = CLIPTextModel.from_pretrained(out / "text_encoder", torch_dtype=torch.float32)
+        prev_info = json.loads((out / "train_info.json").read_text()) if (out / "train_info.json").exists() else None
+    unet.train()
+    te.train()
     sched = _scheduler()
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
@@ -202,7 +216,7 @@ def train_unet(vae_dir: Path, minutes: float, batch: int, seed: int, out: Path, 
     lat, caps_pool = [], []
     with torch.no_grad():
         for s in range(0, pool, 500):
-            x, scenes = make_batch(min(500, pool - s), seed=20_000_000 + s)
+            x, scenes = make_batch(min(500, pool - s), seed=pool_seed + s)
             lat.append(torch.cat([vae.encode(x[i:i + 100] * 2 - 1).latent_dist.mean for i in range(0, len(x), 100)]) * sf)
             caps_pool += [sc.caption for sc in scenes]
     lat = torch.cat(lat)
@@ -217,7 +231,7 @@ def train_unet(vae_dir: Path, minutes: float, batch: int, seed: int, out: Path, 
     losses = []
     while step < total:
         for g in opt.param_groups:
-            g["lr"] = lr * _cosine(step, total, 200)
+            g["lr"] = lr * _cosine(step, total, 50 if resume else 200)
         idx = torch.from_numpy(rng.integers(0, pool, batch))
         z = lat[idx]
         ids = ids_pool[idx].clone()
@@ -261,12 +275,15 @@ def train_unet(vae_dir: Path, minutes: float, batch: int, seed: int, out: Path, 
     tmp = out.parent / f".{out.name}-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
-    (tmp / "train_info.json").write_text(json.dumps({
+    info = {
         "unet_steps": total, "batch": batch, "lr": lr, "seconds": round(time.time() - t0, 1),
         "final_loss": float(np.mean(losses[-200:])), "threads": torch.get_num_threads(),
         "vae": json.loads((vae_dir / "train_info.json").read_text()) if (vae_dir / "train_info.json").exists() else None,
-        "weights_dtype": "float16", "seed": seed,
-    }, indent=1))
+        "weights_dtype": "float16", "seed": seed, "pool": pool, "pool_seed": pool_seed,
+    }
+    if resume:
+        info = dict(prev_info or {}, continued={k: info[k] for k in ("unet_steps", "batch", "lr", "seconds", "final_loss", "pool", "pool_seed")})
+    (tmp / "train_info.json").write_text(json.dumps(info, indent=1))
     if (out / "base_rate.json").exists():
         (out / "base_rate.json").unlink()
     shutil.rmtree(out, ignore_errors=True)
@@ -348,8 +365,9 @@ def baseline(out: Path, n_per_kind: int = 32) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--stages", default="judges,vae,decoder,unet,baseline")
-    ap.add_argument("--decoder-minutes", type=float, default=12.0)
+    ap.add_argument("--stages", default="judges,vae,decoder,unet,unet_more,baseline")
+    ap.add_argument("--unet-more-minutes", type=float, default=20.0)
+    ap.add_argument("--decoder-minutes", type=float, default=15.0)
     ap.add_argument("--vae-steps", type=int, default=600)
     ap.add_argument("--unet-minutes", type=float, default=40.0)
     ap.add_argument("--batch", type=int, default=32)
@@ -371,6 +389,9 @@ def main(argv=None) -> int:
         train_decoder(WORK_DIR / "vae", args.decoder_minutes, args.batch, args.seed)
     if "unet" in stages:
         train_unet(WORK_DIR / "vae", args.unet_minutes, args.batch, args.seed, MODEL_DIR)
+    if "unet_more" in stages:
+        train_unet(WORK_DIR / "vae", args.unet_more_minutes, args.batch, args.seed + 1, MODEL_DIR, lr=5e-4, pool=30_000,
+                   resume=True, pool_seed=21_000_000)
     if "baseline" in stages:
         baseline(MODEL_DIR)
     return 0
