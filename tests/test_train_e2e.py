@@ -46,7 +46,7 @@ def _lora(out):
 
 def test_train_sd15_writes_the_run_folder_and_a_loadable_lora(tmp_path, capsys):
     out = tmp_path / "run"
-    cfg = write_cfg(tmp_path, out, **{"log.checkpoint_every": 2})
+    cfg = write_cfg(tmp_path, out, **{"log.checkpoint_every": 2}, eval_rewards=[{"name": "brightness"}])
     assert main(["train", str(cfg)]) == 0
     names = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
     assert names == ["checkpoints", "config.yaml", "lora", "metrics.jsonl", "samples", "summary.json"]
@@ -55,6 +55,7 @@ def test_train_sd15_writes_the_run_folder_and_a_loadable_lora(tmp_path, capsys):
     assert all(0 <= r["reward_mean"] <= 1 and r["loss"] > 0 for r in recs)
     s = json.loads((out / "summary.json").read_text())
     assert s["algorithm"] == "refl" and s["steps"] == 3 and s["eval_reward_before"] is not None and s["eval_reward_after"] is not None
+    assert 0 < s["eval_brightness_before"] < 1 and 0 < s["eval_brightness_after"] < 1  # held-out eval scorer
     for f in ("step-000000.png", "step-000003.png", "before_after.png", "reward_curve.png"):
         assert (out / "samples" / f).stat().st_size > 0
     cks = sorted(p.name for p in (out / "checkpoints").iterdir())

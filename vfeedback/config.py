@@ -303,6 +303,7 @@ class RunConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     refl: ReflConfig = Field(default_factory=ReflConfig)
+    eval_rewards: list[RewardSpec] = Field(default_factory=list, description="extra scorers for the eval grids only (never trained on), e.g. a held-out judge; their before/after means land in summary.json")
     zo_ranksgd: ZORankSGDSection = Field(default_factory=ZORankSGDSection, description="ZO-RankSGD settings (algorithm: zo_ranksgd)")
     d3po: D3POConfig = Field(default_factory=D3POConfig, description="D3PO settings (algorithm: d3po)")
     itercomp: IterCompSection = Field(default_factory=IterCompSection, description="IterComp settings (algorithm: itercomp)")

@@ -79,6 +79,9 @@ class Trainer:
         specs = [dict(name=r.name, weight=r.weight, **r.options) for r in cfg.reward.rewards]
         # build the reward before any diffusion weight loads: a bad reward option fails fast
         self.reward = rewards.combine(specs, normalize=cfg.reward.normalize)
+        # held-out scorers for evaluation only (reward hacking shows as the training reward
+        # rising while these do not)
+        self.eval_rewards = {spec.name: rewards.load(spec.name, **spec.options) for spec in cfg.eval_rewards}
         if not self.reward.differentiable and self.method_needs_gradient_reward():
             raise UserError(f"reward: {self.reward.name} is not differentiable; {cfg.algorithm} backpropagates through the reward (use d3po or zo_ranksgd for black-box rewards)")
         check = getattr(self.method_cls, "check_config", None)
@@ -145,9 +148,10 @@ class Trainer:
         self.acc.register_load_state_pre_hook(self._load_hook)
         unet, self.optimizer, self.lr_scheduler = self.acc.prepare(m.unet, self.optimizer, self.lr_scheduler)
         m.denoiser = unet
-        self.reward.to(self.acc.device)
-        self.reward.requires_grad_(False)
-        self.reward.eval()
+        for r in [self.reward, *self.eval_rewards.values()]:
+            r.to(self.acc.device)
+            r.requires_grad_(False)
+            r.eval()
         if trackers and self.acc.is_main_process:
             self.acc.init_trackers("vfeedback", config=_flat_scalars(json.loads(self.cfg.model_dump_json())))
         log.info("device %s, mixed precision %s, %d processes, %d trainable parameters", self.acc.device, mp,
@@ -275,7 +279,7 @@ class Trainer:
         from .sampling import sample
 
         cfg, m = self.cfg, self.model
-        images, caps, scores = [], [], []
+        images, caps, scores, extra = [], [], [], {}
         den, m.denoiser = m.denoiser, None  # unwrapped UNet: no DDP collective in eval
         try:
             for seed in cfg.prompts.eval_seeds:
@@ -285,6 +289,8 @@ class Trainer:
                     out = sample(m, cond, num_steps=cfg.sampling.steps, guidance_scale=cfg.sampling.guidance_scale,
                                  eta=cfg.sampling.eta, generator=gens)
                 r = self.reward(out.images.float(), self.eval_prompts).float().cpu()
+                for name, er in self.eval_rewards.items():
+                    extra.setdefault(name, []).extend(er(out.images.float(), self.eval_prompts).float().cpu().tolist())
                 images.append(out.images.float().cpu())
                 scores.extend(r.tolist())
                 caps.extend(f"{p} | {v:.3f}" for p, v in zip(self.eval_prompts, r.tolist()))
@@ -295,8 +301,13 @@ class Trainer:
         if self.acc.is_main_process:
             save_grid(torch.cat(images), self.run.samples / f"step-{step:06d}.png", captions=caps, ncol=len(self.eval_prompts),
                       row_labels=[f"seed {s}" for s in cfg.prompts.eval_seeds])
-        self.evals = [e for e in self.evals if e["step"] != step] + [{"step": step, "eval_reward": mean}]
-        log.info("eval at step %d: reward %.4f", step, mean)
+        rec = {"step": step, "eval_reward": mean}
+        for name, vals in extra.items():
+            f = [v for v in vals if math.isfinite(v)]
+            rec[f"eval/{name}"] = sum(f) / len(f) if f else float("nan")
+        self.evals = [e for e in self.evals if e["step"] != step] + [rec]
+        log.info("eval at step %d: reward %.4f%s", step, mean,
+                 "".join(f", {k[5:]} {v:.4f}" for k, v in rec.items() if k.startswith("eval/")))
         return mean
 
     # ------------------------------------------------------------------ loop
@@ -457,6 +468,11 @@ class Trainer:
             "num_processes": self.acc.num_processes,
             "lora": str(self.run.lora) if self.cfg.model.finetune == "lora" else None,
         }
+        first = next((e for e in evals if e["step"] == 0), {})
+        last = next((e for e in evals if e["step"] == final), {})
+        for name in self.eval_rewards:
+            summary[f"eval_{name}_before"] = first.get(f"eval/{name}")
+            summary[f"eval_{name}_after"] = last.get(f"eval/{name}")
         summary.update(getattr(self.method, "summary_extra", lambda: {})())
         if self.acc.is_main_process:
             self.run.write_summary(summary)
