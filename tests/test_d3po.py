@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vfeedback.algorithms.d3po import D3PO, _Batch, _take, d3po_loss, sample_items
+from vfeedback.algorithms.d3po import D3PO, _Batch, _cat, _take, d3po_loss, sample_items
 from vfeedback.config import RunConfig
 from vfeedback.errors import UserError
 from vfeedback.feedback.preferences import PreferenceItem, load_preferences, pairs_from_ranks
@@ -234,3 +234,22 @@ def test_sdxl_tiny_step(tiny_sdxl):
     loss = method._train_on(batch, [torch.Generator().manual_seed(1)], mets, pair_total=len(batch.pairs))
     assert torch.isfinite(loss) and mets["d3po/timesteps"] == 2  # int(4 * 0.5)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+
+
+def test_a_group_of_ties_beside_a_labelled_group_trains_only_the_labelled_one(fresh_sd15):
+    """A group whose pairs were all ties has no pair; its timesteps must not be visited with an
+    empty batch (regression: a UNet call on 0 rows crashed with the shapes judge, which ties a lot)."""
+    from vfeedback.models import add_lora
+
+    m = fresh_sd15
+    add_lora(m, 4, None, LORA_TARGETS)
+    cfg = _cfg(ratio_clip=None)
+    cfg.d3po.timestep_fraction = 0.5
+    method = _method(m, cfg)
+    b = _pair_batch(m, cfg)
+    two = _Batch(_cat([b.cond, b.cond]), torch.cat([b.traj, b.traj]), [0, 0, 1, 1], [(0, 1)])  # group 1: ties only
+    mets = {}
+    # generators whose permutations give the two groups different halves of the timesteps
+    loss = method._train_on(two, [torch.Generator().manual_seed(0), torch.Generator().manual_seed(3)], mets, pair_total=1)
+    assert torch.isfinite(loss) and mets["d3po/pairs"] == 1
+    assert mets["d3po/timesteps"] == 2  # only group 0's half of the 4 steps

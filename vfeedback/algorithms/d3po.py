@@ -408,8 +408,9 @@ class D3PO:
         # drawn from that group's own generator: the same whichever process holds the group
         trained = [set(torch.randperm(T, generator=generators[gi % len(generators)])[:K].tolist()) for gi in range(n_groups)]
         live_rows = sorted({r for pr in b.pairs for r in pr})
-        ks = [k for k in range(T) if any(k in tr for tr in trained)]
-        rows_at = {k: [r for r in live_rows if k in trained[b.group[r]]] for k in ks}
+        # timesteps trained by at least one group that has a pair (a group of ties has none)
+        rows_at = {k: [r for r in live_rows if k in trained[b.group[r]]] for k in range(T)}
+        ks = [k for k in range(T) if rows_at[k]]
         pairs_at = {k: [(w, l) for w, l in b.pairs if k in trained[b.group[w]]] for k in ks}
         x = b.traj.to(m.device)
 
