@@ -22,38 +22,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
 
-
-class TinyArcFace(torch.nn.Module):
-    """ArcFace-shaped: (N, 3, 112, 112) -> (N, 512), conv/BN/PReLU like the iresnet stem."""
-
-    def __init__(self):
-        super().__init__()
-        n = torch.nn
-        self.body = n.Sequential(
-            n.Conv2d(3, 8, 3, 2, 1), n.BatchNorm2d(8), n.PReLU(8),
-            n.Conv2d(8, 16, 3, 2, 1), n.BatchNorm2d(16), n.PReLU(16),
-            n.AdaptiveAvgPool2d(4), n.Flatten(), n.Linear(256, 512), n.BatchNorm1d(512),
-        )  # fmt: skip
-
-    def forward(self, x):
-        return self.body(x)
-
-
-def write_tiny_arcface(path: Path, seed: int = 0) -> Path:
-    """Export a seeded :class:`TinyArcFace` to ONNX at ``path`` (dynamic batch, opset 17)."""
-    torch.manual_seed(seed)
-    net = TinyArcFace().eval()
-    with torch.no_grad():  # non-trivial BN statistics, as a trained network has
-        for m in net.modules():
-            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(net, (torch.randn(1, 3, 112, 112),), str(path), dynamo=False, input_names=["input.1"],
-                      output_names=["embedding"], dynamic_axes={"input.1": {0: "N"}, "embedding": {0: "N"}}, opset_version=17)
-    return path
+from vfeedback.models.tiny_face import write_tiny_arcface
 
 
 def write_photos(folder: Path) -> dict[str, Path]:

@@ -222,22 +222,6 @@ def test_norm_crop_matches_insightface_alignment():
 # insightface path: tiny ArcFace-shaped recogniser + fake SCRFD, exported to ONNX here
 
 
-class TinyArcFace(torch.nn.Module):
-    """ArcFace-shaped: (N, 3, 112, 112) normalised (255 x - 127.5) / 127.5 -> 512-d (BN'd) features."""
-
-    def __init__(self):
-        super().__init__()
-        n = torch.nn
-        self.body = n.Sequential(
-            n.Conv2d(3, 8, 3, 2, 1), n.BatchNorm2d(8), n.PReLU(8),
-            n.Conv2d(8, 16, 3, 2, 1), n.BatchNorm2d(16), n.PReLU(16),
-            n.AdaptiveAvgPool2d(4), n.Flatten(), n.Linear(256, 512), n.BatchNorm1d(512),
-        )  # fmt: skip
-
-    def forward(self, x):
-        return self.body(x)
-
-
 class FakeSCRFD(torch.nn.Module):
     """SCRFD-shaped (9 outputs: scores / box distances / keypoint distances at strides 8, 16, 32,
     2 anchors each) returning one fixed detection: enough to exercise decoding and letterboxing."""
@@ -285,13 +269,9 @@ def insightface_pack(tmp_path_factory, photos):
 
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     d = tmp_path_factory.mktemp("buffalo_tiny")
-    torch.manual_seed(0)
-    arc = TinyArcFace()
-    with torch.no_grad():  # non-trivial BN statistics
-        for m in arc.modules():
-            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
+    from vfeedback.models.tiny_face import tiny_arcface
+
+    arc = tiny_arcface(0)  # ArcFace-shaped, (255 x - 127.5) / 127.5 input -> 512-d BN'd features
     _export(arc, d / "w600k_tiny.onnx", (1, 3, 112, 112))
     # a decoy like genderage.onnx (96x96 input) that the router must ignore
     decoy = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 3))
