@@ -314,10 +314,6 @@ class RunConfig(Section):
         lo, hi = self.refl.stop_range
         if self.algorithm in ("refl", "itercomp") and not (0 <= lo <= hi < self.sampling.steps):
             raise ValueError(f"refl.stop_range {list(self.refl.stop_range)} must satisfy 0 <= lo <= hi < sampling.steps ({self.sampling.steps})")
-        # d3po and zo_ranksgd slice / concatenate Conditioning field by field and would drop the
-        # IP-Adapter image embeddings; refl and itercomp go through encode_prompt only
-        if self.model.ip_adapter is not None and self.algorithm not in ("refl", "itercomp"):
-            raise ValueError(f"model.ip_adapter is supported with algorithm refl or itercomp, not {self.algorithm}")
         return self
 
     @model_validator(mode="before")

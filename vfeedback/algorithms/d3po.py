@@ -82,14 +82,14 @@ def d3po_loss(logp_w: torch.Tensor, ref_w: torch.Tensor, logp_l: torch.Tensor, r
 
 
 # --------------------------------------------------------------------------------- helpers
+# Conditioning.take / .cat carry every field, the IP-Adapter reference image embeddings
+# included, so the trajectories and both log-probs (policy and frozen reference) see the same face
 def _take(cond: Conditioning, idx) -> Conditioning:
-    t = lambda x: None if x is None else x[idx]
-    return Conditioning(t(cond.embeds), t(cond.neg_embeds), t(cond.pooled), t(cond.neg_pooled), t(cond.time_ids))
+    return cond.take(idx)
 
 
 def _cat(conds: Sequence[Conditioning]) -> Conditioning:
-    c = lambda name: None if getattr(conds[0], name) is None else torch.cat([getattr(x, name) for x in conds])
-    return Conditioning(c("embeds"), c("neg_embeds"), c("pooled"), c("neg_pooled"), c("time_ids"))
+    return Conditioning.cat(conds)
 
 
 def group_seeds(generator: torch.Generator, group_size: int) -> tuple[int, list[int]]:

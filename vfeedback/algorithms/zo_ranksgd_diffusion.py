@@ -131,16 +131,13 @@ def _cond_rows(cond, idx: Sequence[int]):
     """The rows ``idx`` of a Conditioning."""
     from ..models.loader import Conditioning
 
-    t = torch.as_tensor(list(idx), dtype=torch.long)
-    pick = lambda v: None if v is None else v[t.to(v.device)]
-    return Conditioning(pick(cond.embeds), pick(cond.neg_embeds), pick(cond.pooled), pick(cond.neg_pooled), pick(cond.time_ids))
+    return Conditioning.take(cond, idx)  # every field, IP-Adapter image embeddings included
 
 
 def _cat_cond(conds):
     from ..models.loader import Conditioning
 
-    cat = lambda name: None if getattr(conds[0], name) is None else torch.cat([getattr(c, name) for c in conds])
-    return Conditioning(cat("embeds"), cat("neg_embeds"), cat("pooled"), cat("neg_pooled"), cat("time_ids"))
+    return Conditioning.cat(conds)
 
 
 class LatentTarget(_Target):
@@ -217,7 +214,9 @@ class PromptEmbeddingTarget(_Target):
             n = pts.shape[0]
             emb = pts.to(self.model.device, b.embeds.dtype).repeat_interleave(k, dim=0)
             rep = lambda v: None if v is None else v.repeat(n * k, *([1] * (v.ndim - 1)))
-            cond = Conditioning(emb, rep(b.neg_embeds), rep(b.pooled), rep(b.neg_pooled), rep(b.time_ids))
+            repl = lambda vs: None if vs is None else [rep(v) for v in vs]
+            cond = Conditioning(emb, rep(b.neg_embeds), rep(b.pooled), rep(b.neg_pooled), rep(b.time_ids),
+                                repl(b.image_embeds), repl(b.neg_image_embeds))
             lat = self.latents.repeat(n, 1, 1, 1).to(self.model.device)
             out.append(self._sample(cond, lat))
         imgs = torch.cat(out)
@@ -502,7 +501,8 @@ def load_model_for(cfg):
     mp = resolve_mixed_precision(cfg.train.mixed_precision, device.type)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mp, torch.float32)
     return load_model(cfg.model.family, cfg.model.path, resolution=cfg.model.resolution, dtype=dtype, device=device,
-                      revision=cfg.model.revision, variant=cfg.model.variant, attention=cfg.model.attention)
+                      revision=cfg.model.revision, variant=cfg.model.variant, attention=cfg.model.attention,
+                      ip_adapter=cfg.model.ip_adapter)
 
 
 # --------------------------------------------------------------------------------------------

@@ -54,6 +54,25 @@ class Conditioning:
         return Conditioning(r(self.embeds), r(self.neg_embeds), r(self.pooled), r(self.neg_pooled), r(self.time_ids),
                             rl(self.image_embeds), rl(self.neg_image_embeds))
 
+    def take(self, idx) -> "Conditioning":
+        """The rows ``idx`` (a list / tensor of indices, or a slice) of every field, the
+        IP-Adapter image embeddings included."""
+        if not isinstance(idx, slice):
+            idx = torch.as_tensor(list(idx) if not isinstance(idx, torch.Tensor) else idx, dtype=torch.long)
+        t = lambda v: None if v is None else v[idx if isinstance(idx, slice) else idx.to(v.device)]
+        tl = lambda vs: None if vs is None else [t(v) for v in vs]
+        return Conditioning(t(self.embeds), t(self.neg_embeds), t(self.pooled), t(self.neg_pooled), t(self.time_ids),
+                            tl(self.image_embeds), tl(self.neg_image_embeds))
+
+    @staticmethod
+    def cat(conds: Sequence["Conditioning"]) -> "Conditioning":
+        """Rows of several Conditionings, one after another (every field, image embeddings too)."""
+        c = lambda name: None if getattr(conds[0], name) is None else torch.cat([getattr(x, name) for x in conds])
+        cl = lambda name: None if getattr(conds[0], name) is None else [
+            torch.cat(parts) for parts in zip(*(getattr(x, name) for x in conds))]
+        return Conditioning(c("embeds"), c("neg_embeds"), c("pooled"), c("neg_pooled"), c("time_ids"),
+                            cl("image_embeds"), cl("neg_image_embeds"))
+
     def unet_inputs(self, cfg: bool):
         """``encoder_hidden_states`` and ``added_cond_kwargs`` for one UNet call (negatives first)."""
         if cfg:
