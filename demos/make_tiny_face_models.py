@@ -13,6 +13,11 @@ Writes into the folder:
 - ``astronaut.png``: scikit-image's astronaut photo (Eileen Collins, public domain), a real face
   for the reference (the detector, MTCNN from facenet-pytorch, is real).
 - ``no_face.png``: scikit-image's coffee cup, to see the "no face in reference" error.
+- ``structure_rm.safetensors``: a character-structure reward model (``rewards.structure``, the
+  structure part of ID-Aligner's identity aesthetic reward) on the tiny random open_clip
+  backbone, trained in a few seconds on the 100 LFW faces that ship with scikit-image
+  (``structure-photos/``) against structural distortions of them. Real use trains one on
+  photos of people with a real CLIP (``python -m rewards.structure``, docs/id_aligner.md).
 
 Real use replaces the ONNX with an insightface model pack (buffalo_l / antelopev2) and the photo
 with photos of the person (docs/id_aligner.md).
@@ -37,14 +42,34 @@ def write_photos(folder: Path) -> dict[str, Path]:
     return out
 
 
+def write_structure_model(out: Path, seed: int = 0) -> Path:
+    """A tiny structure reward model trained on skimage's LFW faces (seconds on one CPU core)."""
+    import numpy as np
+    from PIL import Image
+    from skimage import data
+
+    from rewards.structure import train_structure_model
+    from vfeedback.itercomp.tiny import resolve_backbone
+
+    photos = out / "structure-photos"
+    photos.mkdir(parents=True, exist_ok=True)
+    for i, f in enumerate(data.lfw_subset()[:100]):  # the first 100 of the subset are faces
+        Image.fromarray((np.asarray(f) * 255).astype(np.uint8)).save(photos / f"lfw{i:03d}.png")
+    target = out / "structure_rm.safetensors"
+    train_structure_model(photos, target, resolve_backbone({"model": "tiny:clip"}), variants=4, size=32, epochs=20, seed=seed)
+    return target
+
+
 def make(out: Path) -> dict[str, Path]:
-    """Write everything into ``out``; returns the paths by role (``arcface``, ``face``, ``no_face``)."""
+    """Write everything into ``out``; returns the paths by role (``arcface``, ``face``,
+    ``no_face``, ``structure``)."""
     import warnings
 
     with warnings.catch_warnings():  # the TorchScript exporter's deprecation notice
         warnings.simplefilter("ignore")
         paths = {"arcface": write_tiny_arcface(out / "arcface_tiny.onnx")}
     paths.update(write_photos(out))
+    paths["structure"] = write_structure_model(out)
     return paths
 
 

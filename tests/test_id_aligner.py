@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,9 @@ def _cfg(tmp_path, face_models, out, **over):
     cfg["model"]["ip_adapter"]["reference"] = [str(face_models["face"])]
     fid = cfg["reward"][0]["options"]
     fid.update(model_root=str(face_models["arcface"]), reference=[str(face_models["face"])])
+    struct = [r for r in cfg["reward"] if r["name"] == "structure"]
+    assert len(struct) == 1  # the paper's aesthetic reward's structure part is wired in
+    struct[0]["options"]["path"] = str(face_models["structure"])
     cfg["train"]["max_steps"] = 2
     for k, v in over.items():
         d = cfg
@@ -122,6 +126,7 @@ def test_refl_trains_a_lora_with_the_adapter_in_place(tmp_path, face_models):
     assert [r["step"] for r in recs] == [1, 2]
     # random tiny images hold no face: the identity term is the constant no-face score
     assert all(r["reward/face_id"] == -1.0 and 0 <= r["reward/saturation"] <= 1 for r in recs)
+    assert all(math.isfinite(r["reward/structure"]) for r in recs)
     lora = load_file(str(out / "lora" / "pytorch_lora_weights.safetensors"))
     assert lora and all("lora" in k and "_ip" not in k for k in lora)  # only the LoRA was saved / trained
     assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k or "lora.up" in k)
