@@ -15,7 +15,8 @@ def _cfg(tmp_path, out, batch, algorithm="refl", extra=None):
     cfg = json.loads(json.dumps(BASE))
     cfg.update(output_dir=str(out))
     cfg["train"].update(max_steps=2, batch_size=batch, max_grad_norm=None)
-    cfg["prompts"]["eval_seeds"] = [0]
+    # two eval rows: the 2-process run renders one on each process and gathers them
+    cfg["prompts"]["eval_seeds"] = [0, 1]
     if extra:
         for k, v in extra.items():
             cfg.setdefault(k, {}).update(v) if isinstance(v, dict) else cfg.update({k: v})
@@ -52,6 +53,56 @@ def test_two_process_refl_matches_one_process_with_the_same_global_batch(tmp_pat
     la = [json.loads(l)["loss"] for l in (one / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(l)["loss"] for l in (two / "metrics.jsonl").read_text().splitlines()]
     assert la == pytest.approx(lb, rel=1e-4)
+    assert s["replicas_identical"] is True
+    _same_eval(one, two, final=2)
+
+
+def _pixels(path):
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def _same_eval(one, two, final):
+    """The sharded, gathered eval grid equals the 1-process one: numbers and PNG pixels."""
+    sa = json.loads((one / "summary.json").read_text())
+    sb = json.loads((two / "summary.json").read_text())
+    assert [e["step"] for e in sb["eval_history"]] == [0, final]
+    for ea, eb in zip(sa["eval_history"], sb["eval_history"]):
+        assert ea.keys() == eb.keys()
+        for k in ea:
+            assert ea[k] == pytest.approx(eb[k], rel=1e-6, abs=1e-7), (ea["step"], k)
+    # the step-0 grid is rendered from identical weights with identical per-row batches: bit-equal
+    a0, b0 = _pixels(one / "samples" / "step-000000.png"), _pixels(two / "samples" / "step-000000.png")
+    assert a0.shape == b0.shape and (a0 == b0).all()
+    # after training the weights agree to float tolerance: at most a rare 1-level rounding flip
+    a1, b1 = _pixels(one / "samples" / f"step-{final:06d}.png"), _pixels(two / "samples" / f"step-{final:06d}.png")
+    assert a1.shape == b1.shape
+    d = abs(a1.astype(int) - b1.astype(int))
+    assert d.max() <= 1 and (d > 0).mean() < 1e-3
+
+
+def test_two_process_text_encoder_lora_is_all_reduced(tmp_path):
+    """model.lora.text_encoder: the text encoder's LoRA (not wrapped by DDP) gets its gradients
+    averaged over processes: the same on every process and equal to the 1-process run."""
+    from safetensors.torch import load_file
+
+    # adam_eps above float noise (see the D3PO test): Adam's first steps stay linear in the gradient
+    extra = {"model": {"lora": {**BASE["model"]["lora"], "text_encoder": True}}, "train": {"adam_eps": 1e-4},
+             "prompts": {"eval_seeds": [0]}}
+    one, two = tmp_path / "te1", tmp_path / "te2"
+    _run([str(_cfg(tmp_path, one, batch=2, extra=extra))])
+    _run([str(_cfg(tmp_path, two, batch=1, extra=extra)), "--num-processes", "2"])
+    a = load_file(str(one / "lora" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(two / "lora" / "pytorch_lora_weights.safetensors"))
+    te = [k for k in a if k.startswith("text_encoder.")]
+    assert te and a.keys() == b.keys()
+    assert any(a[k].abs().sum() > 0 for k in te if ".up." in k)  # the text encoder LoRA trained
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+    s = json.loads((two / "summary.json").read_text())
+    assert s["replicas_identical"] is True  # every process ended with the same weights, bit for bit
 
 
 def test_two_process_d3po_matches_one_process(tmp_path):

@@ -148,6 +148,12 @@ class Trainer:
         self.acc.register_load_state_pre_hook(self._load_hook)
         unet, self.optimizer, self.lr_scheduler = self.acc.prepare(m.unet, self.optimizer, self.lr_scheduler)
         m.denoiser = unet
+        # trainable parameters outside the prepared (DDP-wrapped) UNet: the text encoders' LoRA
+        # (model.lora.text_encoder; SDXL has two). DDP never sees them, so their gradients are
+        # all-reduced here before each optimizer step (_sync_outside_grads); the encoders stay
+        # unwrapped, so encode_prompt runs no collective and eval on one process cannot hang
+        in_unet = {id(p) for p in m.unet.parameters()}
+        self.outside_params = [p for p in params if id(p) not in in_unet]
         for r in [self.reward, *self.eval_rewards.values()]:
             r.to(self.acc.device)
             r.requires_grad_(False)
@@ -275,32 +281,41 @@ class Trainer:
     # ------------------------------------------------------------------ eval
     @torch.no_grad()
     def evaluate(self, step: int) -> float:
-        """Eval grid of the fixed prompts x seeds at this step; returns the mean eval reward."""
-        from .sampling import sample
+        """Eval grid of the fixed prompts x seeds at this step; returns the mean eval reward.
 
-        cfg, m = self.cfg, self.model
-        images, caps, scores, extra = [], [], [], {}
-        den, m.denoiser = m.denoiser, None  # unwrapped UNet: no DDP collective in eval
+        The grid's rows (one per eval seed, all eval prompts, rendered and scored as one batch)
+        are shared out over the processes, row ``j`` to process ``j % N``; images, scores and the
+        held-out eval scores are gathered to every process and the main one writes the grid. A
+        row is always one batch and every image has its own generator, so the grid and the
+        numbers are the same whatever the number of processes.
+        """
+        cfg = self.cfg
+        seeds = list(cfg.prompts.eval_seeds)
+        n, rank = self.acc.num_processes, self.acc.process_index
+        # eval never moves a running normalisation (it would also drift apart across processes)
+        upd = getattr(self.reward, "update_stats", None)
+        if upd is not None:
+            self.reward.update_stats = False
         try:
-            for seed in cfg.prompts.eval_seeds:
-                gens = [generator("eval", seed, i) for i in range(len(self.eval_prompts))]
-                cond = m.encode_prompt(self.eval_prompts, [cfg.prompts.negative] * len(self.eval_prompts), cfg=cfg.sampling.guidance_scale > 1)
-                with self.acc.autocast():
-                    out = sample(m, cond, num_steps=cfg.sampling.steps, guidance_scale=cfg.sampling.guidance_scale,
-                                 eta=cfg.sampling.eta, generator=gens)
-                r = self.reward(out.images.float(), self.eval_prompts).float().cpu()
-                for name, er in self.eval_rewards.items():
-                    extra.setdefault(name, []).extend(er(out.images.float(), self.eval_prompts).float().cpu().tolist())
-                images.append(out.images.float().cpu())
-                scores.extend(r.tolist())
-                caps.extend(f"{p} | {v:.3f}" for p, v in zip(self.eval_prompts, r.tolist()))
+            mine = [self._eval_row(j, seed) for j, seed in enumerate(seeds) if j % n == rank]
         finally:
-            m.denoiser = den
+            if upd is not None:
+                self.reward.update_stats = upd
+        if n > 1:
+            from accelerate.utils import gather_object
+
+            mine = gather_object(mine)
+        rows = {r["row"]: r for r in mine}
+        assert sorted(rows) == list(range(len(seeds))), f"eval rows gathered: {sorted(rows)}"
+        rows = [rows[j] for j in range(len(seeds))]
+        scores = [v for r in rows for v in r["scores"]]
+        extra = {name: [v for r in rows for v in r["extra"][name]] for name in self.eval_rewards}
+        caps = [f"{p} | {v:.3f}" for r in rows for p, v in zip(self.eval_prompts, r["scores"])]
         finite = [s for s in scores if math.isfinite(s)]
         mean = sum(finite) / len(finite) if finite else float("nan")
         if self.acc.is_main_process:
-            save_grid(torch.cat(images), self.run.samples / f"step-{step:06d}.png", captions=caps, ncol=len(self.eval_prompts),
-                      row_labels=[f"seed {s}" for s in cfg.prompts.eval_seeds])
+            save_grid(torch.cat([r["images"] for r in rows]), self.run.samples / f"step-{step:06d}.png", captions=caps,
+                      ncol=len(self.eval_prompts), row_labels=[f"seed {s}" for s in seeds])
         rec = {"step": step, "eval_reward": mean}
         for name, vals in extra.items():
             f = [v for v in vals if math.isfinite(v)]
@@ -309,6 +324,25 @@ class Trainer:
         log.info("eval at step %d: reward %.4f%s", step, mean,
                  "".join(f", {k[5:]} {v:.4f}" for k, v in rec.items() if k.startswith("eval/")))
         return mean
+
+    def _eval_row(self, row: int, seed: int) -> dict:
+        """One row of the eval grid: every eval prompt at ``seed``, one batch, on this process."""
+        from .sampling import sample
+
+        cfg, m, prompts = self.cfg, self.model, self.eval_prompts
+        den, m.denoiser = m.denoiser, None  # unwrapped UNet: no DDP collective in eval
+        try:
+            gens = [generator("eval", seed, i) for i in range(len(prompts))]
+            cond = m.encode_prompt(prompts, [cfg.prompts.negative] * len(prompts), cfg=cfg.sampling.guidance_scale > 1)
+            with self.acc.autocast():
+                out = sample(m, cond, num_steps=cfg.sampling.steps, guidance_scale=cfg.sampling.guidance_scale,
+                             eta=cfg.sampling.eta, generator=gens)
+            images = out.images.float()
+            r = self.reward(images, prompts).float().cpu().tolist()
+            extra = {name: er(images, prompts).float().cpu().tolist() for name, er in self.eval_rewards.items()}
+        finally:
+            m.denoiser = den
+        return {"row": row, "images": images.cpu(), "scores": r, "extra": extra}
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict:
@@ -362,6 +396,7 @@ class Trainer:
                         metrics_acc.setdefault(k, []).append(float(v))
                     metrics_acc.setdefault("loss", []).append(float(loss.detach()))
                     if acc.sync_gradients and not skipped:
+                        self._sync_outside_grads()
                         gn = None
                         if cfg.train.max_grad_norm:
                             gn = acc.clip_grad_norm_(self.params, cfg.train.max_grad_norm)
@@ -408,9 +443,51 @@ class Trainer:
             self.evaluate(final)
         self.save_checkpoint(final)
         self.export()
+        self._replicas_identical = self.replicas_identical()
         summary = self.write_summary(final)
         acc.end_training()
         return summary
+
+    def _sync_outside_grads(self) -> None:
+        """Average the gradients of the trainable parameters DDP does not wrap over processes,
+        as DDP does for the UNet's: a process without a gradient for a parameter counts zero,
+        and a parameter no process has a gradient for keeps none (the optimizer skips it)."""
+        ps = self.outside_params
+        if self.acc.num_processes == 1 or not ps:
+            return
+        dev = self.acc.device
+        has = torch.tensor([float(p.grad is not None) for p in ps], device=dev)
+        flat = torch.cat([(p.grad.detach().float() if p.grad is not None else torch.zeros(p.shape, device=dev)).reshape(-1).to(dev)
+                          for p in ps] + [has])
+        flat = self.acc.reduce(flat, reduction="sum")
+        o = 0
+        n = self.acc.num_processes
+        for p in ps:
+            k = p.numel()
+            g = (flat[o : o + k] / n).reshape(p.shape)
+            o += k
+            p.grad = g.to(p.dtype) if p.grad is None else p.grad.copy_(g)
+        for p, h in zip(ps, flat[o:].tolist()):
+            if h == 0:
+                p.grad = None
+
+    def replicas_identical(self) -> Optional[bool]:
+        """Multi-process: whether every process holds bit-identical trainable weights (a
+        gradient that was never all-reduced shows here); None with one process."""
+        if self.acc.num_processes == 1:
+            return None
+        from accelerate.utils import gather_object
+
+        h = hashlib.sha256()
+        for k, v in sorted(self._trainable_state().items()):
+            h.update(k.encode())
+            h.update(v.contiguous().float().numpy().tobytes())
+        digests = gather_object([h.hexdigest()])
+        same = len(set(digests)) == 1
+        if not same:
+            log.warning("the processes' trainable weights differ after training (%d distinct); the main process's are saved",
+                        len(set(digests)))
+        return same
 
     def _reduce(self, rec: dict) -> dict:
         """Average numeric metrics over processes (each process saw its own slice)."""
@@ -466,6 +543,7 @@ class Trainer:
             "train_reward_last": train_r[-1] if train_r else None,
             "skipped_steps": self.nan_total,
             "num_processes": self.acc.num_processes,
+            "replicas_identical": getattr(self, "_replicas_identical", None),
             "lora": str(self.run.lora) if self.cfg.model.finetune == "lora" else None,
         }
         first = next((e for e in evals if e["step"] == 0), {})
