@@ -107,8 +107,12 @@ class Backbone(nn.Module):
 
             self.model, self.processor = load_hf_clip(self.spec["model"], self.spec.get("processor") or self.spec["model"], device, dtype, "itercomp_rm")
             self.preprocess = TorchPreprocess(spec_from_hf_image_processor(self.processor))
+        elif kind == "shapes":
+            # the shapes world's frozen "image-text backbone" (CPU runs): the learned judge reads
+            # the image, the caption parser reads the prompt (ShapesReader)
+            self.model = ShapesReader(self.spec.get("which", "judge"), self.spec.get("weights")).to(device)
         else:
-            raise RewardError(f"itercomp_rm: backbone kind must be open_clip or hf_clip, got {kind!r}")
+            raise RewardError(f"itercomp_rm: backbone kind must be open_clip, hf_clip or shapes, got {kind!r}")
         self.kind = kind
 
     @property
@@ -116,6 +120,8 @@ class Backbone(nn.Module):
         return next(self.model.parameters()).device
 
     def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        if self.kind == "shapes":
+            return self.model.image_embeddings(images.to(self.device))
         x = self.preprocess(images.to(self.device), dtype=self._dtype)
         if self.kind == "open_clip":
             e = self.model.encode_image(x).float()
@@ -125,6 +131,8 @@ class Backbone(nn.Module):
 
     @torch.no_grad()
     def _encode_text(self, prompts: list[str]) -> torch.Tensor:
+        if self.kind == "shapes":
+            return self.model.text_embeddings(prompts).to(self.device)
         if self.kind == "open_clip":
             t = self.model.encode_text(self.tokenizer(prompts).to(self.device)).float()
         else:
@@ -140,6 +148,53 @@ class Backbone(nn.Module):
             for p, e in zip(missing, self._encode_text(missing)):
                 self._text[p] = e
         return torch.stack([self._text[p] for p in prompts])
+
+
+class ShapesReader(nn.Module):
+    """Backbone ``{"kind": "shapes", "which": "judge"}``: image-text embeddings in the shapes world.
+
+    Image: the frozen judge's reading (``rewards.shapes``), per colour x shape category the count
+    distribution (4) and the centre (2, centred), flattened. Prompt: the parsed caption in the same
+    layout, the count asked for (one-hot; "a red circle": uniform over 1-3) and, for a relation,
+    the direction each object should lie from the other (left of: -x for the first object, +x
+    for the second). Their product, which the head sees, pairs each reading with what the
+    caption asks of it, so a head can learn composition from a few hundred pairs; the reading
+    stays differentiable in the pixels. Not L2-normalised: the head standardises features.
+    """
+
+    def __init__(self, which: str = "judge", weights: Optional[str] = None):
+        super().__init__()
+        from .shapes import ASSETS, load_judge
+
+        if which not in ("judge", "judge_heldout"):
+            raise RewardError(f"itercomp_rm: backbone which must be judge or judge_heldout, got {which!r}")
+        self.net = load_judge(weights or ASSETS / f"{which}.safetensors")
+
+    def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        from .shapes import prepare
+
+        counts, coords, _ = self.net(prepare(images.float()))
+        return torch.cat([counts.softmax(-1), coords - 0.5], -1).flatten(1)
+
+    def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
+        from .shapes import N_CATEGORIES, parse
+
+        out = torch.zeros(len(prompts), N_CATEGORIES, 6)
+        axis = {"left of": (0, -1.0), "right of": (0, 1.0), "above": (1, -1.0), "below": (1, 1.0)}
+        for i, p in enumerate(prompts):
+            spec = parse(p)
+            if spec is None:
+                raise RewardError(f"itercomp_rm: backbone shapes reads shapes-world captions only, got {p!r}")
+            for it in spec.items:
+                if it.count is None:
+                    out[i, it.category, 1:4] = 1 / 3
+                else:
+                    out[i, it.category, it.count] = 1.0
+            if spec.relation is not None:
+                a, sign = axis[spec.relation]
+                out[i, spec.items[0].category, 4 + a] = sign
+                out[i, spec.items[1].category, 4 + a] = -sign
+        return out.flatten(1)
 
 
 def load_backbone(spec: dict, device=None, dtype=None) -> Backbone:
@@ -181,7 +236,13 @@ class RewardHead(nn.Module):
         """Set the input standardisation from training embeddings ``(N, dim)`` each."""
         for k, x in enumerate((img, txt)):
             self.feat_mean[k] = x.float().mean(0)
-            self.feat_std[k] = x.float().std(0).clamp_min(1e-4) if x.shape[0] > 1 else 1.0
+            if x.shape[0] > 1:
+                # a feature constant over the training set (a sparse caption code: a category no
+                # training prompt names) is left unscaled, not blown up by a tiny spread
+                std = x.float().std(0)
+                self.feat_std[k] = torch.where(std > 1e-3, std, torch.ones_like(std))
+            else:
+                self.feat_std[k] = 1.0
 
     def raw(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
         txt = txt.to(img)

@@ -178,6 +178,8 @@ class GalleryModel(Section):
     family: Optional[Literal["sd15", "sdxl"]] = Field(None, description="architecture; default: sdxl for tiny:sdxl, sd15 for other tiny: models, else model.family")
     lora: Optional[str] = Field(None, description="optional LoRA folder (diffusers format, e.g. a run's OUT/lora) loaded onto the model")
     name: Optional[str] = Field(None, description="label stored with the ranking (default: path, plus the LoRA folder)")
+    steps: Optional[int] = Field(None, ge=1, le=1000, description="itercomp: this member's sampling steps (a gallery model is rendered with its own recommended settings; default sampling.steps)")
+    guidance_scale: Optional[float] = Field(None, ge=0, description="itercomp: this member's classifier-free guidance scale (default sampling.guidance_scale)")
 
 
 class RankConfig(Section):

@@ -575,6 +575,10 @@ def _gallery_models(cfg) -> list[dict]:
     out = []
     for g in cfg.rank.gallery:
         g = GalleryModel(path=g) if isinstance(g, str) else g
+        if g.steps is not None or g.guidance_scale is not None:
+            # one sampler for every member: the D3PO export stores one trajectory setting per group
+            raise UserError(f"rank.gallery: {g.name or g.path}: per-model steps / guidance_scale are for itercomp.gallery only; "
+                            "the ranking app renders every model with the sampling section")
         fam = g.family
         if fam is None:
             fam = ("sdxl" if g.path.startswith("tiny:sdxl") else "sd15") if g.path.startswith("tiny:") else cfg.model.family

@@ -35,9 +35,13 @@ class GalleryEntry:
     path: str
     family: str
     lora: Optional[str] = None
+    steps: Optional[int] = None              # this member's sampler settings (None: sampling.*)
+    guidance_scale: Optional[float] = None
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "path": self.path, "family": self.family, "lora": self.lora}
+        d = {"name": self.name, "path": self.path, "family": self.family, "lora": self.lora}
+        d.update({k: v for k, v in (("steps", self.steps), ("guidance_scale", self.guidance_scale)) if v is not None})
+        return d
 
 
 def safe_name(s: str) -> str:
@@ -48,10 +52,12 @@ def entries_from_config(cfg) -> list[GalleryEntry]:
     """The base model (``base``) followed by ``itercomp.gallery``; names made unique."""
     out = [GalleryEntry("base", cfg.model.path, cfg.model.family)]
     for i, g in enumerate(cfg.itercomp.gallery):
+        steps = guidance = None
         if isinstance(g, str):
             path, family, lora, name = g, None, None, None
         else:
             path, family, lora, name = g.path, g.family, g.lora, g.name
+            steps, guidance = g.steps, g.guidance_scale
         if family is None:
             family = ("sdxl" if path.startswith("tiny:sdxl") else "sd15") if path.startswith("tiny:") else cfg.model.family
         if path.startswith("tiny:") and "#" in path and not re.fullmatch(r"tiny:(sd15|sdxl)#\d+", path):
@@ -59,13 +65,13 @@ def entries_from_config(cfg) -> list[GalleryEntry]:
         name = safe_name(name or (path.rsplit("/", 1)[-1] + (f"+{Path(lora).name}" if lora else "")))
         if lora and not Path(lora).exists():
             raise UserError(f"itercomp.gallery[{i}].lora: {lora} not found (a folder holding pytorch_lora_weights.safetensors)")
-        out.append(GalleryEntry(name, path, family, lora))
+        out.append(GalleryEntry(name, path, family, lora, steps, guidance))
     seen: dict[str, int] = {}
     unique = []
     for e in out:
         n = seen.get(e.name, 0)
         seen[e.name] = n + 1
-        unique.append(e if n == 0 else GalleryEntry(f"{e.name}-{n + 1}", e.path, e.family, e.lora))
+        unique.append(e if n == 0 else GalleryEntry(f"{e.name}-{n + 1}", e.path, e.family, e.lora, e.steps, e.guidance_scale))
     return unique
 
 
@@ -113,13 +119,15 @@ def render(entry: GalleryEntry, items: Sequence[tuple[str, int, str]], seeds: Se
     if entry.lora:
         load_lora_into(model, entry.lora)
     jobs = [(c, i, p, s) for (c, i, p) in items for s in seeds]
+    steps = entry.steps or cfg.sampling.steps
+    guidance = cfg.sampling.guidance_scale if entry.guidance_scale is None else entry.guidance_scale
     records = []
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
         prompts = [p for _, _, p, _ in chunk]
         gens = [generator("itercomp-gallery", s, p) for _, _, p, s in chunk]
-        cond = model.encode_prompt(prompts, [cfg.prompts.negative] * len(prompts), cfg=cfg.sampling.guidance_scale > 1)
-        out = sample(model, cond, num_steps=cfg.sampling.steps, guidance_scale=cfg.sampling.guidance_scale, eta=cfg.sampling.eta, generator=gens)
+        cond = model.encode_prompt(prompts, [cfg.prompts.negative] * len(prompts), cfg=guidance > 1)
+        out = sample(model, cond, num_steps=steps, guidance_scale=guidance, eta=cfg.sampling.eta, generator=gens)
         for (c, i, p, s), im in zip(chunk, to_pil(out.images.float().cpu())):
             rel = f"{c}-{i:03d}-s{s}.png"
             im.save(folder / rel)
