@@ -113,6 +113,12 @@ class _Target:
         """Retraction applied to the iterate after each move (identity by default)."""
         return x
 
+    def render_chunks(self, n: int) -> list[list[int]]:
+        """How :meth:`render` batches ``n`` points: groups of point indices, each drawn by its
+        own UNet calls, so rendering a group alone gives the very images rendering all ``n``
+        does (what lets several processes share a round out and match one process)."""
+        return [[i] for i in range(n)]
+
     def _sample(self, cond, latents: torch.Tensor) -> torch.Tensor:
         from ..sampling import sample
 
@@ -166,6 +172,10 @@ class LatentTarget(_Target):
     def project(self, x: torch.Tensor) -> torch.Tensor:
         return self._on_shell(x.reshape(1, -1)).reshape(x.shape) if self.shell else x
 
+    def render_chunks(self, n: int) -> list[list[int]]:
+        bs = self.zcfg.batch_size
+        return [list(range(s, min(n, s + bs))) for s in range(0, n, bs)]
+
     def render(self, points: torch.Tensor) -> torch.Tensor:
         lat = self._on_shell(points) if self.shell else points
         out = []
@@ -201,6 +211,10 @@ class PromptEmbeddingTarget(_Target):
 
     def initial(self) -> torch.Tensor:
         return self.base.embeds[0].detach().float().cpu()
+
+    def render_chunks(self, n: int) -> list[list[int]]:
+        per_call = max(1, self.zcfg.batch_size // len(self.seeds))
+        return [list(range(s, min(n, s + per_call))) for s in range(0, n, per_call)]
 
     def render(self, points: torch.Tensor) -> torch.Tensor:
         from ..models.loader import Conditioning
@@ -325,6 +339,7 @@ class Candidates:
     round: int
     mode: str  # "gradient" | "line_search"
     prompts: list[str]  # the prompt of each of the k images
+    scores: Optional[list[float]] = None  # mean oracle score per candidate, when the renderer scored them
 
     @property
     def tiles(self) -> torch.Tensor:
@@ -359,7 +374,7 @@ def rank_candidates(oracle, cands: Candidates) -> tuple[list[int], Optional[list
     from ..feedback.oracles import order_scores
 
     if hasattr(oracle, "scores"):
-        scores = score_images(oracle, cands.images, cands.prompts)
+        scores = cands.scores if cands.scores is not None else score_images(oracle, cands.images, cands.prompts)
         if len({s for s in scores if math.isfinite(s)}) <= 1:
             # all tied (e.g. face_id finds no face anywhere): "cannot tell", not a random order
             return [], scores
@@ -382,6 +397,10 @@ class RankingSession:
         self._points: Optional[torch.Tensor] = None  # the pending round's points, display order
         self._current: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (point, images)
         self._start: Optional[torch.Tensor] = None
+        # points (n, ...) -> images (n, k, 3, H, W), or (images, per-candidate scores): how a
+        # round's candidates are drawn (None: target.render here; the CLI run shares rounds
+        # out over processes)
+        self.renderer = None
 
     # ---------------------------------------------------------------- construction
 
@@ -439,9 +458,12 @@ class RankingSession:
         """The pending round's candidates (rendered once; the same until :meth:`tell`)."""
         if self._cands is None:
             pts = self.opt.ask()
-            imgs = self.target.render(pts)
+            imgs = self.target.render(pts) if self.renderer is None else self.renderer(pts)
+            scores = None
+            if isinstance(imgs, tuple):
+                imgs, scores = imgs
             self._points = pts
-            self._cands = Candidates(imgs, self.opt.labels(), self.opt.round, self.opt._pending["mode"], self.target.prompts())
+            self._cands = Candidates(imgs, self.opt.labels(), self.opt.round, self.opt._pending["mode"], self.target.prompts(), scores)
         return self._cands
 
     def tell(self, ranking: Sequence[int]) -> dict[str, Any]:
@@ -491,13 +513,17 @@ class RankingSession:
             self.target.load_vector(self.opt.x)
 
 
-def load_model_for(cfg):
-    """The model of ``cfg`` on its device, in the inference dtype (fp16/bf16 on a GPU, fp32 on CPU)."""
+def load_model_for(cfg, device=None):
+    """The model of ``cfg`` on its device (``device``: this process's, under several processes),
+    in the inference dtype (fp16/bf16 on a GPU, fp32 on CPU)."""
     from ..engine import resolve_mixed_precision
     from ..models import load_model
 
     cuda = torch.cuda.is_available() and cfg.train.device != "cpu"
-    device = torch.device(cfg.train.device) if cfg.train.device else torch.device("cuda" if cuda else "cpu")
+    if device is not None:
+        device = torch.device(device)
+    else:
+        device = torch.device(cfg.train.device) if cfg.train.device else torch.device("cuda" if cuda else "cpu")
     mp = resolve_mixed_precision(cfg.train.mixed_precision, device.type)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mp, torch.float32)
     return load_model(cfg.model.family, cfg.model.path, resolution=cfg.model.resolution, dtype=dtype, device=device,
@@ -536,19 +562,86 @@ class _Run:
         from ..feedback.oracles import RewardRankingOracle
         from ..rundir import atomic_write
 
+        from accelerate import PartialState
+
         cfg, z, rd = self.cfg, self.cfg.zo_ranksgd, self.run_dir
         t0 = time.time()
-        if cfg.sampling.eta != 0:
+        # several processes (`--num-processes N`, `accelerate launch`): the main one owns the
+        # optimiser, the oracle's decisions and every file; each round's candidates are drawn
+        # (and scored) in render chunks shared out over the processes and gathered (_render)
+        st = PartialState(cpu=cfg.train.device == "cpu" or not torch.cuda.is_available())
+        self.n, self.rank, self.main = st.num_processes, st.process_index, st.is_main_process
+        if cfg.sampling.eta != 0 and self.main:
             log.warning("zo_ranksgd: sampling.eta=%s ignored; DDIM runs with eta 0 so an image is a function of x", cfg.sampling.eta)
         specs = [dict(name=r.name, weight=r.weight, **r.options) for r in cfg.reward.rewards]
         reward = rewards.combine(specs, normalize=cfg.reward.normalize)  # fails fast, before the model loads
-        rd.prepare(self.resume)
-        if self.resume:
-            rd.check_resume_config(cfg, RESUMABLE)
-        atomic_write(rd.config, dump_config(cfg))
-        model = load_model_for(cfg)
+        if self.main:
+            rd.prepare(self.resume)
+            if self.resume:
+                rd.check_resume_config(cfg, RESUMABLE)
+            atomic_write(rd.config, dump_config(cfg))
+        st.wait_for_everyone()
+        model = load_model_for(cfg, device=st.device if self.n > 1 else None)
         reward = reward.to(model.device).eval()
         oracle = RewardRankingOracle(reward, top_k=z.top_k, batch_size=max(1, z.batch_size))
+        self.oracle = oracle
+        self.drawn_here = 0  # candidates this process rendered
+        if not self.main:
+            self.target = build_target(model, cfg)
+            return self._serve()
+        summary = None
+        try:
+            summary = self._lead(model, reward, oracle, t0)
+        finally:
+            if self.n > 1:
+                self._send(("stop", summary))  # after an error too: the others end instead of waiting
+        return summary
+
+    # ---- several processes: the main one sends each round's points, all render their share
+    def _send(self, msg):
+        from accelerate.utils import broadcast_object_list
+
+        box = [msg]
+        broadcast_object_list(box, from_process=0)
+        return box[0]
+
+    def _serve(self) -> Optional[dict]:
+        """A process other than the main one: render its share of each round until told to stop."""
+        while True:
+            cmd, payload = self._send(None)
+            if cmd == "stop":
+                return payload
+            self._render_share(payload)
+
+    def _render(self, points: torch.Tensor):
+        """The session's renderer on the main process: (images, per-candidate scores)."""
+        if self.n > 1:
+            self._send(("render", points))
+        return self._render_share(points)
+
+    def _render_share(self, points: torch.Tensor):
+        # render chunk c (the target's own batching, so images do not depend on the split) goes
+        # to process c % N, which also scores it; everything is gathered in chunk order
+        chunks = self.target.render_chunks(points.shape[0])
+        prompts = self.target.prompts()
+        mine = []
+        for c, idx in enumerate(chunks):
+            if c % self.n == self.rank:
+                imgs = self.target.render(points[idx])
+                self.drawn_here += len(idx)
+                mine.append((c, imgs, score_images(self.oracle, imgs, prompts)))
+        if self.n > 1:
+            from accelerate.utils import gather_object
+
+            mine = gather_object(mine)
+        got = {c: (imgs, sc) for c, imgs, sc in mine}
+        assert sorted(got) == list(range(len(chunks))), f"render chunks gathered: {sorted(got)}"
+        return torch.cat([got[c][0] for c in range(len(chunks))]), [v for c in range(len(chunks)) for v in got[c][1]]
+
+    def _lead(self, model, reward, oracle, t0) -> dict:
+        from ..errors import RunError
+
+        cfg, z, rd = self.cfg, self.cfg.zo_ranksgd, self.run_dir
 
         ck = rd.latest_checkpoint() if self.resume else None
         state: dict[str, Any] = {"wall_time_s": 0.0, "best_reward": None, "reward_before": None}
@@ -565,6 +658,8 @@ class _Run:
                 log.info("--resume: no whole checkpoint in %s yet; starting from round 0", rd.checkpoints)
                 rd.truncate_metrics(0)  # rounds logged before a crash that left no checkpoint are redone
             session = RankingSession.from_config(cfg, model=model)
+        self.target = session.target
+        session.renderer = self._render
         prompts = session.target.prompts()
         start = session.start_images()
         if state["reward_before"] is None:
@@ -625,6 +720,8 @@ class _Run:
             "optimizer": session.opt.state_dict()["meta"]["config"],
             "prompts": prompts,
             "lora": str(rd.lora) if isinstance(session.target, LoraTarget) else None,
+            "num_processes": self.n,
+            "candidates_drawn_by_main": self.drawn_here,
         }
         rd.write_summary(summary)
         return summary
