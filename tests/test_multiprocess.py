@@ -173,3 +173,42 @@ def test_two_process_zo_ranksgd_matches_one_process(tmp_path, target):
         a = load_file(str(one / "lora" / "pytorch_lora_weights.safetensors"))
         b = load_file(str(two / "lora" / "pytorch_lora_weights.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_process_itercomp_matches_one_process(tmp_path):
+    """IterComp's gallery renders are shared out (whole UNet batches per process, merged by the
+    main process), ranking and reward models run on the main process, the inner ReFL is the
+    engine's 2-process Trainer: the same summary as one process with the same global batch."""
+    from tests.test_itercomp import _overrides
+
+    cfg = str(Path(__file__).resolve().parents[1] / "configs" / "itercomp" / "tiny.yaml")
+    one, two = tmp_path / "i1", tmp_path / "i2"
+    extra = ["itercomp.gallery_batch_size=3", "train.adam_eps=1e-4"]  # batches of one prompt x 3 seeds: 6 units
+    _run([cfg, *_overrides(one, 1), *extra])
+    _run([cfg, *_overrides(two, 1), *extra, "train.batch_size=1", "--num-processes", "2"])
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (one, two))
+    assert sb["iterations_done"] == 1 and sb["steps"] == sa["steps"] == 2
+    assert sa["reward_model_accuracy"] == sb["reward_model_accuracy"]
+    for ha, hb in zip(sa["composition_history"], sb["composition_history"], strict=True):
+        assert ha.keys() == hb.keys() and ha["model"] == hb["model"]
+        for k in ha:
+            if isinstance(ha[k], float):
+                assert ha[k] == pytest.approx(hb[k], rel=1e-4, abs=1e-6), (ha["model"], k)
+    ra, rb = sa["per_iteration"][0]["refl"], sb["per_iteration"][0]["refl"]
+    for k in ("eval_reward_before", "eval_reward_after", "train_reward_first", "train_reward_last"):
+        assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-6), k
+    assert sb["num_processes"] == 2 and sa["num_processes"] == 1
+    # the configured gallery is the same images, bit for bit (the refined model's to float
+    # tolerance, through its LoRA), and the rankings are the same
+    fa, fb = one / "iter-0" / "gallery", two / "iter-0" / "gallery"
+    names = sorted(p.name for p in fa.iterdir())
+    assert names == sorted(p.name for p in fb.iterdir()) and len(names) == 4
+    for name in names:
+        ia, ib = (fa / name / "images.jsonl").read_text(), (fb / name / "images.jsonl").read_text()
+        assert ia == ib, name
+        if not name.startswith("itercomp-iter"):
+            for r in map(json.loads, ia.splitlines()):
+                assert (_pixels(fa / name / r["image"]) == _pixels(fb / name / r["image"])).all(), (name, r["image"])
+    strip = lambda t: [{k: v for k, v in json.loads(l).items() if k != "images"} for l in t.splitlines()]
+    assert strip((one / "iter-0" / "rankings.jsonl").read_text()) == strip((two / "iter-0" / "rankings.jsonl").read_text())
+    assert not (two / "iter-0" / ".gallery-parts").exists() or not any((two / "iter-0" / ".gallery-parts").iterdir())

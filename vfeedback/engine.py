@@ -427,7 +427,7 @@ class Trainer:
             bar.update(1)
             if self.nan_streak >= cfg.train.max_consecutive_nan:
                 bar.close()
-                acc.end_training()
+                self._end_training()
                 raise RunError(f"{self.nan_streak} steps in a row had a non-finite loss or gradient (step {step}); stopping. "
                                f"Lower train.lr, check the reward for NaN, or raise train.max_consecutive_nan. "
                                f"Metrics so far are in {self.run.metrics}")
@@ -445,7 +445,7 @@ class Trainer:
         self.export()
         self._replicas_identical = self.replicas_identical()
         summary = self.write_summary(final)
-        acc.end_training()
+        self._end_training()
         return summary
 
     def _sync_outside_grads(self) -> None:
@@ -488,6 +488,18 @@ class Trainer:
             log.warning("the processes' trainable weights differ after training (%d distinct); the main process's are saved",
                         len(set(digests)))
         return same
+
+    # a caller that goes on using the process group after fit() (IterComp's outer loop) sets this
+    keep_process_group = False
+
+    def _end_training(self) -> None:
+        """accelerate's end_training (trackers finished, process group destroyed), keeping the
+        process group when the caller still needs it."""
+        if not self.keep_process_group:
+            self.acc.end_training()
+            return
+        for tracker in self.acc.trackers:
+            tracker.finish()
 
     def _reduce(self, rec: dict) -> dict:
         """Average numeric metrics over processes (each process saw its own slice)."""

@@ -95,8 +95,13 @@ class IterCompRun:
             raise UserError("itercomp.gallery: list at least one model besides the base model (model.path); a ranking needs two images")
         self.category_prompts = self.prompts()
         self.by_prompt = {p: c for c, ps in self.category_prompts.items() for p in ps}
+        if getattr(self, "main", True):  # only the main process scores, ranks and trains reward models
+            self.load_scorers()
+
+    def load_scorers(self) -> None:
         import rewards
 
+        cfg = self.cfg
         try:
             self.eval_reward = rewards.combine([dict(name=r.name, weight=r.weight, **r.options) for r in cfg.reward.rewards], normalize="none")
             self.scorers = {}
@@ -107,20 +112,53 @@ class IterCompRun:
         except rewards.RewardError as e:
             raise UserError(f"itercomp: {e}") from None
 
+    # ------------------------------------------------------------------ several processes
+    # Under `--num-processes N` / `accelerate launch` every process runs this loop in step. The
+    # main process alone reads the run folder's state, scores, ranks, trains the reward models
+    # and writes every file (on_main: its result, or its failure, is broadcast); gallery renders
+    # are shared out (ensure_render) and the inner ReFL is the engine's multi-process Trainer.
+    def on_main(self, fn):
+        """``fn()`` on the main process, its (picklable) result on every process."""
+        if self.n == 1:
+            return fn()
+        from accelerate.utils import broadcast_object_list
+
+        box = [None]
+        if self.main:
+            try:
+                box[0] = ("ok", fn())
+            except BaseException as e:
+                broadcast_object_list([("error", getattr(e, "exit_code", 130 if isinstance(e, KeyboardInterrupt) else 1))], from_process=0)
+                raise
+        broadcast_object_list(box, from_process=0)
+        status, value = box[0]
+        if status == "error":  # the main process reports it; the others leave quietly
+            raise SystemExit(value)
+        return value
+
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict:
+        from accelerate import PartialState
+
         t0 = time.time()
+        st = PartialState(cpu=self.cfg.train.device == "cpu" or not torch.cuda.is_available())
+        self.n, self.proc, self.main = st.num_processes, st.process_index, st.is_main_process
+        self.device = st.device if self.n > 1 else None
         self.check_inputs()
-        self.run_dir.prepare(self.resume)
-        if self.resume:
-            self.run_dir.check_resume_config(self.cfg, ("itercomp.iterations", "log"))
-        atomic_write(self.run_dir.config, dump_config(self.cfg))
+
+        def prepare():
+            self.run_dir.prepare(self.resume)
+            if self.resume:
+                self.run_dir.check_resume_config(self.cfg, ("itercomp.iterations", "log"))
+            atomic_write(self.run_dir.config, dump_config(self.cfg))
+
+        self.on_main(prepare)
         records = []
         offset = 0.0
         for k in range(self.ic.iterations):
             d = self.root / f"iter-{k}"
-            if (d / COMPLETE_MARKER).exists():
-                rec = json.loads((d / "iteration.json").read_text())
+            rec = self.on_main(lambda: json.loads((d / "iteration.json").read_text()) if (d / COMPLETE_MARKER).exists() else None)
+            if rec is not None:
                 records.append(rec)
                 offset = rec.get("wall_time_total_s", offset)
                 log.info("iteration %d: complete, skipped", k)
@@ -129,13 +167,17 @@ class IterCompRun:
             rec = self.iteration(k, d)
             rec["wall_time_s"] = round(time.time() - t_iter, 2)
             rec["wall_time_total_s"] = round(offset + (time.time() - t0), 2)
-            atomic_write(d / "iteration.json", json.dumps(rec, indent=1, default=str))
-            atomic_write(d / COMPLETE_MARKER, "")
-            fsync_dir(d)
             records.append(rec)
-            self.run_dir.append_metrics(_metrics(rec))
-            self.write_summary(records, offset + (time.time() - t0))
-        return self.write_summary(records, offset + (time.time() - t0))
+
+            def finish():
+                atomic_write(d / "iteration.json", json.dumps(rec, indent=1, default=str))
+                atomic_write(d / COMPLETE_MARKER, "")
+                fsync_dir(d)
+                self.run_dir.append_metrics(_metrics(rec))
+                self.write_summary(records, offset + (time.time() - t0))
+
+            self.on_main(finish)
+        return self.on_main(lambda: self.write_summary(records, offset + (time.time() - t0)))
 
     def gallery_entries(self, k: int):
         """Configured gallery + the refined models of iterations before k."""
@@ -152,18 +194,71 @@ class IterCompRun:
     def ensure_render(self, entry, d: Path) -> Path:
         from ..itercomp.gallery import find_render, render
 
-        folder = find_render(self.root, entry.name)
+        folder = self.on_main(lambda: find_render(self.root, entry.name))
         if folder is not None:
             return folder
         folder = d / "gallery" / entry.name
-        log.info("gallery: rendering %s (%d prompts x %d seeds)", entry.name, len(self.items()), len(self.ic.seeds))
-        render(entry, self.items(), self.ic.seeds, folder, self.cfg, batch_size=self.ic.gallery_batch_size)
+        items, seeds, bs = self.items(), list(self.ic.seeds), self.ic.gallery_batch_size
+        if self.main:
+            log.info("gallery: rendering %s (%d prompts x %d seeds, %d processes)", entry.name, len(items), len(seeds), self.n)
+        if self.n == 1:
+            render(entry, items, seeds, folder, self.cfg, batch_size=bs)
+            return folder
+        # shared out in units of whole UNet batches: render() draws the (prompt, seed) jobs of
+        # its items in batches of bs, so a unit of lcm(bs, S) / S prompts (S seeds) is a whole
+        # number of batches, and every image comes from the same batch as in a 1-process run.
+        # Unit u goes to process u % N, into a part folder; the main process merges them.
+        per = math.lcm(bs, len(seeds)) // len(seeds)
+        units = [items[j : j + per] for j in range(0, len(items), per)]
+        mine = [it for u, unit in enumerate(units) if u % self.n == self.proc for it in unit]
+        parts = d / ".gallery-parts" / entry.name
+        self.on_main(lambda: shutil.rmtree(parts, ignore_errors=True))
+        if mine:
+            render(entry, mine, seeds, parts / str(self.proc), self.cfg, batch_size=bs, device=self.device)
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()  # every part written before the main process merges
+        self.on_main(lambda: self._merge_parts(entry, parts, folder, items, seeds))
         return folder
 
-    def iteration(self, k: int, d: Path) -> dict:
+    def _merge_parts(self, entry, parts: Path, folder: Path, items, seeds) -> None:
+        """The processes' part renders -> one gallery folder, records in the 1-process order."""
         from ..itercomp.gallery import read_render
-        from ..itercomp.ranking import Group
 
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        recs = {}
+        for part in sorted(p for p in parts.iterdir() if p.is_dir()):
+            if not (part / COMPLETE_MARKER).exists():
+                raise RunError(f"gallery: the render part {part} is incomplete")
+            for r in read_render(part):
+                os.replace(part / r["image"], folder / r["image"])
+                recs[(r["category"], r["prompt"], r["seed"])] = r
+        order = [recs[(c, p, s)] for (c, _, p) in items for s in seeds]
+        atomic_write(folder / "images.jsonl", "".join(json.dumps(r) + "\n" for r in order))
+        atomic_write(folder / "model.json", json.dumps(entry.to_dict(), indent=1))
+        atomic_write(folder / COMPLETE_MARKER, "")
+        fsync_dir(folder)
+        shutil.rmtree(parts, ignore_errors=True)
+
+    def iteration(self, k: int, d: Path) -> dict:
+        from ..itercomp.gallery import GalleryEntry
+
+        self.on_main(lambda: self._reset(k, d))
+        entries = self.gallery_entries(k)
+        # 1. gallery (every process renders its share)
+        renders = {e.name: self.ensure_render(e, d) for e in entries}
+        # 2. rank, 3. reward models (main process)
+        pre = self.on_main(lambda: self._rank_and_learn(k, d, entries, renders))
+        # 4. ReFL (the engine's Trainer on every process)
+        refl_summary = self.refl(k, d)
+        # 5. expand: render the refined model (next iteration's gallery member; this one's "after")
+        new = GalleryEntry(f"itercomp-iter{k}", self.cfg.model.path, self.cfg.model.family, str(d / "lora"))
+        folder = self.ensure_render(new, d)
+        return self.on_main(lambda: self._after(k, d, entries, renders, new, folder, pre, refl_summary))
+
+    def _reset(self, k: int, d: Path) -> None:
         if d.exists():  # half done: redo it, keeping complete gallery renders and a person's rankings
             log.info("iteration %d: incomplete, redoing it", k)
             keep = {"gallery"} | ({"rankings.jsonl"} if self.ic.ranker.kind == "human" else set())
@@ -177,9 +272,11 @@ class IterCompRun:
                     if not (m / COMPLETE_MARKER).exists():
                         shutil.rmtree(m, ignore_errors=True)
         d.mkdir(parents=True, exist_ok=True)
-        entries = self.gallery_entries(k)
-        # 1. gallery
-        renders = {e.name: self.ensure_render(e, d) for e in entries}
+
+    def _rank_and_learn(self, k: int, d: Path, entries, renders: dict) -> dict:
+        from ..itercomp.gallery import read_render
+        from ..itercomp.ranking import Group
+
         index = {}
         for name, folder in renders.items():
             for r in read_render(folder):
@@ -196,13 +293,13 @@ class IterCompRun:
         groups = self.rank(groups, d, k)
         # 3. reward models
         rm_reports = self.train_reward_models(groups, d, k)
-        # 4. ReFL
-        refl_summary = self.refl(k, d)
-        # 5. expand: render the refined model (next iteration's gallery member; this one's "after")
-        from ..itercomp.gallery import GalleryEntry
+        return {"composition": composition, "groups": len(groups), "rm_reports": rm_reports}
 
-        new = GalleryEntry(f"itercomp-iter{k}", self.cfg.model.path, self.cfg.model.family, str(d / "lora"))
-        folder = self.ensure_render(new, d)
+    def _after(self, k: int, d: Path, entries, renders: dict, new, folder: Path, pre: dict, refl_summary: dict) -> dict:
+        from ..itercomp.gallery import read_render
+        from ..itercomp.ranking import Group
+
+        composition, rm_reports = pre["composition"], pre["rm_reports"]
         after_groups = []
         for r in read_render(folder):
             after_groups.append(Group(r["prompt"], r["category"], [str((folder / r["image"]).resolve())], [new.name], r["seed"]))
@@ -213,7 +310,7 @@ class IterCompRun:
         return {
             "iteration": k,
             "gallery": [e.to_dict() for e in entries],
-            "groups": len(groups),
+            "groups": pre["groups"],
             "reward_models": rm_reports,
             "refl": {key: refl_summary.get(key) for key in ("steps", "eval_reward_before", "eval_reward_after", "train_reward_first", "train_reward_last", "wall_time_s", "skipped_steps")},
             "composition": composition,
@@ -325,9 +422,16 @@ class IterCompRun:
     def refl(self, k: int, d: Path) -> dict:
         from ..engine import TRAINABLE_FILE
 
-        rcfg = self.refl_config(k, d)
+        # the config names the reward models' fingerprint: read on the main process
+        rcfg = RunConfig.model_validate(self.on_main(lambda: json.loads(self.refl_config(k, d).model_dump_json())))
         init = self.root / f"iter-{k - 1}" / "lora" / TRAINABLE_FILE if k > 0 else None
         summary = _ContinuedTrainer(rcfg, init).fit()
+        self.on_main(lambda: self._keep_lora(d))
+        return summary
+
+    def _keep_lora(self, d: Path) -> None:
+        from ..engine import TRAINABLE_FILE
+
         # the cumulative LoRA of this iteration: diffusers format + the trainable state
         lora = d / "lora"
         tmp = d / ".lora-tmp"
@@ -337,7 +441,6 @@ class IterCompRun:
         shutil.copy2(ck / TRAINABLE_FILE, tmp / TRAINABLE_FILE)
         shutil.rmtree(lora, ignore_errors=True)
         os.replace(tmp, lora)
-        return summary
 
     def gallery_grid(self, d: Path, renders: dict) -> None:
         from rewards.images import load_image
@@ -382,6 +485,7 @@ class IterCompRun:
             "reward_model_accuracy": [{"iteration": r["iteration"], **{c: {"train": v["train_accuracy"], "val": v["val_accuracy"]} for c, v in r["reward_models"].items()}} for r in records],
             "per_iteration": records,
             "lora": str(self.root / f"iter-{len(records) - 1}" / "lora") if records else None,
+            "num_processes": getattr(self, "n", 1),
         }
         self.run_dir.write_summary(summary)
         return summary
@@ -403,6 +507,8 @@ def _continued_trainer_cls():
     class ContinuedTrainer(Trainer):
         """The engine's Trainer, starting its LoRA from an earlier iteration's trainable state
         (the refined model keeps improving across iterations instead of restarting)."""
+
+        keep_process_group = True  # the outer loop goes on after each fit()
 
         def __init__(self, cfg, init_state: Optional[Path]):
             super().__init__(cfg, resume=False)
