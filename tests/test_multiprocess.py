@@ -212,3 +212,29 @@ def test_two_process_itercomp_matches_one_process(tmp_path):
     strip = lambda t: [{k: v for k, v in json.loads(l).items() if k != "images"} for l in t.splitlines()]
     assert strip((one / "iter-0" / "rankings.jsonl").read_text()) == strip((two / "iter-0" / "rankings.jsonl").read_text())
     assert not (two / "iter-0" / ".gallery-parts").exists() or not any((two / "iter-0" / ".gallery-parts").iterdir())
+
+
+FSDP_PROBE = """
+import torch
+from accelerate import Accelerator, FullyShardedDataParallelPlugin
+acc = Accelerator(cpu=True, fsdp_plugin=FullyShardedDataParallelPlugin(fsdp_version=2))
+m, _ = acc.prepare(torch.nn.Linear(4, 1), torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1))
+print("PROBE", acc.process_index, acc.distributed_type, type(m).__name__, flush=True)
+"""
+
+
+def test_accelerate_fsdp_is_not_available_on_cpu(tmp_path):
+    """What the README says about FSDP: accelerate ignores an FSDP plugin on CPU/gloo and wraps
+    with DDP. When a later accelerate changes this, this fails: then add a real 2-process FSDP run."""
+    import os
+
+    from vfeedback.commands.train import _free_port
+
+    script = tmp_path / "probe.py"
+    script.write_text(FSDP_PROBE)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                        "--master_port", str(_free_port()), str(script)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = sorted(l for l in r.stdout.splitlines() if l.startswith("PROBE"))
+    assert lines == [f"PROBE {i} DistributedType.MULTI_CPU DistributedDataParallel" for i in range(2)], r.stdout
