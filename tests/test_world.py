@@ -94,3 +94,21 @@ def test_tiny_shapes_loads_and_matches_recorded_base_rate():
     expected = torch.tensor(rec["heldout_scores_first16"])
     assert abs(scores.mean().item() - expected.mean().item()) < 0.05
     assert ((scores > 0.5) == (expected > 0.5)).float().mean() >= 0.85
+
+
+def test_pretrain_data_from_the_world_generator():
+    """refl.pretrain.data: world:shapes draws captioned generator scenes from the step's generator."""
+    from rewards.shapes import parse
+
+    from vfeedback.algorithms.refl import PretrainData
+    from vfeedback.errors import UserError
+
+    d = PretrainData("world:shapes")
+    a, ca = d.batch(6, torch.Generator().manual_seed(3), 32)
+    b, cb = d.batch(6, torch.Generator().manual_seed(3), 32)
+    c, _ = d.batch(6, torch.Generator().manual_seed(4), 64)
+    assert a.shape == (6, 3, 32, 32) and c.shape == (6, 3, 64, 64)
+    assert torch.equal(a, b) and ca == cb and all(parse(t) is not None for t in ca)
+    assert 0.0 <= float(a.min()) and float(a.max()) <= 1.0
+    with pytest.raises(UserError, match="world:shapes"):
+        PretrainData("world:cubes")

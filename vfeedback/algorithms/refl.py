@@ -85,14 +85,24 @@ class ReFL:
 
 
 class PretrainData:
-    """Image-text pairs: a folder of images with same-name ``.txt`` captions, or a JSONL file
-    of ``{"image": path, "text": caption}`` (paths relative to the file)."""
+    """Image-text pairs: a folder of images with same-name ``.txt`` captions, a JSONL file
+    of ``{"image": path, "text": caption}`` (paths relative to the file), or ``world:shapes``:
+    fresh captioned scenes from the shapes-world generator (the data tiny:shapes was trained
+    on), drawn from the step's generator, so the denoising loss anchors the model to them."""
+
+    WORLDS = ("world:shapes",)
 
     def __init__(self, spec: str):
         from rewards.images import IMAGE_SUFFIXES
 
-        p = Path(spec)
+        self.world = None
         self.items: list[tuple[Path, str]] = []
+        if str(spec).startswith("world:"):
+            if spec not in self.WORLDS:
+                raise UserError(f"refl.pretrain.data: unknown generated data {spec!r}; available: {', '.join(self.WORLDS)}")
+            self.world = spec
+            return
+        p = Path(spec)
         if p.is_dir():
             for img in sorted(x for x in p.iterdir() if x.suffix.lower() in IMAGE_SUFFIXES):
                 cap = img.with_suffix(".txt")
@@ -119,6 +129,18 @@ class PretrainData:
 
     def batch(self, n: int, gen: torch.Generator, size: int):
         from rewards.images import load_image
+
+        if self.world is not None:
+            from rewards.shapes import KINDS
+
+            from ..world.scenes import make_batch
+
+            seed = int(torch.randint(2**31 - 1, (1,), generator=gen))
+            kinds = [KINDS[i] for i in torch.randint(len(KINDS), (n,), generator=gen).tolist()]
+            images, scenes = make_batch(n, seed=seed, kinds=kinds)
+            if images.shape[-1] != size:
+                images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            return images, [sc.caption for sc in scenes]
 
         idx = torch.randint(len(self.items), (n,), generator=gen).tolist()
         imgs = []

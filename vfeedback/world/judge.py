@@ -187,8 +187,8 @@ def evaluate(net, n_per_kind: int = 200, seed: int = 7, tau: float = 0.04) -> di
     return res
 
 
-def train_all(steps: Optional[int] = None) -> dict:
-    return {name: train_judge(name, steps) for name in JUDGES}
+def train_all(steps: Optional[int] = None, out_dir: Path = ASSETS) -> dict:
+    return {name: train_judge(name, steps, out_dir=out_dir) for name in JUDGES}
 
 
 def main(argv=None) -> int:

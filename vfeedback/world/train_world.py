@@ -32,6 +32,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -47,6 +48,8 @@ WORK_DIR = Path(os.environ.get("VFEEDBACK_WORLD_WORK", "runs/world"))
 #: CLIP pads prompts to this many tokens; shapes captions are at most 11
 MAX_TOKENS = 16
 TEXT_HIDDEN = 64
+
+STAGES = ("judges", "vae", "decoder", "unet", "unet_more", "baseline")
 
 # sampling settings of the base rate (and the defaults the docs recommend for tiny:shapes)
 BASE_STEPS = 20
@@ -315,14 +318,16 @@ def sample_images(model, prompts, seeds, steps: int = BASE_STEPS, guidance: floa
     return torch.cat(out)
 
 
-def judge_table(images, prompts, kinds, which: str = "shapes_judge_heldout") -> dict:
-    """Per kind: mean P(match) and the fraction judged a match (P > 0.5), plus the terms."""
+def judge_table(images, prompts, kinds, which: str = "shapes_judge_heldout", weights: Optional[Path] = None) -> dict:
+    """Per kind: mean P(match) and the fraction judged a match (P > 0.5), plus the terms.
+    ``weights``: a judge file other than the shipped one of ``which``."""
     import rewards
 
-    judge = rewards.load(which)
+    kw = {"weights": str(weights), "cache": False} if weights is not None else {}
+    judge = rewards.load(which, **kw)
     parts = {}
     for part in ("all", "attribute", "spatial", "count"):
-        r = judge if part == "all" else rewards.load(which, part=part)
+        r = judge if part == "all" else rewards.load(which, part=part, **kw)
         with torch.no_grad():
             parts[part] = torch.cat([r(images[i:i + 64], prompts[i:i + 64]) for i in range(0, len(prompts), 64)])
     table = {}
@@ -338,7 +343,9 @@ def judge_table(images, prompts, kinds, which: str = "shapes_judge_heldout") -> 
     return table, parts["all"]
 
 
-def baseline(out: Path, n_per_kind: int = 32) -> dict:
+def baseline(out: Path, n_per_kind: int = 32, judge_dir: Optional[Path] = None, work_dir: Path = WORK_DIR) -> dict:
+    """Sample the pipeline in ``out`` on the base-rate prompts, score with both judges (the
+    shipped ones, or those in ``judge_dir``) and write ``out/base_rate.json``."""
     from ..models import load_model
 
     model = load_model("sd15", str(out))
@@ -346,8 +353,9 @@ def baseline(out: Path, n_per_kind: int = 32) -> dict:
     t0 = time.time()
     images = sample_images(model, prompts, seeds)
     log.info("baseline: %d images in %.0fs", len(prompts), time.time() - t0)
-    held, held_scores = judge_table(images, prompts, kinds, "shapes_judge_heldout")
-    train, _ = judge_table(images, prompts, kinds, "shapes_judge")
+    jw = (lambda n: Path(judge_dir) / f"{n}.safetensors") if judge_dir is not None else (lambda n: None)
+    held, held_scores = judge_table(images, prompts, kinds, "shapes_judge_heldout", jw("judge_heldout"))
+    train, _ = judge_table(images, prompts, kinds, "shapes_judge", jw("judge"))
     res = {
         "model": "tiny:shapes", "sampler": {"steps": BASE_STEPS, "guidance_scale": BASE_GUIDANCE, "eta": 0.0},
         "prompts": {"n_per_kind": n_per_kind, "seed": 123, "sampling_seeds": "0..N-1, one per prompt"},
@@ -358,7 +366,7 @@ def baseline(out: Path, n_per_kind: int = 32) -> dict:
     (out / "base_rate.json").write_text(json.dumps(res, indent=1))
     from .scenes import grid
 
-    grid(images[::3][:32], nrow=8, scale=4).save(WORK_DIR / "tiny_shapes_samples.png")
+    grid(images[::3][:32], nrow=8, scale=4).save(Path(work_dir) / "tiny_shapes_samples.png")
     log.info("baseline: held-out judge %s", json.dumps(held))
     return res
 
@@ -374,26 +382,41 @@ def main(argv=None) -> int:
     ap.add_argument("--judge-steps", type=int, default=None, help="judge training steps (default: judge.py's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
+    ap.add_argument("--model-dir", default=str(MODEL_DIR), help="where the pipeline is written (default: the shipped tiny:shapes folder)")
+    ap.add_argument("--judge-dir", default=None, help="where the judges are written (default: the shipped rewards/assets/shapes)")
+    ap.add_argument("--work-dir", default=str(WORK_DIR), help="intermediate VAE and sample sheets")
+    ap.add_argument("--baseline-n", type=int, default=32, help="base-rate prompts per kind")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(args.threads)
-    WORK_DIR.mkdir(parents=True, exist_ok=True)
+    work, model_dir = Path(args.work_dir), Path(args.model_dir)
+    judge_dir = Path(args.judge_dir) if args.judge_dir else None
+    work.mkdir(parents=True, exist_ok=True)
     stages = args.stages.split(",")
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        ap.error(f"--stages: unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}")
+    t0 = time.time()
     if "judges" in stages:
         from .judge import train_all
 
-        train_all(steps=args.judge_steps)
+        if judge_dir is not None:
+            judge_dir.mkdir(parents=True, exist_ok=True)
+            train_all(steps=args.judge_steps, out_dir=judge_dir)
+        else:
+            train_all(steps=args.judge_steps)
     if "vae" in stages:
-        train_vae(args.vae_steps, args.batch, args.seed, WORK_DIR / "vae")
+        train_vae(args.vae_steps, args.batch, args.seed, work / "vae")
     if "decoder" in stages:
-        train_decoder(WORK_DIR / "vae", args.decoder_minutes, args.batch, args.seed)
+        train_decoder(work / "vae", args.decoder_minutes, args.batch, args.seed)
     if "unet" in stages:
-        train_unet(WORK_DIR / "vae", args.unet_minutes, args.batch, args.seed, MODEL_DIR)
+        train_unet(work / "vae", args.unet_minutes, args.batch, args.seed, model_dir)
     if "unet_more" in stages:
-        train_unet(WORK_DIR / "vae", args.unet_more_minutes, args.batch, args.seed + 1, MODEL_DIR, lr=5e-4, pool=30_000,
+        train_unet(work / "vae", args.unet_more_minutes, args.batch, args.seed + 1, model_dir, lr=5e-4, pool=30_000,
                    resume=True, pool_seed=21_000_000)
     if "baseline" in stages:
-        baseline(MODEL_DIR)
+        baseline(model_dir, n_per_kind=args.baseline_n, judge_dir=judge_dir, work_dir=work)
+    log.info("world: stages %s done in %.1f min", ",".join(stages), (time.time() - t0) / 60)
     return 0
 
 
