@@ -83,22 +83,24 @@ def _same_eval(one, two, final):
     assert d.max() <= 1 and (d > 0).mean() < 1e-3
 
 
-def test_two_process_text_encoder_lora_is_all_reduced(tmp_path):
-    """model.lora.text_encoder: the text encoder's LoRA (not wrapped by DDP) gets its gradients
-    averaged over processes: the same on every process and equal to the 1-process run."""
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_two_process_text_encoder_lora_is_all_reduced(tmp_path, family):
+    """model.lora.text_encoder: the text encoders' LoRA (not wrapped by DDP; SDXL has two) gets
+    its gradients averaged over processes: the same on every process and equal to 1 process."""
     from safetensors.torch import load_file
 
     # adam_eps above float noise (see the D3PO test): Adam's first steps stay linear in the gradient
-    extra = {"model": {"lora": {**BASE["model"]["lora"], "text_encoder": True}}, "train": {"adam_eps": 1e-4},
-             "prompts": {"eval_seeds": [0]}}
+    extra = {"model": {"lora": {**BASE["model"]["lora"], "text_encoder": True}, "family": family, "path": f"tiny:{family}"},
+             "train": {"adam_eps": 1e-4}, "prompts": {"eval_seeds": [0]}}
     one, two = tmp_path / "te1", tmp_path / "te2"
     _run([str(_cfg(tmp_path, one, batch=2, extra=extra))])
     _run([str(_cfg(tmp_path, two, batch=1, extra=extra)), "--num-processes", "2"])
     a = load_file(str(one / "lora" / "pytorch_lora_weights.safetensors"))
     b = load_file(str(two / "lora" / "pytorch_lora_weights.safetensors"))
-    te = [k for k in a if k.startswith("text_encoder.")]
-    assert te and a.keys() == b.keys()
-    assert any(a[k].abs().sum() > 0 for k in te if ".up." in k)  # the text encoder LoRA trained
+    assert a.keys() == b.keys()
+    for prefix in ("text_encoder.",) + (("text_encoder_2.",) if family == "sdxl" else ()):
+        te = [k for k in a if k.startswith(prefix)]
+        assert any(a[k].abs().sum() > 0 for k in te if ".up." in k), prefix  # this text encoder's LoRA trained
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5), k
     s = json.loads((two / "summary.json").read_text())
