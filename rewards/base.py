@@ -245,6 +245,10 @@ class WeightedSum(Reward):
         self.name = "+".join(self.names)
         self.last_components: dict[str, torch.Tensor] = {}
         self.update_stats = False
+        # several training processes: a callable that returns every process's scores of this
+        # call (a trainer sets it, e.g. accelerate's gather), so all processes update the
+        # running statistics with the same global batch a single process would see
+        self.stats_gather = None
 
     def forward(self, images, prompts=None, **context):
         total = None
@@ -260,7 +264,7 @@ class WeightedSum(Reward):
                 v = (v - mu) / sd.clamp_min(1e-6)
             elif self.normalize == "running":
                 if self.update_stats:
-                    norm.update(v)
+                    norm.update(self.stats_gather(v.detach()) if self.stats_gather is not None else v)
                 v = (v - norm.mean.to(v)) / norm.std().to(v)
             term = w * v
             nan = ~torch.isfinite(term)

@@ -19,7 +19,7 @@ def _cfg(tmp_path, out, batch, algorithm="refl", extra=None):
     cfg["prompts"]["eval_seeds"] = [0, 1]
     if extra:
         for k, v in extra.items():
-            cfg.setdefault(k, {}).update(v) if isinstance(v, dict) else cfg.update({k: v})
+            cfg.setdefault(k, {}).update(v) if isinstance(v, dict) and isinstance(cfg.get(k, {}), dict) else cfg.update({k: v})
     p = tmp_path / f"{out.name}.yaml"
     p.write_text(yaml.safe_dump(cfg))
     return p
@@ -37,8 +37,13 @@ def test_two_process_refl_matches_one_process_with_the_same_global_batch(tmp_pat
 
     one = tmp_path / "one"
     two = tmp_path / "two"
-    _run([str(_cfg(tmp_path, one, batch=2))])
-    _run([str(_cfg(tmp_path, two, batch=1)), "--num-processes", "2"])
+    # two rewards on running statistics: each process must update them with the global batch
+    # (adam_eps 1e-4: Adam with the default eps turns float-noise-sized gradient differences
+    # into full-size steps, as in the D3PO and text-encoder tests)
+    rew = {"reward": {"rewards": [{"name": "color"}, {"name": "brightness", "weight": 0.5}], "normalize": "running"},
+           "train": {"adam_eps": 1e-4}}
+    _run([str(_cfg(tmp_path, one, batch=2, extra=rew))])
+    _run([str(_cfg(tmp_path, two, batch=1, extra=rew)), "--num-processes", "2"])
     a = load_file(str(one / "lora" / "pytorch_lora_weights.safetensors"))
     b = load_file(str(two / "lora" / "pytorch_lora_weights.safetensors"))
     assert a.keys() == b.keys()

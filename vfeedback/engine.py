@@ -365,6 +365,9 @@ class Trainer:
         A, B, N, rank = cfg.train.gradient_accumulation_steps, cfg.train.batch_size, acc.num_processes, acc.process_index
         if hasattr(self.reward, "update_stats"):
             self.reward.update_stats = True
+        if N > 1 and hasattr(self.reward, "stats_gather"):
+            # running reward normalisation: statistics from the global batch, the same on every process
+            self.reward.stats_gather = lambda v: acc.gather(v.contiguous().to(acc.device)).to(v.device)
         step = start
         for step in range(start + 1, cfg.train.max_steps + 1):
             t_step = time.time()
