@@ -335,3 +335,17 @@ def test_gallery_member_sampler_settings(tmp_path):
     assert [e.name for e in es] == ["base", "shapes-cfg1.5", "shapes-cfg8", "shapes-8steps"]
     assert (es[1].guidance_scale, es[1].steps) == (1.5, None) and (es[3].steps, es[3].guidance_scale) == (8, None)
     assert es[1].to_dict()["guidance_scale"] == 1.5 and "steps" not in es[1].to_dict()
+
+
+def test_auto_ranking_tie_levels(tmp_path):
+    """ranker.tie_tol: near-equal scores tie (no pair), written as "ranks" and read back."""
+    from vfeedback.itercomp.ranking import Group, read_groups, tie_levels, write_groups
+
+    assert tie_levels([0.001, 0.6, 0.002, 0.58, float("nan")], 0.05) == [2, 1, 2, 1, 3]
+    assert tie_levels([0.3, 0.2, 0.1], 0.0) == [1, 2, 3]
+    g = Group("a red ball", "spatial", [str(tmp_path / f"{i}.png") for i in range(4)], seed=0, ranking=[1, 3, 2, 0],
+              ties=tie_levels([0.001, 0.6, 0.002, 0.58], 0.05))
+    assert sorted(g.pairs()) == [(1, 0), (1, 2), (3, 0), (3, 2)]
+    write_groups(tmp_path / "r.jsonl", [g])
+    (back,) = read_groups(tmp_path / "r.jsonl", {"a red ball": "spatial"})
+    assert back.ties == g.ties and sorted(back.pairs()) == sorted(g.pairs())

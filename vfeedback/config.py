@@ -219,6 +219,7 @@ class IterCompRankerConfig(Section):
             "count": RewardSpec(name="composition_count"),
         },
         description="auto: the composition scorer ranking each category ({category: {name, options}}); also the per-iteration composition measure")
+    tie_tol: float = Field(0.0, ge=0, description="auto: scores within this of the next better one tie with it (no pair is trained between them)")
 
 
 class IterCompRewardModelConfig(Section):

@@ -348,7 +348,7 @@ class IterCompRun:
         return out
 
     def rank(self, groups, d: Path, k: int):
-        from ..itercomp.ranking import rank_by_scores, read_groups, write_groups
+        from ..itercomp.ranking import rank_by_scores, read_groups, tie_levels, write_groups
         from rewards.images import load_image
 
         path = d / "rankings.jsonl"
@@ -359,6 +359,8 @@ class IterCompRun:
                 with torch.no_grad():
                     g.scores = scorer(x.to(scorer.device), [g.prompt] * len(g.images)).float().cpu().tolist()
                 g.ranking = rank_by_scores(g.scores)
+                if self.ic.ranker.tie_tol > 0:
+                    g.ties = tie_levels(g.scores, self.ic.ranker.tie_tol)
             write_groups(path, groups)
             return groups
         # human: the rankings file and this iteration's rankings.jsonl; every group of the

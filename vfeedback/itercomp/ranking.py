@@ -65,6 +65,8 @@ class Group:
 
         rec = {"prompt": self.prompt, "category": self.category, "seed": self.seed, "images": [rel(p) for p in self.images],
                "models": self.models, "ranking": self.ranking}
+        if self.ties is not None:
+            rec["ranks"] = list(self.ties)
         if self.scores is not None:
             rec["scores"] = [None if not math.isfinite(s) else round(s, 6) for s in self.scores]
         return rec
@@ -116,6 +118,10 @@ def read_groups(path: Union[str, Path], categories_by_prompt: Optional[dict[str,
             ranking = rec.get("ranking")
             if not isinstance(ranking, list):
                 raise UserError(f"{where}: \"ranking\" (indices into images, best first) is missing")
+            if rec.get("ranks") is not None:  # optional tie levels (1 = best; equal = tie)
+                ties = rec["ranks"]
+                if not isinstance(ties, list) or len(ties) != len(images or []) or not all(isinstance(r, int) for r in ties):
+                    raise UserError(f"{where}: \"ranks\" must give one integer rank per image")
         if not isinstance(images, list) or len(images) < 2 or not all(isinstance(x, str) for x in images):
             raise UserError(f"{where}: \"images\" must list at least two image paths")
         if ranking is not None:
@@ -125,6 +131,28 @@ def read_groups(path: Union[str, Path], categories_by_prompt: Optional[dict[str,
         models = rec.get("models") or [it.get("model", "") for it in rec.get("items", []) if isinstance(it, dict)] or []
         out.append(Group(prompt, cat, paths, list(models), rec.get("seed"), ranking, ties))
     return out
+
+
+def tie_levels(scores: Sequence[float], tol: float) -> list[int]:
+    """Rank levels (1 = best; equal = tie) of scores: walking down from the best, a score within
+    ``tol`` of the one above it shares its level, so only pairs the scorer clearly separates
+    are trained (two near-zero composition scores are not a preference). NaN: the last level."""
+    order = rank_by_scores(scores)
+    levels = [0] * len(scores)
+    level, prev = 1, None
+    for i in order:
+        s = scores[i]
+        if not math.isfinite(s):
+            if prev is None or math.isfinite(prev):
+                level += prev is not None
+            levels[i] = level
+            prev = s
+            continue
+        if prev is not None and (prev - s) > tol:
+            level += 1
+        levels[i] = level
+        prev = s
+    return levels
 
 
 def rank_by_scores(scores: Sequence[float]) -> list[int]:
