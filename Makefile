@@ -34,7 +34,8 @@ clean:
 	rm -rf runs/quickstart
 
 # The shapes world (docs/world.md): judges, tiny:shapes and its base rate, from scratch on one
-# CPU thread in about an hour; writes rewards/assets/shapes and vfeedback/assets/tiny-shapes.
+# CPU thread in about 85 minutes (wall-clock budgets per stage); writes rewards/assets/shapes and
+# vfeedback/assets/tiny-shapes (--model-dir / --judge-dir / --work-dir build elsewhere).
 .PHONY: world
 world: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m vfeedback.world.train_world

@@ -1,7 +1,7 @@
 """The shapes world's report card: how well the judges read generator scenes, and how often
 the shipped ``tiny:shapes`` model draws what its caption asks, per caption kind.
 
-    OMP_NUM_THREADS=1 python bench/world_report.py [--n-per-kind 300] [--model-n-per-kind 64]
+    OMP_NUM_THREADS=1 python bench/world_report.py [--n-per-kind 300] [--model-n-per-kind 64] [--compare]
 
 Writes bench/results/world_report.json (and world_report_samples.png: scenes and samples).
 
@@ -11,6 +11,7 @@ Writes bench/results/world_report.json (and world_report_samples.png: scenes and
 - model: tiny:shapes sampled (DDIM 20 steps, CFG 4) on a seeded prompt set; per kind, the
   fraction of images each judge says match (P > 0.5), mean P, the per-term accuracies, and
   how often the two judges agree.
+- with ``--compare``: the methods side by side (bench/world_compare.py, world_compare.json).
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ def main(argv=None) -> int:
     ap.add_argument("--n-per-kind", type=int, default=300, help="generator scenes per kind for judge accuracy")
     ap.add_argument("--model-n-per-kind", type=int, default=64, help="tiny:shapes prompts per kind")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "world_report.json"))
+    ap.add_argument("--compare", action="store_true",
+                    help="also ReFL, D3PO and ZO-RankSGD on one budget (bench/world_compare.py: trains them, ~20 min on 2 cores)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
 
@@ -76,6 +79,11 @@ def main(argv=None) -> int:
         "rows 1-2: generator scenes (seed 0); rows 3-5: tiny:shapes samples of these prompts:\n"
         + "\n".join(prompts[k * args.model_n_per_kind + i] for k in range(3) for i in range(8)) + "\n")
     print("wrote", out)
+    if args.compare:
+        sys.path.insert(0, str(ROOT / "bench"))
+        from world_compare import main as compare
+
+        return compare([])
     return 0
 
 

@@ -112,3 +112,24 @@ def test_pretrain_data_from_the_world_generator():
     assert 0.0 <= float(a.min()) and float(a.max()) <= 1.0
     with pytest.raises(UserError, match="world:shapes"):
         PretrainData("world:cubes")
+
+
+@pytest.mark.slow
+def test_make_world_end_to_end_elsewhere(tmp_path):
+    """Every stage of `make world` in one go, with minute-sized budgets, into temp folders (the
+    shipped weights are not touched): judges, VAE, decoder, UNet, more UNet, base rate. ~13 min."""
+    import json
+
+    from vfeedback.world.train_world import main
+
+    model, judges, work = tmp_path / "model", tmp_path / "judges", tmp_path / "work"
+    rc = main(["--judge-steps", "40", "--vae-steps", "20", "--decoder-minutes", "0.2", "--unet-minutes", "0.5",
+               "--unet-more-minutes", "0.3", "--baseline-n", "4", "--model-dir", str(model), "--judge-dir", str(judges),
+               "--work-dir", str(work)])
+    assert rc == 0
+    assert (judges / "judge.safetensors").exists() and (judges / "judge_heldout.safetensors").exists()
+    rate = json.loads((model / "base_rate.json").read_text())
+    assert rate["heldout_judge"]["overall"]["n"] == 12
+    from vfeedback.models import load_model
+
+    load_model("sd15", str(model))  # loads like a hub folder
