@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +73,46 @@ def pair_accuracy(r_better: torch.Tensor, r_worse: torch.Tensor) -> float:
     if d.numel() == 0:
         return float("nan")
     return float(((d > 0).float() + 0.5 * (d == 0).float()).mean())
+
+
+def train_pairwise_head(head: nn.Module, score: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], n: int,
+                        evaluate_train: Callable[[], tuple[float, float]],
+                        evaluate_val: Optional[Callable[[], tuple[float, float]]] = None, *, epochs: int,
+                        batch_size: int, lr: float, weight_decay: float, seed: int,
+                        start_val_loss: float = math.inf) -> tuple[int, list[dict]]:
+    """Train a reward head on ``n`` (better, worse) pairs with ``pairwise_ranking_loss``; keep the best epoch.
+
+    Each epoch visits the pairs in a fresh ``torch.randperm(n)`` order (a generator seeded with
+    ``seed``) in mini-batches of ``batch_size``; ``score(idx)`` gives the head's
+    ``(r_better, r_worse)`` for the pair indices ``idx``; AdamW steps on the mean loss.
+    ``evaluate_val()`` / ``evaluate_train()`` give ``(loss, pair accuracy)``. With validation,
+    the epoch with the lowest validation loss is kept (epoch 0, the starting weights, when
+    none beats ``start_val_loss``); without, the last epoch. A history record (train and
+    validation loss and accuracy) is taken at epoch 1, every ``epochs // 10`` and the last.
+    The kept weights are loaded into ``head``; returns ``(best epoch, history)``.
+    """
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    g = torch.Generator().manual_seed(seed)
+    has_val = evaluate_val is not None
+    best = (start_val_loss if has_val else math.inf, 0, {k: v.clone() for k, v in head.state_dict().items()})
+    history = []
+    for epoch in range(1, epochs + 1):
+        head.train()
+        perm = torch.randperm(n, generator=g)
+        for s in range(0, n, batch_size):
+            idx = perm[s : s + batch_size]
+            loss = pairwise_ranking_loss(*score(idx))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        vl, vacc = evaluate_val() if has_val else (float("nan"), float("nan"))
+        if not has_val or vl < best[0]:
+            best = (vl if has_val else math.inf, epoch, {k: v.clone() for k, v in head.state_dict().items()})
+        if epoch == 1 or epoch % max(1, epochs // 10) == 0 or epoch == epochs:
+            tl, tacc = evaluate_train()
+            history.append({"epoch": epoch, "train_loss": tl, "train_acc": tacc, "val_loss": vl, "val_acc": vacc})
+    head.load_state_dict(best[2])
+    return best[1], history
 
 
 # --------------------------------------------------------------------------------------------

@@ -41,7 +41,6 @@ import argparse
 import hashlib
 import json
 import logging
-import math
 import os
 import sys
 from pathlib import Path
@@ -53,7 +52,7 @@ from torch import nn
 
 from . import _hub
 from .base import Reward, RewardError, register
-from .itercomp_rm import load_backbone, pair_accuracy, pairwise_ranking_loss
+from .itercomp_rm import load_backbone, pair_accuracy, pairwise_ranking_loss, train_pairwise_head
 
 log = logging.getLogger(__name__)
 
@@ -381,27 +380,11 @@ def train_structure_model(photos, out: Union[str, Path], backbone: dict, *, vari
         return float(pairwise_ranking_loss(rg, rb)), pair_accuracy(rg, rb)
 
     val_loss0, val_acc0 = evaluate(va)
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-    g = torch.Generator().manual_seed(seed)
     n = tr_good.shape[0]
-    best = (math.inf, 0, {k: v.clone() for k, v in head.state_dict().items()})
-    history = []
-    for epoch in range(1, epochs + 1):
-        head.train()
-        perm = torch.randperm(n, generator=g)
-        for s in range(0, n, batch_size):
-            idx = perm[s:s + batch_size]
-            loss = pairwise_ranking_loss(head.raw(tr_good[idx]), head.raw(tr_bad[idx]))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        vl, vacc = evaluate(va)
-        if va is None or vl < best[0]:
-            best = (vl if va is not None else math.inf, epoch, {k: v.clone() for k, v in head.state_dict().items()})
-        if epoch == 1 or epoch % max(1, epochs // 10) == 0 or epoch == epochs:
-            tl, tacc = evaluate((tr_good, tr_bad))
-            history.append({"epoch": epoch, "train_loss": tl, "train_acc": tacc, "val_loss": vl, "val_acc": vacc})
-    head.load_state_dict(best[2])
+    best_epoch, history = train_pairwise_head(
+        head, lambda idx: (head.raw(tr_good[idx]), head.raw(tr_bad[idx])), n, lambda: evaluate((tr_good, tr_bad)),
+        (lambda: evaluate(va)) if va is not None else None, epochs=epochs, batch_size=batch_size, lr=lr,
+        weight_decay=weight_decay, seed=seed)
     train_loss, train_acc = evaluate((tr_good, tr_bad))
     val_loss, val_acc = evaluate(va)
     per_kind = {}
@@ -418,7 +401,7 @@ def train_structure_model(photos, out: Union[str, Path], backbone: dict, *, vari
     report = {
         "photos_train": len(train_paths), "photos_val": len(val_paths), "variants": variants, "size": size,
         "kinds": list(kinds or DISTORTIONS), "pairs_train": int(n), "pairs_val": int(va[0].shape[0]) if va is not None else 0,
-        "best_epoch": best[1], "epochs": epochs, "train_loss": train_loss, "train_accuracy": train_acc,
+        "best_epoch": best_epoch, "epochs": epochs, "train_loss": train_loss, "train_accuracy": train_acc,
         "val_loss": val_loss, "val_accuracy": val_acc, "val_accuracy_at_start": val_acc0,
         "val_accuracy_by_kind": per_kind, "val_photos": [p.name for p in val_paths], "seed": seed,
     }

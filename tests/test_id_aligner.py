@@ -264,7 +264,8 @@ def test_d3po_trains_with_the_ip_adapter(tmp_path, face_models):
     from vfeedback.config import load_config
     from vfeedback.feedback.preferences import PreferenceItem
     from vfeedback.models import add_lora
-    from vfeedback.sampling import ddim_timesteps, transition_log_prob
+
+    from tests.test_d3po import _log_ratios
 
     face = face_models["face"]
     p, out = _algo_cfg(tmp_path, "d3po", face, **{"train.max_steps": 2, "sampling.steps": 3, "prompts.eval": ["a red apple"],
@@ -291,17 +292,9 @@ def test_d3po_trains_with_the_ip_adapter(tmp_path, face_models):
                               eval_prompts=["a red apple"], train_prompts=["a red apple"])
     method = D3PO(cfg, trainer)
     batch = _Batch(cond, trajs[1.0], [0, 0], [(0, 1)])
-    ts = ddim_timesteps(m, s.steps)
 
     def log_ratios():
-        def lp():
-            return torch.stack([transition_log_prob(m, batch.cond, batch.traj[:, k], ts[k], batch.traj[:, k + 1], num_steps=s.steps,
-                                                    guidance_scale=s.guidance_scale, eta=s.eta) for k in range(s.steps)], 1)
-        with torch.no_grad():
-            cur = lp()
-            with method.policy("ref"):
-                ref = lp()
-        return (cur - ref).sum(1)
+        return _log_ratios(method, batch, cfg)  # method.trainer.model is m, cfg.sampling is s
 
     assert torch.allclose(log_ratios(), torch.zeros(2), atol=1e-6)
     opt = torch.optim.SGD(params, lr=0.5)

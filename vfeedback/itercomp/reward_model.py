@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
-from rewards.itercomp_rm import RewardHead, load_backbone, pair_accuracy, pairwise_ranking_loss, read_head, save_head
+from rewards.itercomp_rm import (RewardHead, load_backbone, pair_accuracy, pairwise_ranking_loss, read_head, save_head,
+                                train_pairwise_head)
 
 from .ranking import Group
 
@@ -101,29 +101,11 @@ def train_category(groups: Sequence[Group], category: str, rm_cfg, backbone_spec
 
     val_loss0, val_acc0 = evaluate(va)
     train_loss0, train_acc0 = evaluate(tr)
-    opt = torch.optim.AdamW(head.parameters(), lr=rm_cfg.lr, weight_decay=rm_cfg.weight_decay)
-    g = torch.Generator().manual_seed(seed)
     n = tr[0].shape[0]
-    best = (val_loss0 if va is not None else math.inf, 0, {k: v.clone() for k, v in head.state_dict().items()})
-    if va is None:
-        best = (math.inf, 0, best[2])
-    history = []
-    for epoch in range(1, rm_cfg.epochs + 1):
-        head.train()
-        perm = torch.randperm(n, generator=g)
-        for s in range(0, n, rm_cfg.batch_size):
-            idx = perm[s : s + rm_cfg.batch_size]
-            loss = pairwise_ranking_loss(head.raw(tr[0][idx], tr[2][idx]), head.raw(tr[1][idx], tr[2][idx]))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        vl, vacc = evaluate(va)
-        if va is None or vl < best[0]:
-            best = (vl if va is not None else math.inf, epoch, {k: v.clone() for k, v in head.state_dict().items()})
-        if epoch == 1 or epoch % max(1, rm_cfg.epochs // 10) == 0 or epoch == rm_cfg.epochs:
-            tl, tacc = evaluate(tr)
-            history.append({"epoch": epoch, "train_loss": tl, "train_acc": tacc, "val_loss": vl, "val_acc": vacc})
-    head.load_state_dict(best[2])
+    best_epoch, history = train_pairwise_head(
+        head, lambda idx: (head.raw(tr[0][idx], tr[2][idx]), head.raw(tr[1][idx], tr[2][idx])), n, lambda: evaluate(tr),
+        (lambda: evaluate(va)) if va is not None else None, epochs=rm_cfg.epochs, batch_size=rm_cfg.batch_size,
+        lr=rm_cfg.lr, weight_decay=rm_cfg.weight_decay, seed=seed, start_val_loss=val_loss0)
     train_loss, train_acc = evaluate(tr)
     val_loss, val_acc = evaluate(va)
     # ImageReward standardises its output by the training images' score statistics
@@ -137,7 +119,7 @@ def train_category(groups: Sequence[Group], category: str, rm_cfg, backbone_spec
     report = {
         "category": category, "groups_train": len(train_groups), "groups_val": len(val_groups),
         "pairs_train": int(n), "pairs_val": int(va[0].shape[0]) if va is not None else 0,
-        "images": len(imgs), "refined_from_previous": refined, "best_epoch": best[1],
+        "images": len(imgs), "refined_from_previous": refined, "best_epoch": best_epoch,
         "train_loss": train_loss, "train_accuracy": train_acc, "val_loss": val_loss, "val_accuracy": val_acc,
         "val_accuracy_at_start": val_acc0, "train_accuracy_at_start": train_acc0, "history": history,
     }
