@@ -326,14 +326,23 @@ def test_shapes_backbone_reward_model_learns_relations(tmp_path):
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 
-def test_gallery_member_sampler_settings(tmp_path):
+def test_gallery_member_sampler_settings(tmp_path, monkeypatch):
     from vfeedback.config import load_config
+    from vfeedback.errors import UserError
     from vfeedback.itercomp.gallery import entries_from_config
 
-    cfg = load_config(str(ROOT / "configs/itercomp/shapes.yaml"), [f"output_dir={tmp_path}"])
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(str(ROOT / "configs/itercomp/shapes.yaml"), [f"output_dir={tmp_path / 'run'}"])
+    # the shipped config's strongest member is the quickstart's LoRA: missing -> a clear error
+    with pytest.raises(UserError, match=r"itercomp.gallery\[2\].lora"):
+        entries_from_config(cfg)
+    (tmp_path / "runs" / "quickstart" / "lora").mkdir(parents=True)
+    cfg = load_config(str(ROOT / "configs/itercomp/shapes.yaml"),
+                      [f"output_dir={tmp_path / 'run'}", "itercomp.gallery=[{path: tiny:shapes, guidance_scale: 1.5, name: a}, "
+                       "{path: tiny:shapes, steps: 8, name: b}, {path: tiny:shapes, lora: runs/quickstart/lora, name: c}]"])
     es = entries_from_config(cfg)
-    assert [e.name for e in es] == ["base", "shapes-cfg1.5", "shapes-cfg8", "shapes-8steps"]
-    assert (es[1].guidance_scale, es[1].steps) == (1.5, None) and (es[3].steps, es[3].guidance_scale) == (8, None)
+    assert [e.name for e in es] == ["base", "a", "b", "c"] and es[3].lora == "runs/quickstart/lora"
+    assert (es[1].guidance_scale, es[1].steps) == (1.5, None) and (es[2].steps, es[2].guidance_scale) == (8, None)
     assert es[1].to_dict()["guidance_scale"] == 1.5 and "steps" not in es[1].to_dict()
 
 
