@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 quickstart: $(STAMP)
+	@if [ -e runs/quickstart ]; then echo "runs/quickstart holds an earlier quickstart: open it, or 'make clean' (deletes it) and 'make quickstart' to run it again" >&2; exit 2; fi
 	$(BIN)/vfeedback train configs/quickstart.yaml
 
 test: $(STAMP)
