@@ -82,9 +82,12 @@ def test_lora_target_changes_the_lora_and_saves_it_for_diffusers(tmp_path):
     out = tmp_path / "lora"
     _train(out, "zo_ranksgd.target=lora", "zo_ranksgd.rounds=2", "zo_ranksgd.line_search=false", "zo_ranksgd.num_candidates=3",
            "zo_ranksgd.smoothing=0.05", "zo_ranksgd.step_size=0.05", "prompts.eval=[a red apple]", "prompts.eval_seeds=[0]",
-           "model.lora.rank=2")
+           "model.lora.rank=2", "eval_rewards=[{name: brightness}]")
     s = json.loads((out / "summary.json").read_text())
     assert s["target"] == "lora" and s["lora"]
+    # evaluation-only scorers are reported on the start and final images
+    b0, b1 = s["eval_brightness_before"], s["eval_brightness_after"]
+    assert 0 <= b0 <= 1 and 0 <= b1 <= 1 and b0 != b1
     sd = load_file(str(out / "lora" / "pytorch_lora_weights.safetensors"))
     ups = [v for k, v in sd.items() if "lora_B" in k or "lora.up" in k]
     assert ups and max(float(v.abs().max()) for v in ups) > 0  # B starts at zero: ZO-RankSGD moved it

@@ -723,6 +723,16 @@ class _Run:
             "num_processes": self.n,
             "candidates_drawn_by_main": self.drawn_here,
         }
+        # evaluation-only scorers (eval_rewards): the start and final images, as the engine reports them
+        import rewards
+
+        for spec in cfg.eval_rewards:
+            er = rewards.load(spec.name, **spec.options).to(model.device).eval()
+            with torch.no_grad():
+                for key, imgs in (("before", start), ("after", final)):
+                    v = er(imgs.float().to(model.device), list(prompts)).float().cpu().tolist()
+                    summary[f"eval_{spec.name}_{key}"] = _mean_finite(v)
+            log.info("eval reward %s: %.4f -> %.4f", spec.name, summary[f"eval_{spec.name}_before"], summary[f"eval_{spec.name}_after"])
         rd.write_summary(summary)
         return summary
 

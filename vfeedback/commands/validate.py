@@ -33,7 +33,12 @@ def run(args) -> int:
         if not info.installed:
             raise UserError(f"reward.rewards.{i}.name: {spec.name!r} needs `pip install 'vfeedback[{info.extra}]'`")
     section = getattr(cfg, cfg.algorithm, None)
-    budget = f"{section.rounds} rounds" if hasattr(section, "rounds") else f"{cfg.train.max_steps} steps"
+    if hasattr(section, "rounds"):
+        budget = f"{section.rounds} rounds"
+    elif cfg.algorithm == "itercomp":
+        budget = f"{section.iterations} iterations x {section.refl_steps} ReFL steps"
+    else:
+        budget = f"{cfg.train.max_steps} steps"
     print(f"{args.config}: OK ({cfg.algorithm}, {cfg.model.family} {cfg.model.path}, {n_train} train / {n_eval} eval prompts, "
           f"reward {' + '.join(r.name for r in cfg.reward.rewards)}, {budget} -> {cfg.output_dir})")
     return 0
