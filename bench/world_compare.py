@@ -38,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-#: name -> (config, overrides); every run scores BUDGET images with shapes_judge (refl_half: half)
+#: name -> (config, overrides); every run scores BUDGET images with shapes_judge (refl_half: half, d3po_x3: 3x)
 BUDGET = 320
 METHODS = {
     "refl": ("configs/refl/shapes.yaml", ["train.max_steps=80", "log.eval_every=40", "log.checkpoint_every=0"]),
@@ -46,6 +46,9 @@ METHODS = {
     "refl_half": ("configs/refl/shapes.yaml", ["train.max_steps=40", "log.eval_every=20", "log.checkpoint_every=0"]),
     "d3po": ("configs/d3po/shapes.yaml", ["log.eval_every=20", "log.checkpoint_every=0"]),
     "zo_ranksgd": ("configs/zo_ranksgd/shapes.yaml", ["zo_ranksgd.rounds=10"]),
+    # three times the budget: D3PO's comparisons need more images than ReFL's gradients
+    "zo_ranksgd_x3": ("configs/zo_ranksgd/shapes.yaml", ["zo_ranksgd.rounds=30"]),
+    "d3po_x3": ("configs/d3po/shapes.yaml", ["train.max_steps=120", "log.eval_every=0", "log.checkpoint_every=40", "log.keep_checkpoints=3"]),
 }
 
 
