@@ -16,6 +16,9 @@ The budget is counted in images scored by the training judge (``budget_images``)
 - ZO-RankSGD (target ``lora``): ``rounds x num_candidates x (eval prompts x seeds)`` images, the
   judge only ranks candidates by their mean score.
 
+``refl_half`` (the quickstart's 40 steps) has half the budget; ``d3po_x3`` and ``zo_ranksgd_x3``
+three times (120 steps, 30 rounds).
+
 Evaluation (the same for every method and for the base model): ``n_per_kind`` captions of each
 kind from the generator with a seed no method trained on, one sample each, the base rate's
 sampler (DDIM 20 steps, eta 0, CFG 4). Per judge: mean P(match) and accuracy (P > 0.5) per kind.
