@@ -315,22 +315,33 @@ def save_head(path: Union[str, Path], head: RewardHead, backbone: dict, category
     return path
 
 
-def read_head(path: Union[str, Path]) -> tuple[RewardHead, dict, str, dict]:
-    """``(head, backbone spec, category, report)`` from a file written by :func:`save_head`."""
+def read_tagged(p: Path, fmt: str, who: str, what: str, written_by: str, hint: str = "") -> tuple[dict, dict]:
+    """``(state dict, metadata)`` of a safetensors file whose metadata ``format`` is ``fmt``;
+    a missing, unreadable or foreign file is a :class:`RewardError` naming it (``who``: the
+    reward's name, ``what``: what the file should be, ``written_by``: what writes one,
+    ``hint``: appended to each message)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    p = Path(path)
+    tail = f"; {hint}" if hint else ""
     if not p.is_file():
-        raise RewardError(f"itercomp_rm: no reward model file {p}")
+        raise RewardError(f"{who}: no reward model file {p}{tail}")
     try:
         with safe_open(str(p), "pt") as f:
             meta = f.metadata() or {}
         sd = load_file(str(p))
     except Exception as e:  # not a safetensors file
-        raise RewardError(f"itercomp_rm: cannot read {p} ({type(e).__name__}: {e}); expected a file written by the itercomp loop") from None
-    if meta.get("format") != FORMAT:
-        raise RewardError(f"itercomp_rm: {p} is not an IterComp reward model (metadata format {meta.get('format')!r}, expected {FORMAT})")
+        raise RewardError(f"{who}: cannot read {p} ({type(e).__name__}: {str(e)[:200]}); expected a .safetensors file "
+                          f"written by {written_by}{tail}") from None
+    if meta.get("format") != fmt:
+        raise RewardError(f"{who}: {p} is not {what} (metadata format {meta.get('format')!r}, expected {fmt}){tail}")
+    return sd, meta
+
+
+def read_head(path: Union[str, Path]) -> tuple[RewardHead, dict, str, dict]:
+    """``(head, backbone spec, category, report)`` from a file written by :func:`save_head`."""
+    p = Path(path)
+    sd, meta = read_tagged(p, FORMAT, "itercomp_rm", "an IterComp reward model", "the itercomp loop")
     cfg = json.loads(meta["head"])
     head = RewardHead(cfg["dim"], cfg["hidden"], cfg["dropout"])
     head.load_state_dict(sd)

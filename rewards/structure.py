@@ -52,7 +52,7 @@ from torch import nn
 
 from . import _hub
 from .base import Reward, RewardError, register
-from .itercomp_rm import load_backbone, pair_accuracy, pairwise_ranking_loss, train_pairwise_head
+from .itercomp_rm import load_backbone, pair_accuracy, pairwise_ranking_loss, read_tagged, train_pairwise_head
 
 log = logging.getLogger(__name__)
 
@@ -240,22 +240,8 @@ _TRAIN_HINT = "train one with: python -m rewards.structure --photos FOLDER --out
 
 def read_model(path: Union[str, Path]) -> tuple[StructureHead, dict, dict]:
     """``(head, backbone spec, report)`` from a file written by :func:`save_model`."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     p = Path(path)
-    if not p.is_file():
-        raise RewardError(f"structure: no reward model file {p}; {_TRAIN_HINT}")
-    try:
-        with safe_open(str(p), "pt") as f:
-            meta = f.metadata() or {}
-        sd = load_file(str(p))
-    except Exception as e:  # not a safetensors file
-        raise RewardError(f"structure: cannot read {p} ({type(e).__name__}: {str(e)[:200]}); expected a .safetensors "
-                          f"file written by rewards.structure; {_TRAIN_HINT}") from None
-    if meta.get("format") != FORMAT:
-        raise RewardError(f"structure: {p} is not a structure reward model (metadata format {meta.get('format')!r}, "
-                          f"expected {FORMAT}); {_TRAIN_HINT}")
+    sd, meta = read_tagged(p, FORMAT, "structure", "a structure reward model", "rewards.structure", _TRAIN_HINT)
     cfg = json.loads(meta["head"])
     head = StructureHead(cfg["dim"], cfg["hidden"], cfg["dropout"])
     try:

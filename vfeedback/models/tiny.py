@@ -9,6 +9,7 @@ is the vocabulary of OpenAI's CLIP tokenizer that SD1.5 and SDXL use.
 from __future__ import annotations
 
 import gzip
+import contextlib
 import hashlib
 import json
 import os
@@ -161,6 +162,24 @@ BUILDERS = {"sd15": build_sd15, "sdxl": build_sdxl}
 SHIPPED = {"shapes": Path(__file__).resolve().parents[1] / "assets" / "tiny-shapes"}
 
 
+@contextlib.contextmanager
+def _building(folder: Path, prefix: str):
+    """Yield a temp folder beside ``folder`` to build into; on success it is renamed to
+    ``folder`` (another process that won the race built an identical copy: ours is dropped);
+    on any failure it is removed."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=folder.parent))
+    try:
+        yield tmp
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process won the race; its copy is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def tiny_path(name: str, seed: int = 0) -> Path:
     """Folder holding the saved tiny pipeline ``name``; built (atomically) on first use."""
     if name in SHIPPED:
@@ -177,9 +196,7 @@ def tiny_path(name: str, seed: int = 0) -> Path:
     folder = cache_root() / "tiny" / f"{name}-{key}"
     if (folder / "model_index.json").exists():
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
-    try:
+    with _building(folder, f".{name}-") as tmp:
         comps, pipe_cls = BUILDERS[name](seed)
         write_clip_tokenizer(tmp / "tokenizer")
         from transformers import CLIPTokenizer
@@ -195,13 +212,6 @@ def tiny_path(name: str, seed: int = 0) -> Path:
             comps.update(image_encoder=None, feature_extractor=None)
         pipe = pipe_cls(**comps)
         pipe.save_pretrained(tmp, safe_serialization=True)
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process won the race; its copy is identical
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 
@@ -277,15 +287,6 @@ def tiny_ip_adapter_path(name: str, seed: int = 0) -> Path:
     if (folder / "models" / TINY_IP_WEIGHT).exists():
         return folder
     unet_config = json.loads((tiny_path(name, seed) / "unet" / "config.json").read_text())
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".ip-{name}-", dir=folder.parent))
-    try:
+    with _building(folder, f".ip-{name}-") as tmp:
         write_tiny_ip_adapter(tmp, unet_config, seed)
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process won the race; its copy is identical
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
