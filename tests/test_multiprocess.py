@@ -226,7 +226,9 @@ import torch
 from accelerate import Accelerator, FullyShardedDataParallelPlugin
 acc = Accelerator(cpu=True, fsdp_plugin=FullyShardedDataParallelPlugin(fsdp_version=2))
 m, _ = acc.prepare(torch.nn.Linear(4, 1), torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1))
-print("PROBE", acc.process_index, acc.distributed_type, type(m).__name__, flush=True)
+# one file per process: two processes printing to one pipe can interleave their lines
+import pathlib, sys
+pathlib.Path(sys.argv[1], f"probe-{acc.process_index}.txt").write_text(f"PROBE {acc.process_index} {acc.distributed_type} {type(m).__name__}")
 """
 
 
@@ -240,8 +242,8 @@ def test_accelerate_fsdp_is_not_available_on_cpu(tmp_path):
     script = tmp_path / "probe.py"
     script.write_text(FSDP_PROBE)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                        "--master_port", str(_free_port()), str(script)], capture_output=True, text=True, timeout=300,
+                        "--master_port", str(_free_port()), str(script), str(tmp_path)], capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
-    lines = sorted(l for l in r.stdout.splitlines() if l.startswith("PROBE"))
-    assert lines == [f"PROBE {i} DistributedType.MULTI_CPU DistributedDataParallel" for i in range(2)], r.stdout
+    lines = sorted(f.read_text() for f in tmp_path.glob("probe-*.txt"))
+    assert lines == [f"PROBE {i} DistributedType.MULTI_CPU DistributedDataParallel" for i in range(2)], (lines, r.stdout)
