@@ -24,7 +24,7 @@ caller opts in to ``sandbox="weak"``: the same worker and limits in a plain subp
 tries to enter a network namespace of its own. That is **not** a boundary: the code can read
 whatever the training user can read. Every result says which boundary it ran under
 (:attr:`RenderResult.isolation`: ``bwrap+seccomp``, ``bwrap``, ``weak+seccomp``, ``weak`` or
-``none`` when refused).
+``none`` when refused; ``None`` when nothing was run, e.g. empty code).
 
 What the strict boundary does not cover: kernel bugs (bubblewrap shares the host kernel; this is
 not a virtual machine), CPU and memory bandwidth taken from the trainer while it runs, and what
@@ -66,7 +66,7 @@ class RenderResult:
     image: Optional[torch.Tensor]  # (3, H, W) float in [0, 1], or None
     error: Optional[str] = None  # why there is no image
     network_isolated: Optional[bool] = None  # the rendering had no route out (own network namespace)
-    isolation: str = "none"  # bwrap+seccomp / bwrap / weak+seccomp / weak / none (refused)
+    isolation: Optional[str] = None  # bwrap+seccomp / bwrap / weak+seccomp / weak / none (refused); None: nothing ran
     extra: dict = field(default_factory=dict)  # what the renderer reports besides the image (web-page checks)
 
 
