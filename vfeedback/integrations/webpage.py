@@ -64,7 +64,7 @@ def parse_page(text: str) -> dict[str, str]:
         while name in files:  # two unnamed blocks of one kind
             stem, dot, ext = name.rpartition(".")
             name = f"{stem}_{len(files)}.{ext}"
-        files[name] = body
+        files[name] = body.strip()
     if "index.html" not in files and re.search(r"<\s*(!doctype|html|body|div|h1|p|main|button)\b", text, flags=re.I):
         files["index.html"] = text.strip()
     if "index.html" not in files:
