@@ -100,10 +100,11 @@ def test_environment_holds_nothing_of_the_trainer(canaries, monkeypatch):
     secret = canaries["secret"]
     code = (f"import os\nenv = ''\nfor p in ('/proc/self/environ', '/proc/1/environ'):\n    env += open(p, 'rb').read().decode()\n"
             f"got = ' '.join(sorted(os.listdir('/'))) + '|' + ('LEAKED' if {secret!r} in env or 'VF_TEST_TOKEN' in env else 'clean')"
-            f" + '|' + ('home-is-tmp' if 'HOME=/tmp' in env else 'other-home')")
+            f" + '|' + ('home-is-tmp' if 'HOME=/tmp' in env else 'other-home')"
+            f" + '|' + ','.join(ln.split(':')[0].strip() for ln in open('/proc/net/dev').read().splitlines()[2:])")
     score, why, _ = _run(_attack(code))
     assert score is None and why.startswith("RuntimeError: GOT: ")  # reading the environments works ...
-    assert why.endswith("|clean|home-is-tmp"), why  # ... and they hold nothing of the trainer's
+    assert why.endswith("|clean|home-is-tmp|lo"), why  # ... they hold nothing of the trainer's; loopback is the only interface
     assert secret not in why
     root = set(why[len("RuntimeError: GOT: "):].split("|", 1)[0].split())
     assert root <= {"bin", "dev", "etc", "lib", "lib32", "lib64", "libx32", "opt", "proc", "root", "sbin", "tmp", "usr", "var", "work", "home"}

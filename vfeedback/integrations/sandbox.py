@@ -151,12 +151,28 @@ def _ro_paths(browser: Optional[str]) -> list[str]:
     return sorted(out)
 
 
+@functools.lru_cache(maxsize=None)
+def _bwrap_options(bwrap: str) -> frozenset:
+    """Options of this bubblewrap that are newer than its oldest supported releases."""
+    try:
+        text = subprocess.run([bwrap, "--help"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return frozenset()
+    return frozenset(o for o in ("--size", "--disable-userns", "--clearenv") if o in text)
+
+
 def _bwrap_argv(tmp_mb: int, browser: Optional[str]) -> list[str]:
     bwrap = shutil.which("bwrap")
-    argv = [bwrap, "--unshare-all", "--unshare-user", "--uid", "65534", "--gid", "65534", "--disable-userns",
-            "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--clearenv", "--hostname", "sandbox",
-            "--proc", "/proc", "--dev", "/dev", "--size", str(64 * 1024 * 1024), "--tmpfs", "/dev/shm",
-            "--size", str(tmp_mb * 1024 * 1024), "--tmpfs", "/tmp", "--chdir", "/tmp"]
+    have = _bwrap_options(bwrap)
+
+    def size(mb: int) -> list[str]:  # tmpfs size caps need bubblewrap >= 0.7
+        return ["--size", str(mb * 1024 * 1024)] if "--size" in have else []
+
+    argv = [bwrap, "--unshare-all", "--unshare-user", "--uid", "65534", "--gid", "65534",
+            *(["--disable-userns"] if "--disable-userns" in have else []),
+            "--die-with-parent", "--new-session", "--cap-drop", "ALL", *(["--clearenv"] if "--clearenv" in have else []),
+            "--hostname", "sandbox", "--proc", "/proc", "--dev", "/dev", *size(64), "--tmpfs", "/dev/shm",
+            *size(tmp_mb), "--tmpfs", "/tmp", "--chdir", "/tmp"]
     for link in ("/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32"):
         if os.path.islink(link):
             argv += ["--symlink", os.readlink(link), link]
@@ -255,7 +271,7 @@ def run_worker(request: dict, *, width: int, height: int, timeout: float, memory
     with tempfile.TemporaryDirectory(prefix="vf-render-") as tmp:
         if sandbox == "strict":
             argv = _bwrap_argv(tmp_mb, browser) + [sys.executable, "-I", _GUEST_WORKER]
-            env, cwd = None, tmp  # bwrap --clearenv sets the guest's environment
+            env, cwd = None, tmp  # bwrap starts with an empty environment; --setenv gives the guest its own
             req["leave_network"] = False
         else:
             argv = [sys.executable, "-I", str(_WORKER)]
