@@ -93,3 +93,42 @@ def test_hostile_page_reaches_nothing(tmp_path):
         assert hang.image is None and (hang.error.startswith("timeout: rendering ran over 25 s") or "Timeout" in hang.error), hang.error
     finally:
         srv.close()
+
+
+def test_without_bubblewrap_pages_are_refused_unless_weak(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no bwrap on PATH
+    sandbox.bwrap_status.cache_clear()
+    try:
+        page = "<html><body style='margin:0;background:#0f0'><button id=b onclick=\"o.textContent='ok'\">b</button><p id=o></p></body></html>"
+        gui = interaction_reward_function(WebPage(viewport=(64, 48), steps=[{"click": "#b"}], checks=[{"text": "ok", "selector": "#o"}]))
+        assert gui(["p"], [page]) == [None]
+        assert gui.last_errors[0].startswith("sandbox: refused to run untrusted code: bubblewrap is not installed")
+        assert gui.isolation == {"none": 1}
+        if BROWSER is None:
+            pytest.skip("no Chromium for the weak path")
+        weak = WebPage(viewport=(64, 48), steps=[{"click": "#b"}], checks=[{"text": "ok", "selector": "#o"}], sandbox="weak")
+        (r,) = weak.results([page], {})
+        assert r.error is None and r.isolation in ("weak", "weak+seccomp"), r.error
+        assert r.image[:, 40, 32].tolist() == [0.0, 1.0, 0.0]  # the green page, below the button
+        assert [c["passed"] for c in r.extra["checks"]] == [True]
+    finally:
+        sandbox.bwrap_status.cache_clear()
+
+
+@pytest.mark.slow
+@needs_browser
+def test_demo_tiny(tmp_path):
+    """demos/webpage_reward.py --tiny end to end (about 90 s on a busy 2-core machine)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    demo = Path(__file__).resolve().parents[1] / "demos" / "webpage_reward.py"
+    r = subprocess.run([sys.executable, str(demo), "--tiny", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {row["page"]: row for row in json.loads((tmp_path / "summary.json").read_text())["rows"]}
+    assert [rows[n]["checks"] for n in ("good", "good, other blue", "dead button", "no styles", "CDN stylesheet")] == [1.0, 1.0, 0.5, 1.0, 1.0]
+    assert rows["good"]["pixels"] > 0.999 and rows["no styles"]["pixels"] < 0.9
+    assert rows["endless script"]["pixels"] is None and rows["not a page"]["pixels"] is None
+    assert (tmp_path / "good.png").exists()

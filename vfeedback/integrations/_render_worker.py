@@ -52,10 +52,27 @@ def _leave_network() -> bool:
         CLONE_NEWUSER, CLONE_NEWNET = 0x10000000, 0x40000000
         for flags in (CLONE_NEWUSER | CLONE_NEWNET, CLONE_NEWNET):
             if libc.unshare(flags) == 0:
+                _loopback_up()
                 return True
     except Exception:
         pass
     return False
+
+
+def _loopback_up() -> None:
+    """Bring up ``lo`` in the fresh network namespace (a web page is served on it), as
+    bubblewrap does for the strict boundary: SIOCGIFFLAGS / SIOCSIFFLAGS (linux/sockios.h)."""
+    import fcntl
+    import socket
+    import struct
+
+    SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            flags = struct.unpack("16sh14x", fcntl.ioctl(s, SIOCGIFFLAGS, struct.pack("16sh14x", b"lo", 0)))[1]
+            fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sh14x", b"lo", flags | IFF_UP))
+    except OSError:
+        pass  # the page falls back to file: URLs
 
 
 def _limit(memory_mb: int, cpu_s: int, file_mb: int, nproc: int) -> None:
