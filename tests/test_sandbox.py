@@ -118,16 +118,22 @@ def test_writes_stay_in_the_private_tmp(canaries):
     before = _snapshot(canaries["root"])
     worker = hashlib.sha256(sandbox._WORKER.read_bytes()).hexdigest()
     marker = f"vf-hostile-{uuid.uuid4().hex}"
+    # host paths, and the guest's own root and /dev (bubblewrap tmpfs, made read-only)
     targets = [str(canaries["root"] / "pwned"), str(REPO / "pwned"), "/usr/lib/pwned", sandbox._GUEST_WORKER,
-               str(Path(sys.prefix) / "pwned")]
+               str(Path(sys.prefix) / "pwned"), "/pwned", "/dev/pwned", "/etc/pwned"]
     code = (f"import os\nopen('/tmp/{marker}', 'w').write('x')\nerrs = []\n"
             f"for t in {targets!r}:\n    try:\n        open(t, 'a').write('pwned')\n        errs.append('WROTE ' + t)\n"
             f"    except OSError as e:\n        errs.append(type(e).__name__)\n"
+            # the private /tmp is capped (64 MiB): filling it ends in ENOSPC (28), not in host memory
+            f"try:\n    for i in range(8):\n        open(f'/tmp/fill{{i}}', 'wb').write(bytes(30 << 20))\n"
+            f"except OSError as e:\n    errs.append('fill-errno-' + str(e.errno))\n"
             f"raise RuntimeError('RESULT ' + ' '.join(errs))")
     score, why, _ = _run(code)
     assert score is None and why.startswith("RuntimeError: RESULT "), why
     assert "WROTE" not in why
-    assert set(why.split()[2:]) <= {"FileNotFoundError", "OSError", "PermissionError"}  # EROFS is a bare OSError
+    *errs, fill = why.split()[2:]
+    assert len(errs) == len(targets) and set(errs) <= {"FileNotFoundError", "OSError", "PermissionError"}  # EROFS is a bare OSError
+    assert fill == "fill-errno-28"
     assert _snapshot(canaries["root"]) == before
     assert not (REPO / "pwned").exists() and not Path(f"/tmp/{marker}").exists()  # the guest's /tmp is not the host's
     assert hashlib.sha256(sandbox._WORKER.read_bytes()).hexdigest() == worker

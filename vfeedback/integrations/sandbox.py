@@ -8,8 +8,8 @@ The boundary (``sandbox="strict"``, the default) is bubblewrap (``bwrap``, Debia
   (``/usr/lib*``), fonts (``/usr/share/fonts``, ``/etc/fonts``) and, for web pages, Chromium
   (under ``/usr/lib``); nothing else of the host -- no ``/root``, ``/home``, ``/work``, no
   project checkout, no dataset, no host ``/tmp``;
-- writable: an empty private ``/tmp`` (a size-capped tmpfs that vanishes with it; ``/dev`` and
-  ``/dev/shm`` are private tmpfs too);
+- writable: an empty private ``/tmp`` and ``/dev/shm`` (size-capped tmpfs that vanish with it;
+  bubblewrap's own root and ``/dev`` are remounted read-only);
 - new user (uid 65534 inside, every capability dropped, no further user namespaces), PID,
   network (only a loopback), IPC, UTS and cgroup namespaces, its own session, a clean
   environment, and ``--die-with-parent``;
@@ -181,6 +181,9 @@ def _bwrap_argv(tmp_mb: int, browser: Optional[str]) -> list[str]:
     for p in _ro_paths(browser):
         argv += ["--ro-bind", p, p]
     argv += ["--ro-bind", str(_WORKER), _GUEST_WORKER]
+    # bubblewrap's own root and /dev are tmpfs without a size cap: read-only, so that the capped
+    # /tmp and /dev/shm are the only writable places (device nodes stay usable)
+    argv += ["--remount-ro", "/dev", "--remount-ro", "/"]
     for k, v in _clean_env(True).items():
         argv += ["--setenv", k, v]
     return argv
