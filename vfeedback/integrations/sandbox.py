@@ -194,6 +194,7 @@ def bwrap_status() -> tuple[bool, str]:
     """Can bubblewrap run the renderer here? ``(True, "")`` or ``(False, reason)``; probed once
     per process by starting the interpreter inside the boundary."""
     if shutil.which("bwrap") is None:
+        log.warning("renderer sandbox: bubblewrap is not installed; untrusted code will be refused unless sandbox='weak'")
         return False, "bubblewrap is not installed (Debian/Ubuntu: apt-get install bubblewrap)"
     try:
         r = subprocess.run(_bwrap_argv(8, None) + [sys.executable, "-I", "-c", "import json, zlib"],
@@ -201,7 +202,9 @@ def bwrap_status() -> tuple[bool, str]:
     except (OSError, subprocess.TimeoutExpired) as e:
         return False, f"bubblewrap failed to start: {e}"
     if r.returncode != 0:
-        return False, f"bubblewrap cannot run here (user namespaces disabled?): {r.stderr.decode('utf-8', 'replace').strip()[-200:]}"
+        why = f"bubblewrap cannot run here (user namespaces disabled?): {r.stderr.decode('utf-8', 'replace').strip()[-200:]}"
+        log.warning("renderer sandbox: %s; untrusted code will be refused unless sandbox='weak'", why)
+        return False, why
     return True, ""
 
 
