@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import re
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional, Sequence, Union
 
@@ -118,7 +119,11 @@ class WebPage(Renderer):
         self.sandbox = _sandbox.check_mode(sandbox)
         self.browser = browser
         self.action_timeout_ms = int(action_timeout_ms)
+        # the renderings of the latest batches, so that the screenshot reward and the
+        # interaction reward of one training step share one browser run per page
         self._cache: collections.OrderedDict = collections.OrderedDict()
+        self._cache_size = 64
+        self._lock = threading.Lock()
 
     def _script(self, columns: dict, i: int) -> tuple[list, list]:
         row = _column(columns, self.interaction_column, i)
@@ -133,9 +138,10 @@ class WebPage(Renderer):
     def render_one(self, text: str, steps: Sequence[dict] = (), checks: Sequence[dict] = ()) -> _sandbox.RenderResult:
         """Screenshot one completion and run its interaction; never raises for a bad page."""
         key = json.dumps([text, list(steps), list(checks)], sort_keys=True)
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
         try:
             files = parse_page(text)
         except ValueError as e:
@@ -149,15 +155,17 @@ class WebPage(Renderer):
                                                action_timeout_ms=self.action_timeout_ms),
                                           width=self.width, height=self.height, timeout=self.timeout, memory_mb=self.memory_mb,
                                           sandbox=self.sandbox, tmp_mb=256)
-        self._cache[key] = res
-        while len(self._cache) > 256:
-            self._cache.popitem(last=False)
+        with self._lock:
+            self._cache[key] = res
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
         return res
 
     def results(self, completions: list[str], columns: dict) -> list[_sandbox.RenderResult]:
         """One :class:`~vfeedback.integrations.sandbox.RenderResult` per completion (cached:
         the screenshot reward and the interaction reward of one step share them)."""
         scripts = [self._script(columns, i) for i in range(len(completions))]
+        self._cache_size = max(64, 2 * len(completions))  # two batches: this one and the one before
         with ThreadPoolExecutor(self.workers) as pool:
             return list(pool.map(lambda a: self.render_one(*a), [(c, s, k) for c, (s, k) in zip(completions, scripts)]))
 
