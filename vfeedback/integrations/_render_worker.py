@@ -8,7 +8,8 @@ in place. Before touching the untrusted source it, in this order:
 1. outside bubblewrap only (``sandbox: weak``): leaves the network with
    ``unshare(CLONE_NEWUSER | CLONE_NEWNET)``, falling back to ``unshare(CLONE_NEWNET)``;
 2. sets resource limits on itself: private memory (RLIMIT_DATA), CPU seconds, file size, open
-   files, processes (RLIMIT_NPROC; root is exempt from it, hence step 3), no core dumps;
+   files, processes (RLIMIT_NPROC, inside bubblewrap's user namespace only; a host root is
+   exempt from it, hence step 3), no core dumps;
 3. loads a seccomp filter through libseccomp (the system's ``libseccomp.so.2``, called with
    ctypes because no maintained Python binding is on PyPI): kernel-administration, tracing
    and namespace calls fail with EPERM; for the Python renderers also ``execve``, process
@@ -75,7 +76,7 @@ def _loopback_up() -> None:
         pass  # the page falls back to file: URLs
 
 
-def _limit(memory_mb: int, cpu_s: int, file_mb: int, nproc: int) -> None:
+def _limit(memory_mb: int, cpu_s: int, file_mb: int, nproc: int, count_nproc: bool) -> None:
     import resource
 
     def setl(which, value):
@@ -94,7 +95,9 @@ def _limit(memory_mb: int, cpu_s: int, file_mb: int, nproc: int) -> None:
     setl(resource.RLIMIT_FSIZE, file_mb * 1024 * 1024)
     setl(resource.RLIMIT_NOFILE, 256 if nproc <= 1 else 4096)
     setl(resource.RLIMIT_CORE, 0)
-    if os.getuid() != 0:  # for root it would cap the host's root processes, and root is exempt anyway
+    # RLIMIT_NPROC counts the processes of the uid in the current user namespace: only inside
+    # bubblewrap's fresh one does that mean the worker's own (outside, all of the user's)
+    if count_nproc:
         setl(resource.RLIMIT_NPROC, max(nproc, 64))
 
 
@@ -364,7 +367,7 @@ def main() -> int:
     req = json.loads(sys.stdin.read())
     browser = req["kind"] == "webpage"
     netns = _leave_network() if req.get("leave_network") else None
-    _limit(int(req["memory_mb"]), int(req["cpu_s"]), int(req.get("file_mb", 64)), 512 if browser else 1)
+    _limit(int(req["memory_mb"]), int(req["cpu_s"]), int(req.get("file_mb", 64)), 512 if browser else 1, bool(req.get("own_userns")))
     filtered = _seccomp(python_only=not browser) if req.get("seccomp", True) else False
     out = os.fdopen(os.dup(1), "w")
     out.write(json.dumps({"netns": netns, "seccomp": filtered}) + "\n")

@@ -278,7 +278,7 @@ def run_worker(request: dict, *, width: int, height: int, timeout: float, memory
         if sandbox == "strict":
             argv = _bwrap_argv(tmp_mb, browser) + [sys.executable, "-I", _GUEST_WORKER]
             env, cwd = None, tmp  # bwrap starts with an empty environment; --setenv gives the guest its own
-            req["leave_network"] = False
+            req["leave_network"], req["own_userns"] = False, True
         else:
             argv = [sys.executable, "-I", str(_WORKER)]
             env, cwd = _clean_env(False), tmp
