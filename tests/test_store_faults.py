@@ -99,8 +99,8 @@ def test_kill_9_the_ranking_app_between_and_during_answers(tmp_path):
     port = _free_port()
     p, c = _start_app(cfg, out, port)
     try:
-        c.predict("3,0", "rank", api_name="/answer")
-        c.predict("1", "rank", api_name="/answer")
+        assert c.predict(c.predict(api_name="/status")["round_id"], "3,0", "rank", api_name="/answer")["ok"]
+        assert c.predict(c.predict(api_name="/status")["round_id"], "1", "rank", api_name="/answer")["ok"]
         shown = c.predict(api_name="/status")
     finally:
         p.send_signal(signal.SIGKILL)  # between answers
@@ -109,7 +109,7 @@ def test_kill_9_the_ranking_app_between_and_during_answers(tmp_path):
     try:
         s = c.predict(api_name="/status")
         assert s["answers"] == 2 and s["round"] == shown["round"] == 2
-        job = c.submit("4,5,2", "rank", api_name="/answer")  # and kill while it is being answered
+        job = c.submit(s["round_id"], "4,5,2", "rank", api_name="/answer")  # and kill while it is being answered
         time.sleep(0.05)
     finally:
         p.send_signal(signal.SIGKILL)
