@@ -175,13 +175,17 @@ def run(args) -> int:
     cfg = load_config(args.config, args.overrides)
     resolve_mode(cfg)
     if args.export:
-        from ..feedback.store import STORE_FILE, FeedbackStore, StoreError
+        from ..feedback.store import STORE_FILE, FeedbackStore, StoreError, check_export_target
 
         if not args.export.strip():
             raise UserError("--export: empty file name; give one, e.g. --export labels.jsonl")
         p = Path(cfg.output_dir) / STORE_FILE
         if not p.exists():
             raise UserError(f"--export: {p} does not exist; no answers were given for this config yet (output_dir {cfg.output_dir})")
+        try:
+            check_export_target(p, args.export)  # before the store is opened: a refusal touches nothing
+        except StoreError as e:
+            raise UserError(f"--export: {e}") from None
         try:
             store = FeedbackStore(p, readonly=True)  # no writer lock: exporting while the app runs is fine
         except StoreError as e:

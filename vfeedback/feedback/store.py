@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
 __all__ = ["FeedbackStore", "Answer", "SCHEMA_VERSION", "STORE_FILE", "LOCK_SUFFIX", "StoreError", "StoreLocked",
-           "RoundAnswered", "ExportRefused", "store_files"]
+           "RoundAnswered", "ExportRefused", "store_files", "check_export_target"]
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +171,23 @@ class _WriterLock:
         os.pwrite(fd, json.dumps(info).encode("utf-8"), 0)
         self.fd = fd
 
+    def try_quiet(self) -> bool:
+        """Take the lock if it exists and is free, without writing holder info (for a reader's
+        clean-up); True if taken."""
+        import fcntl
+
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        self.fd = fd
+        return True
+
     def release(self) -> None:
         if self.fd is not None:
             os.close(self.fd)  # closing the descriptor drops the flock
@@ -222,9 +239,12 @@ class FeedbackStore:
         self._lock = threading.RLock()
         self._writer: Optional[_WriterLock] = None
         self._db: Optional[sqlite3.Connection] = None
+        self._side_created: list[Path] = []
         if readonly:
             if not self.path.is_file():
                 raise StoreError(f"{self.path}: no feedback store there")
+            # SQLite makes -wal / -shm for a read-only WAL reader; close() removes those it made
+            self._side_created = [f for f in store_files(self.path)[1:3] if not f.exists()]
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._writer = _WriterLock(self.path.with_name(self.path.name + LOCK_SUFFIX))
@@ -294,6 +314,24 @@ class FeedbackStore:
             if self._writer is not None:
                 self._writer.release()
                 self._writer = None
+            if self._side_created:
+                self._remove_side_files()
+
+    def _remove_side_files(self) -> None:
+        """A reader's clean-up: remove the -wal / -shm files its connection made, if no writer
+        has started meanwhile (the writer lock is free: we take it while removing)."""
+        made, self._side_created = self._side_created, []
+        lock = _WriterLock(self.path.with_name(self.path.name + LOCK_SUFFIX))
+        try:
+            if not lock.try_quiet():
+                return
+        except ImportError:  # no flock on this platform: leave them
+            return
+        try:
+            for f in made:
+                f.unlink(missing_ok=True)
+        finally:
+            lock.release()
 
     def __enter__(self):
         return self
@@ -460,27 +498,8 @@ class FeedbackStore:
         return out
 
     def check_export_target(self, path: Union[str, os.PathLike]) -> Path:
-        """The resolved export target, or :class:`ExportRefused` if writing it could lose a byte the
-        export did not create: the store, its SQLite side files or lock (existing or not), a
-        folder, or an existing file that is not an earlier export (empty, or every line a record
-        with ``"id": "answer-N"``)."""
-        given = Path(path)
-        p = given.resolve()
-        if p in store_files(self.path):
-            raise ExportRefused(f"{given} is the feedback store (or one of its side files); export to a new file, e.g. labels.jsonl")
-        if p.is_dir():
-            raise ExportRefused(f"{given} is a folder; give a file name, e.g. {given / 'labels.jsonl'}")
-        if p.exists():
-            if not p.is_file():
-                raise ExportRefused(f"{given} exists and is not a regular file; export to a new file")
-            if any(f.exists() and os.path.samefile(f, p) for f in store_files(self.path)):  # a hard link
-                raise ExportRefused(f"{given} is the feedback store (a link to it); export to a new file")
-            if not _is_export(p):
-                raise ExportRefused(f"{given} exists and is not an earlier export of this app; it would be overwritten. "
-                                    "Choose a new file name or move that file away")
-        if p.parent.exists() and not p.parent.is_dir():
-            raise ExportRefused(f"{given}: {p.parent} is not a folder")
-        return p
+        """:func:`check_export_target` for this store."""
+        return check_export_target(self.path, path)
 
     def export_jsonl(self, path: Union[str, os.PathLike], modes: Iterable[str] = ("d3po", "gallery")) -> int:
         """Write :meth:`preference_records` to ``path`` as JSONL (a temporary file in the same
@@ -504,6 +523,30 @@ class FeedbackStore:
             Path(tmp).unlink(missing_ok=True)
             raise
         return len(recs)
+
+
+def check_export_target(store: Union[str, os.PathLike], path: Union[str, os.PathLike]) -> Path:
+    """The resolved export target, or :class:`ExportRefused` if writing it could lose a byte the
+    export did not create: the store, its SQLite side files or lock (existing or not), a
+    folder, or an existing file that is not an earlier export (empty, or every line a record
+    with ``"id": "answer-N"``)."""
+    given = Path(path)
+    p = given.resolve()
+    if p in store_files(store):
+        raise ExportRefused(f"{given} is the feedback store (or one of its side files); export to a new file, e.g. labels.jsonl")
+    if p.is_dir():
+        raise ExportRefused(f"{given} is a folder; give a file name, e.g. {given / 'labels.jsonl'}")
+    if p.exists():
+        if not p.is_file():
+            raise ExportRefused(f"{given} exists and is not a regular file; export to a new file")
+        if any(f.exists() and os.path.samefile(f, p) for f in store_files(store)):  # a hard link
+            raise ExportRefused(f"{given} is the feedback store (a link to it); export to a new file")
+        if not _is_export(p):
+            raise ExportRefused(f"{given} exists and is not an earlier export of this app; it would be overwritten. "
+                                "Choose a new file name or move that file away")
+    if p.parent.exists() and not p.parent.is_dir():
+        raise ExportRefused(f"{given}: {p.parent} is not a folder")
+    return p
 
 
 def _is_export(p: Path) -> bool:
