@@ -279,6 +279,9 @@ def test_browser_click_through_zo_round(tmp_path):
             thumbs = page.locator("#rank-cands .thumbnail-item")
             thumbs.first.wait_for(timeout=60000)
             assert thumbs.count() == 6
+            other = browser.new_page(viewport={"width": 1400, "height": 900})  # a second tab on the same round
+            other.goto(app.url)
+            other.locator("#rank-cands .thumbnail-item").first.wait_for(timeout=60000)
             thumbs.nth(2).click()  # mouse: candidate 3 is the best
             page.wait_for_function("document.querySelector('#rank-picked').innerText.includes('#3')", timeout=20000)
             page.keyboard.press("5")  # keyboard: candidate 5 second
@@ -290,6 +293,12 @@ def test_browser_click_through_zo_round(tmp_path):
             page.keyboard.press("Enter")
             page.wait_for_function("document.querySelector('#rank-header').innerText.includes('Line search')", timeout=60000)
             assert _rows(out) == [(0, "rank", "[2, 4]", None)]
+            # the second tab still shows round 0: its skip names round 0's id and is refused; the tab moves on
+            other.get_by_role("button", name="Skip / can't tell (s)").click()
+            other.wait_for_function("document.querySelector('#rank-status').innerText.includes('answered elsewhere')", timeout=60000)
+            assert "Line search" in other.locator("#rank-header").inner_text()
+            assert _rows(out) == [(0, "rank", "[2, 4]", None)]  # nothing stored from the stale tab
+            other.close()
             page.keyboard.press("1")
             page.wait_for_function("document.querySelector('#rank-picked').innerText.includes('#1')", timeout=20000)
             page.get_by_role("button", name="Submit (Enter)").click()
