@@ -27,7 +27,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from vfeedback.app.backend import AnswerError, Backend, RoundView, parse_answer
@@ -122,21 +122,38 @@ def test_parse_answer_exact_cases():
         assert e.value.code == "bad_request" and e.value.detail["field"] == field
 
 
-# one operation: ("undo",) or ("answer", id choice, (ranking value, picks or None if malformed), (kind value, valid?))
+# one operation: ("undo",) or ("answer", id choice, (ranking value, picks or None if malformed), (kind value, valid?));
+# mostly well-formed (the protocol's cases), some malformed (parse_answer has its own test above)
+_plausible = st.lists(st.integers(0, 3), unique=True, min_size=1, max_size=4)
+_picks = _plausible | _plausible | st.lists(st.integers(-1, 5), max_size=6)
 _rankings = st.one_of(
-    st.lists(st.integers(-1, 5), max_size=6).map(lambda p: (p, p)),
-    st.lists(st.integers(-1, 5), max_size=6).map(lambda p: (",".join(map(str, p)), p)),
-    json_values.filter(lambda x: not isinstance(x, (str, list))).map(lambda x: (x, None)),
-    st.sampled_from(["1,x", "1;2", "one", "[1]", "1,,2", "0.5"]).map(lambda x: (x, None)),
+    _picks.map(lambda p: (p, p)),
+    _picks.map(lambda p: (",".join(map(str, p)), p)),
+    st.one_of(json_values.filter(lambda x: not isinstance(x, (str, list))).map(lambda x: (x, None)),
+              st.sampled_from(["1,x", "1;2", "one", "[1]", "1,,2", "0.5"]).map(lambda x: (x, None))),
 )
-_kinds = st.one_of(st.sampled_from(KINDS).map(lambda k: (k, True)), json_values.filter(lambda x: x not in KINDS).map(lambda k: (k, False)))
-_ids = st.one_of(st.just(("current",)), st.integers(0, 20).map(lambda i: ("seen", i)),
-                 st.just(("unknown", "r0-ffffffffffffffff")), json_values.map(lambda x: ("garbage", x)))
-_ops = st.lists(st.one_of(st.just(("undo",)), st.tuples(st.just("answer"), _ids, _rankings, _kinds)), min_size=1, max_size=25)
+_kinds = st.one_of(st.sampled_from(("rank", "rank", "rank", "tie", "skip")).map(lambda k: (k, True)),
+                   st.sampled_from(("rank", "rank", "rank", "tie", "skip")).map(lambda k: (k, True)),
+                   json_values.filter(lambda x: x not in KINDS).map(lambda k: (k, False)))
+_ids = st.one_of(st.just(("current",)), st.just(("last",)), st.sampled_from([("current",), ("last",)]),
+                 st.integers(0, 20).map(lambda i: ("seen", i)), st.just(("unknown", "r0-ffffffffffffffff")),
+                 json_values.map(lambda x: ("garbage", x)))
+_ops = st.lists(st.one_of(st.just(("undo",)), st.tuples(st.just("answer"), _ids, _rankings, _kinds),
+                          st.tuples(st.just("answer"), _ids, _rankings, _kinds)), min_size=1, max_size=25)
+A0 = ("answer", ("current",), ([0, 1], [0, 1]), ("rank", True))
 
 
 @given(ops=_ops, n=st.integers(2, 4), max_picks=st.integers(1, 4), allow_tie=st.booleans())
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@example(ops=[A0, ("answer", ("last",), ("0,1", [0, 1]), ("rank", True))], n=3, max_picks=2, allow_tie=True)  # retry: replay
+@example(ops=[A0, ("answer", ("last",), ([1, 0], [1, 0]), ("rank", True))], n=3, max_picks=2, allow_tie=True)  # already_answered
+@example(ops=[A0, ("answer", ("last",), ("", []), ("skip", True))], n=3, max_picks=2, allow_tie=True)  # already_answered
+@example(ops=[("answer", ("current",), ([0, 1, 2], [0, 1, 2]), ("rank", True))], n=3, max_picks=2, allow_tie=True)  # too_many_picks
+@example(ops=[("answer", ("current",), ([0, 1], [0, 1]), ("rank", True))], n=3, max_picks=2, allow_tie=True)  # exactly max_picks
+@example(ops=[("answer", ("current",), ("", []), ("tie", True))], n=2, max_picks=1, allow_tie=False)  # tie_not_allowed
+@example(ops=[A0, ("undo",), ("answer", ("seen", 0), ([1], [1]), ("rank", True))], n=3, max_picks=2, allow_tie=True)  # undone: open again
+@example(ops=[A0, ("undo",), ("answer", ("seen", 1), ([1], [1]), ("rank", True))], n=3, max_picks=2, allow_tie=True)  # round 1: stale
+@example(ops=[("answer", ("unknown", "r0-ffffffffffffffff"), ([0], [0]), ("rank", True))], n=3, max_picks=2, allow_tie=True)  # stale
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_answer_protocol_refuses_with_codes_and_loses_nothing(ops, n, max_picks, allow_tie):
     max_picks = min(max_picks, n)
     with tempfile.TemporaryDirectory() as d:
@@ -156,8 +173,8 @@ def test_answer_protocol_refuses_with_codes_and_loses_nothing(ops, n, max_picks,
                         counted.pop(order.pop())
                     continue
                 _, idc, (ranking, picks), (kind, kind_ok) = op
-                rid = {"current": cur, "seen": seen[idc[1] % len(seen)] if idc[0] == "seen" else None,
-                       "unknown": idc[-1], "garbage": idc[-1]}[idc[0]]
+                rid = {"current": cur, "last": order[-1] if order else cur,  # last: the newest answered round (a duplicate)
+                       "seen": seen[idc[1] % len(seen)] if idc[0] == "seen" else None, "unknown": idc[-1], "garbage": idc[-1]}[idc[0]]
                 # what the app must answer, from the model
                 id_ok = idc[0] != "garbage"  # garbage: any JSON value, text of at most 12 characters: never a round id
                 malformed = not id_ok or picks is None or not kind_ok or (kind != "rank" and picks)

@@ -251,9 +251,9 @@ class Backend:
             try:
                 aid, msg = self._answer(v, kind, ranking)
             except RoundAnswered:  # the store's unique index; the checks above make this unreachable in one process
-                self._view = None
                 raise AnswerError("already_answered", 409, f"round {v.round + 1} ({round_id}) was answered already") from None
-            self._view = None
+            finally:  # stored or not (a fault after the commit, e.g. starting an update): draw the view from the store again
+                self._view = None
             return {"ok": True, "replayed": False, "answer_id": aid, "answered": round_id, "message": msg}
 
     def undo(self) -> str:
