@@ -300,7 +300,7 @@ def _d3po_store(out: Path) -> None:
     ("feedback.sqlite-wal", "is the feedback store"),  # a JSONL WAL would be read as the store's journal
     ("feedback.sqlite-shm", "is the feedback store"),
     ("feedback.sqlite.lock", "is the feedback store"),
-    ("config.yaml", "not an earlier export"),
+    ("config.yaml", "exists in the run folder"),
     ("rank", "is a folder"),
     ("link-to-store.jsonl", "is the feedback store"),
     ("hardlink-to-store.jsonl", "is the feedback store"),
@@ -326,17 +326,24 @@ def test_export_writes_new_file_replaces_its_own_and_works_beside_a_running_writ
     _d3po_store(out)
     writer = FeedbackStore(out / "feedback.sqlite")  # the app holds the writer lock meanwhile
     try:
-        exp = out / "labels.jsonl"
+        exp = tmp_path / "labels.jsonl"
         for _ in range(2):  # the second export replaces the first (an earlier export)
             assert main(["rank", str(CONFIGS / "tiny-d3po.yaml"), f"output_dir={out}", "--export", str(exp)]) == 0
             assert "wrote 1 preference records" in capsys.readouterr().out
             recs = [json.loads(line) for line in exp.read_text().splitlines()]
             assert len(recs) == 1 and recs[0]["chosen"]["noise_seed"] == 2 and recs[0]["round_id"] == "r0-00000000000000aa"
-            assert recs[0]["chosen"]["image"] == "rank/d3po/b.png"  # relative to the export's folder
+            assert recs[0]["chosen"]["image"] == "run/rank/d3po/b.png"  # relative to the export's folder
         other = tmp_path / "notes.jsonl"
         other.write_text('{"prompt": "mine", "chosen": {}, "rejected": {}}\n')  # a JSONL the app did not write
         assert main(["rank", str(CONFIGS / "tiny-d3po.yaml"), f"output_dir={out}", "--export", str(other)]) == 2
         assert "not an earlier export" in capsys.readouterr().err and other.read_text().startswith('{"prompt": "mine"')
+        # inside the run folder: a new file is fine, an existing one (even an export) is not replaced
+        inside = out / "labels.jsonl"
+        assert main(["rank", str(CONFIGS / "tiny-d3po.yaml"), f"output_dir={out}", "--export", str(inside)]) == 0
+        capsys.readouterr()
+        first = inside.read_bytes()
+        assert main(["rank", str(CONFIGS / "tiny-d3po.yaml"), f"output_dir={out}", "--export", str(inside)]) == 2
+        assert "exists in the run folder" in capsys.readouterr().err and inside.read_bytes() == first
         writer.add_event("still writable")
     finally:
         writer.close()

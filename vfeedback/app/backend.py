@@ -661,7 +661,7 @@ def start_d3po_update(cfg, root: Path, store: FeedbackStore, n: int) -> subproce
     updates = Path(root) / "updates"
     updates.mkdir(parents=True, exist_ok=True)
     labels = updates / f"update-{n:03d}.labels.jsonl"
-    if store.export_jsonl(labels, modes=("d3po",)) == 0:
+    if store.export_jsonl(labels, modes=("d3po",), replace_in_run_folder=True) == 0:  # a left-over of a crash: ours
         raise UserError("no labels to train on yet")
     data = yaml.safe_load(dump_config(cfg))
     data["algorithm"] = "d3po"

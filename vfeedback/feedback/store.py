@@ -497,17 +497,18 @@ class FeedbackStore:
             out.append(rec)
         return out
 
-    def check_export_target(self, path: Union[str, os.PathLike]) -> Path:
+    def check_export_target(self, path: Union[str, os.PathLike], replace_in_run_folder: bool = False) -> Path:
         """:func:`check_export_target` for this store."""
-        return check_export_target(self.path, path)
+        return check_export_target(self.path, path, replace_in_run_folder)
 
-    def export_jsonl(self, path: Union[str, os.PathLike], modes: Iterable[str] = ("d3po", "gallery")) -> int:
+    def export_jsonl(self, path: Union[str, os.PathLike], modes: Iterable[str] = ("d3po", "gallery"),
+                     replace_in_run_folder: bool = False) -> int:
         """Write :meth:`preference_records` to ``path`` as JSONL (a temporary file in the same
         folder, fsynced, then renamed over ``path``); returns the count. Refuses (before writing
         anything) every target :meth:`check_export_target` refuses."""
         import tempfile
 
-        p = self.check_export_target(path)
+        p = self.check_export_target(path, replace_in_run_folder)
         p.parent.mkdir(parents=True, exist_ok=True)
         recs = self.preference_records(p.parent, modes)
         fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
@@ -517,7 +518,7 @@ class FeedbackStore:
                     f.write(json.dumps(r) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
-            self.check_export_target(p)  # nothing else took the name meanwhile
+            self.check_export_target(p, replace_in_run_folder)  # nothing else took the name meanwhile
             os.replace(tmp, p)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -525,13 +526,16 @@ class FeedbackStore:
         return len(recs)
 
 
-def check_export_target(store: Union[str, os.PathLike], path: Union[str, os.PathLike]) -> Path:
+def check_export_target(store: Union[str, os.PathLike], path: Union[str, os.PathLike], replace_in_run_folder: bool = False) -> Path:
     """The resolved export target, or :class:`ExportRefused` if writing it could lose a byte the
     export did not create: the store, its SQLite side files or lock (existing or not), a
-    folder, or an existing file that is not an earlier export (empty, or every line a record
-    with ``"id": "answer-N"``)."""
+    folder, any existing file in the store's run folder (the app's own files, an update's
+    labels; unless ``replace_in_run_folder``: the app re-writing a file of its own), or an
+    existing file elsewhere that is not an earlier export (empty, or every line a record with
+    ``"id": "answer-N"``)."""
     given = Path(path)
     p = given.resolve()
+    root = Path(store).resolve().parent
     if p in store_files(store):
         raise ExportRefused(f"{given} is the feedback store (or one of its side files); export to a new file, e.g. labels.jsonl")
     if p.is_dir():
@@ -541,6 +545,9 @@ def check_export_target(store: Union[str, os.PathLike], path: Union[str, os.Path
             raise ExportRefused(f"{given} exists and is not a regular file; export to a new file")
         if any(f.exists() and os.path.samefile(f, p) for f in store_files(store)):  # a hard link
             raise ExportRefused(f"{given} is the feedback store (a link to it); export to a new file")
+        if root in p.parents and not replace_in_run_folder:
+            raise ExportRefused(f"{given} exists in the run folder {root}; the export does not replace files there. "
+                                "Export to a new file name (or outside the run folder)")
         if not _is_export(p):
             raise ExportRefused(f"{given} exists and is not an earlier export of this app; it would be overwritten. "
                                 "Choose a new file name or move that file away")
