@@ -53,7 +53,7 @@ from typing import Any, Optional
 import torch
 
 from ..errors import UserError
-from ..feedback.store import KINDS, STORE_FILE, FeedbackStore, RoundAnswered, StoreError, ranks_from_ranking
+from ..feedback.store import KINDS, LOCK_SUFFIX, STORE_FILE, FeedbackStore, RoundAnswered, StoreError, ranks_from_ranking
 
 log = logging.getLogger(__name__)
 
@@ -826,7 +826,8 @@ def open_backend(cfg, annotator: Optional[str] = None) -> Backend:
     store_path = root / STORE_FILE
     if root.is_dir() and not store_path.exists():
         try:
-            entries = sorted(p.name for p in root.iterdir())
+            # the lock file alone: a start that died before SQLite created the store
+            entries = sorted(p.name for p in root.iterdir() if p.name != STORE_FILE + LOCK_SUFFIX)
         except OSError as e:
             raise UserError(f"output_dir: cannot read {root} ({e.strerror})") from None
         if "config.yaml" in entries:
