@@ -280,6 +280,9 @@ def test_writer_lock_refuses_a_second_writer_and_dies_with_its_process(tmp_path)
         s.add_event("after")
     with FeedbackStore(path) as s:  # and close() drops it
         assert [e["kind"] for e in s.events()] == ["after"]
+    with FeedbackStore(path, readonly=True) as ro:  # a reader removes the SQLite side files it made
+        assert ro.count() == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["feedback.sqlite", "feedback.sqlite.lock"]
 
 
 # ---------------------------------------------------------------------------- export never overwrites

@@ -9,7 +9,8 @@ Safe by default: binds 127.0.0.1; ``--share`` and non-loopback hosts refuse to s
 a run folder of the app (or new / empty), and only what the app wrote there is served
 (``OUT/rank/`` and gradio's cache ``OUT/.gradio/``; the store files are blocked besides). One app
 per run folder (the store's writer lock). ``--export`` reads the store read-only and never
-writes onto the store, a folder or an existing file that is not an earlier export.
+writes onto the store, a folder, an existing file in the run folder, or an existing file
+elsewhere that is not an earlier export.
 """
 from __future__ import annotations
 
