@@ -79,7 +79,8 @@ def _download_url(url: str, what: str, option: str) -> str:
     try:
         torch.hub.download_url_to_file(url, str(target), progress=False)
     except Exception as e:
-        raise RewardError(f"{what}: could not download {url} ({type(e).__name__}: {_short(e)}). Download it by hand and pass {option}=/path/to/{name}") from None
+        raise RewardError(f"{what}: could not download {url} ({type(e).__name__}: {_short(e)}). "
+                          f"Download it where there is a network (`wget -O {name} '{url}'`) and pass {option}=/path/to/{name}") from None
     return str(target)
 
 
@@ -149,3 +150,59 @@ def load_errors(what: str, hint: str) -> Iterator[None]:
         raise
     except (OSError, RuntimeError, ValueError, KeyError, EnvironmentError) as e:
         raise RewardError(f"{what}: {type(e).__name__}: {_short(e)}. {hint}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# what to download, and whether it is already here (``vfeedback rewards``' "weights" column)
+
+
+def open_clip_download_hint(model: str, tag: str) -> str:
+    """The exact command that fetches open_clip's ``model`` / ``tag`` weights, and the option
+    that then takes the file (open_clip reads ``open_clip_model.safetensors`` from its hub repo)."""
+    try:
+        import open_clip
+
+        cfg = open_clip.get_pretrained_cfg(model.replace("/", "-"), tag) or {}
+    except Exception:  # noqa: BLE001 - an unknown name gives the generic hint
+        cfg = {}
+    repo = (cfg.get("hf_hub") or "").strip("/")
+    if repo:
+        return (f"`hf download {repo} open_clip_model.safetensors` (open_clip_pytorch_model.bin where there is no safetensors file), "
+                f"then pass the file's path instead of the tag {tag!r}")
+    if cfg.get("url"):
+        name = cfg["url"].rstrip("/").rsplit("/", 1)[-1]
+        return f"`wget -O {name} {cfg['url']}`, then pass the file's path instead of the tag {tag!r}"
+    return f"download the {model} / {tag} open_clip checkpoint and pass its path"
+
+
+def _hf_cached(repo: str, filename: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo, filename), str)
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def open_clip_weights_cached(model: str, tag: str) -> bool:
+    """Whether open_clip's ``model`` / ``tag`` weights are in the local Hugging Face cache."""
+    try:
+        import open_clip
+
+        cfg = open_clip.get_pretrained_cfg(model, tag) or {}
+    except Exception:  # noqa: BLE001
+        return False
+    repo = (cfg.get("hf_hub") or "").strip("/")
+    return bool(repo) and any(_hf_cached(repo, f) for f in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))
+
+
+def url_cached(url: str) -> bool:
+    """Whether :func:`resolve_file` already downloaded ``url`` into :func:`cache_dir`."""
+    name = url.rstrip("/").rsplit("/", 1)[-1].replace("%2B", "+")
+    p = cache_dir() / name
+    return p.is_file() and p.stat().st_size > 0
+
+
+def hf_repo_cached(repo: str, filename: str = "config.json") -> bool:
+    """Whether a transformers model repo (its ``filename``) is in the local Hugging Face cache."""
+    return _hf_cached(repo, filename)

@@ -14,7 +14,7 @@ from torch import nn
 
 from . import _hub
 from .base import RewardError, register
-from .clip import OpenClipScorer
+from .clip import OpenClipScorer, _is_path_like
 
 DEFAULT_WEIGHTS = "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/sac+logos+ava1-l14-linearMSE.pth"
 
@@ -71,7 +71,14 @@ class Aesthetic(OpenClipScorer):
     needs_prompt = False
 
     def __init__(self, weights: Optional[str] = None, clip_model: str = "ViT-L-14", clip_pretrained: Optional[str] = "openai", device: Optional[str] = None, dtype: Optional[str] = None):
-        path = _hub.resolve_file(weights, default=DEFAULT_WEIGHTS, what="aesthetic", option="weights")
+        also = ""
+        if clip_pretrained and not _is_path_like(clip_pretrained):
+            also = (f"; aesthetic also needs the CLIP {clip_model} / {clip_pretrained} image encoder: "
+                    + _hub.open_clip_download_hint(clip_model, clip_pretrained).replace("instead of the tag", "as clip_pretrained= instead of the tag"))
+        try:
+            path = _hub.resolve_file(weights, default=DEFAULT_WEIGHTS, what="aesthetic", option="weights")
+        except RewardError as e:
+            raise RewardError(f"{e}{also}") from None
         head = load_head(path)
         super().__init__(clip_model, clip_pretrained, device, dtype, what="aesthetic", option="clip_pretrained")
         dim = self.model.visual.output_dim if hasattr(self.model.visual, "output_dim") else None

@@ -51,10 +51,12 @@ def load_open_clip(model: str, pretrained: Optional[str], device: torch.device, 
         raise RewardError(f"{what}: {pretrained!r} is neither a pretrained tag of {name} ({', '.join(tags) or 'none'}) nor an existing file")
     if pretrained and _is_path_like(pretrained):
         pretrained = _hub.resolve_file(pretrained, default=pretrained, what=what, option=option)
-    hint = (
-        f"The weights for {model} / {pretrained} could not be loaded; without a network, download them "
-        f"elsewhere and pass {option}=/path/to/checkpoint (open_clip format, .safetensors or .bin/.pt)"
-    )
+    if pretrained and not _is_path_like(pretrained):
+        hint = f"The weights for {model} / {pretrained} could not be loaded; without a network, fetch them elsewhere: " + \
+            _hub.open_clip_download_hint(name, pretrained).replace("instead of the tag", f"as {option}= instead of the tag")
+    else:
+        hint = (f"The weights for {model} / {pretrained} could not be loaded; pass {option}=/path/to/checkpoint "
+                "(open_clip format, .safetensors or .bin/.pt)")
     with _hub.load_errors(what, hint):
         net = open_clip.create_model(name, pretrained=pretrained or None, device="cpu", require_pretrained=bool(pretrained))
         tokenizer = open_clip.get_tokenizer(name)

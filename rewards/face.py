@@ -14,8 +14,8 @@ dlib        ``hog`` (dlib frontal HOG); ``cnn``  dlib's 128-d ResNet (``face_rec
 facenet     ``mtcnn`` (facenet-pytorch, weights  dlib (default) or ArcFace when ``model_root`` is
             ship inside the package)             given
 insightface ``scrfd`` from ``model_root``        ArcFace ONNX from ``model_root`` (buffalo_l,
-                                                 antelopev2, ...): onnxruntime, or torch via
-                                                 onnx2torch when ``differentiable=True``
+            (insightface's SCRFD)                antelopev2, ...): insightface's ArcFaceONNX, or
+                                                 torch via onnx2torch when ``differentiable=True``
 ========== ==================================== =================================================
 
 ``detector=`` and ``recognizer=`` override the backend's defaults (any detector works with any
@@ -29,9 +29,15 @@ recogniser run with gradient, so d(reward)/d(pixels) exists. A caller may pass
 An image with no face scores ``no_face_score`` (default -1, the minimum of cosine similarity;
 NaN makes combinations skip it) and is counted in ``last_no_face`` / ``no_face_count``.
 
+The insightface backend is the ``insightface`` package itself (``FaceAnalysis(name=FOLDER,
+allowed_modules=["detection", "recognition"])`` / ``model_zoo.get_model`` route a local pack,
+``SCRFD.detect`` finds faces, ``face_align.norm_crop`` + ``ArcFaceONNX.get_feat`` embed them);
+packs load only from local folders, never downloaded. Ours is only what must be
+differentiable: the torch alignment warp (``face_align``) and the ArcFace graph converted to
+torch (onnx2torch), tested equal to insightface's outputs.
+
 Faithful to: face_recognition (``api.py``: HOG/CNN locations, shape predictor on the box,
-``compute_face_descriptor``), insightface (``model_zoo/scrfd.py``, ``model_zoo/arcface_onnx.py``,
-``utils/face_align.py``, ``app/face_analysis.py``) and facenet-pytorch (``MTCNN.detect``).
+``compute_face_descriptor``) and facenet-pytorch (``MTCNN.detect``).
 """
 from __future__ import annotations
 
@@ -68,9 +74,10 @@ _PIP = {
     "onnx": "onnx",
     "onnxruntime": "onnxruntime",
     "onnx2torch": "onnx2torch",
+    "insightface": "insightface",
 }
-_NEEDS_DETECTOR = {"hog": ("dlib", "face_recognition_models"), "cnn": ("dlib", "face_recognition_models"), "haar": ("cv2",), "mtcnn": ("facenet_pytorch",), "scrfd": ("onnx", "onnxruntime", "cv2")}
-_NEEDS_RECOGNIZER = {"dlib": ("dlib", "face_recognition_models"), "arcface": ("onnx", "onnxruntime")}
+_NEEDS_DETECTOR = {"hog": ("dlib", "face_recognition_models"), "cnn": ("dlib", "face_recognition_models"), "haar": ("cv2",), "mtcnn": ("facenet_pytorch",), "scrfd": ("insightface", "onnx", "onnxruntime", "cv2")}
+_NEEDS_RECOGNIZER = {"dlib": ("dlib", "face_recognition_models"), "arcface": ("insightface", "onnx", "onnxruntime", "cv2")}
 
 
 def _require(modules: Sequence[str], what: str) -> None:
@@ -256,73 +263,29 @@ class _MtcnnDetector:
 
 
 class _ScrfdDetector:
-    """insightface's SCRFD ONNX detector run through onnxruntime (``model_zoo/scrfd.py``).
+    """insightface's SCRFD detector (``insightface.model_zoo.SCRFD``: letterbox into
+    ``det_size``, anchor decoding, NMS at IoU 0.4), given the RGB images as the BGR arrays
+    insightface expects."""
 
-    The image is letterboxed into ``det_size`` (kept aspect, padded right/bottom), normalised
-    ``(x - 127.5) / 128`` in RGB; each stride's outputs are distances from anchor centres to
-    box sides and to the 5 keypoints; scores over ``det_thresh`` are kept and NMS'ed (IoU 0.4).
-    """
-
-    def __init__(self, path: str, det_size: int, threshold: float, nms_threshold: float = 0.4):
-        import onnxruntime as ort
-
-        self.path = path
-        self.session = _cached(("ort", path), lambda: ort.InferenceSession(path, providers=_ort_providers()))
-        inp = self.session.get_inputs()[0]
-        self.input_name = inp.name
-        shape = inp.shape
-        self.input_size = (det_size, det_size) if isinstance(shape[2], str) or shape[2] is None else (int(shape[3]), int(shape[2]))
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        n = len(self.output_names)
-        if n not in (6, 9, 10, 15):
-            raise RewardError(f"face_id: {path} has {n} outputs; an SCRFD detector has 6, 9, 10 or 15")
-        self.fmc = 3 if n in (6, 9) else 5
-        self.strides = [8, 16, 32] if self.fmc == 3 else [8, 16, 32, 64, 128]
-        self.num_anchors = 2 if self.fmc == 3 else 1
-        self.use_kps = n in (9, 15)
-        self.threshold, self.nms_threshold = threshold, nms_threshold
+    def __init__(self, model, det_size: int, threshold: float):
+        self.model = model
+        self.model.prepare(_ctx_id(), input_size=(det_size, det_size), det_thresh=threshold)
+        self.input_size, self.threshold = (det_size, det_size), threshold
 
     def __call__(self, imgs: np.ndarray, device) -> list[list[Face]]:
-        return [self._detect(img) for img in imgs]
+        out = []
+        for img in imgs:
+            det, kps = self.model.detect(np.ascontiguousarray(img[..., ::-1]), input_size=self.input_size, det_thresh=self.threshold)
+            out.append([Face(det[j, :4].astype(np.float32), float(det[j, 4]), None if kps is None else kps[j].astype(np.float32))
+                        for j in range(det.shape[0])])
+        return out
 
-    def _detect(self, img: np.ndarray) -> list[Face]:
-        import cv2
-        from torchvision.ops import nms
 
-        iw, ih = self.input_size
-        h, w = img.shape[:2]
-        if h / w > ih / iw:
-            nh, nw = ih, max(1, int(ih * w / h))
-        else:
-            nw, nh = iw, max(1, int(iw * h / w))
-        scale = nh / h
-        canvas = np.zeros((ih, iw, 3), np.uint8)
-        canvas[:nh, :nw] = cv2.resize(img, (nw, nh))
-        blob = ((canvas.astype(np.float32) - 127.5) / 128.0).transpose(2, 0, 1)[None]
-        outs = self.session.run(self.output_names, {self.input_name: blob})
-        outs = [o[0] if o.ndim == 3 else o for o in outs]  # some exports keep the batch axis
-        all_scores, all_boxes, all_kps = [], [], []
-        for i, stride in enumerate(self.strides):
-            scores = outs[i].reshape(-1)
-            dist = outs[i + self.fmc].reshape(-1, 4) * stride
-            gh, gw = ih // stride, iw // stride
-            centres = np.stack(np.mgrid[:gh, :gw][::-1], axis=-1).astype(np.float32).reshape(-1, 2) * stride
-            centres = np.repeat(centres, self.num_anchors, axis=0)
-            keep = np.where(scores >= self.threshold)[0]
-            c = centres[keep]
-            d = dist[keep]
-            all_scores.append(scores[keep])
-            all_boxes.append(np.concatenate([c - d[:, :2], c + d[:, 2:]], axis=1))
-            if self.use_kps:
-                k = outs[i + 2 * self.fmc].reshape(-1, 10)[keep] * stride
-                all_kps.append(c[:, None, :] + k.reshape(-1, 5, 2))
-        scores = np.concatenate(all_scores)
-        if scores.size == 0:
-            return []
-        boxes = np.concatenate(all_boxes) / scale
-        kps = np.concatenate(all_kps) / scale if self.use_kps else None
-        keep = nms(torch.from_numpy(boxes).float(), torch.from_numpy(scores).float(), self.nms_threshold).numpy()
-        return [Face(boxes[j].astype(np.float32), float(scores[j]), None if kps is None else kps[j].astype(np.float32)) for j in keep]
+def _ctx_id() -> int:
+    """insightface's device index: 0 (first GPU) when onnxruntime has CUDA, else -1 (CPU)."""
+    import onnxruntime as ort
+
+    return 0 if "CUDAExecutionProvider" in ort.get_available_providers() else -1
 
 
 def _ort_providers() -> list[str]:
@@ -333,7 +296,24 @@ def _ort_providers() -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# insightface model packs
+# insightface model packs: local folders only (insightface's FaceAnalysis downloads a missing
+# pack; a training job must not), routed by insightface itself
+
+#: the files of the packs people use, for the "fetch these" message
+KNOWN_PACKS = {
+    "buffalo_l": ("det_10g.onnx", "w600k_r50.onnx", "1k3d68.onnx", "2d106det.onnx", "genderage.onnx"),
+    "buffalo_m": ("det_2.5g.onnx", "w600k_r50.onnx", "1k3d68.onnx", "2d106det.onnx", "genderage.onnx"),
+    "buffalo_s": ("det_500m.onnx", "w600k_mbf.onnx", "1k3d68.onnx", "2d106det.onnx", "genderage.onnx"),
+    "antelopev2": ("scrfd_10g_bnkps.onnx", "glintr100.onnx", "1k3d68.onnx", "2d106det.onnx", "genderage.onnx"),
+}
+
+
+def _pack_hint(name: str) -> str:
+    pack = name if name in KNOWN_PACKS else "buffalo_l"
+    files = ", ".join(KNOWN_PACKS[pack][:2])
+    return (f"fetch the pack on a machine with internet: `insightface-cli model.download {pack}` (writes ~/.insightface/models/{pack}/, "
+            f"with {files}; or unzip https://github.com/deepinsight/insightface/releases/download/model-zoo/{pack}.zip there), "
+            f"then pass model_root=~/.insightface/models/{pack} or model_root={pack}")
 
 
 def _resolve_model_root(model_root: Union[str, os.PathLike]) -> Path:
@@ -344,40 +324,65 @@ def _resolve_model_root(model_root: Union[str, os.PathLike]) -> Path:
     if pack.is_dir():
         return pack
     raise RewardError(
-        f"face_id: model_root={str(model_root)!r} is neither a file nor a folder (nor a pack under ~/.insightface/models); "
-        "give the folder of an insightface model pack (e.g. buffalo_l with det_10g.onnx and w600k_r50.onnx) or an ArcFace .onnx file"
+        f"face_id: model_root={str(model_root)!r} is neither a local file nor a folder (nor a pack under ~/.insightface/models); "
+        f"nothing is downloaded: {_pack_hint(Path(str(model_root)).name)}"
     )
 
 
-def find_insightface_models(model_root: Union[str, os.PathLike]) -> dict[str, Optional[str]]:
-    """Route the ``.onnx`` files of an insightface model pack to ``detection`` / ``recognition``.
+def load_insightface_pack(model_root: Union[str, os.PathLike], need_detector: bool) -> dict[str, Any]:
+    """The ``detection`` (SCRFD) and ``recognition`` (ArcFaceONNX) models of a local pack.
 
-    As insightface's ``ModelRouter``: a graph with 5 or more outputs is an SCRFD detector, one with
-    a 112x112 input an ArcFace recogniser; landmark and gender/age models are ignored. A single
-    ``.onnx`` file is taken as the recogniser.
+    A folder goes through ``insightface.app.FaceAnalysis(name=FOLDER, allowed_modules=...)``
+    (insightface's router: 5+ outputs is a detector, a square >= 112 input a recogniser;
+    landmark / gender-age models are skipped), which never downloads given an existing
+    folder; a single ``.onnx`` file through ``insightface.model_zoo.get_model``.
     """
-    import onnx
+    _require(("insightface",), "the insightface backend")
+    from insightface.model_zoo import get_model
 
     root = _resolve_model_root(model_root)
-    files = [root] if root.is_file() else sorted(Path(f) for f in glob.glob(str(root / "*.onnx")))
-    found: dict[str, Optional[str]] = {"detection": None, "recognition": None}
+    providers = _ort_providers()
+    found: dict[str, Any] = {"detection": None, "recognition": None}
     if root.is_file():
-        found["recognition"] = str(root)
+        m = get_model(str(root), providers=providers)
+        if m is not None and m.taskname in found:
+            found[m.taskname] = m
+        return found
+    files = sorted(Path(f).name for f in glob.glob(str(root / "*.onnx")))
+    if not files:
+        raise RewardError(f"face_id: no .onnx files in {root}; {_pack_hint(root.name)}")
+    if need_detector:
+        from insightface.app import FaceAnalysis
+
+        try:
+            app = _cached(("faceanalysis", str(root)), lambda: FaceAnalysis(name=str(root), allowed_modules=["detection", "recognition"], providers=providers))
+        except AssertionError:  # FaceAnalysis asserts a detector exists
+            raise RewardError(f"face_id: no SCRFD detector among {', '.join(files)} in {root}; {_pack_hint(root.name)}, "
+                              "or use detector=hog|mtcnn with this folder's recogniser") from None
+        found.update({k: v for k, v in app.models.items() if k in found})
         return found
     for f in files:
-        try:
-            g = onnx.load(str(f), load_external_data=False).graph
-        except Exception as e:  # noqa: BLE001 - a broken file in a pack is reported, not fatal
-            log.warning("face_id: skipping %s: %s", f, e)
-            continue
-        inits = {i.name for i in g.initializer}
-        inputs = [i for i in g.input if i.name not in inits]
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim] if inputs else []
-        if len(g.output) >= 5 and found["detection"] is None:
-            found["detection"] = str(f)
-        elif len(dims) == 4 and dims[2] == 112 and dims[3] == 112 and found["recognition"] is None:
-            found["recognition"] = str(f)
+        m = get_model(str(root / f), providers=providers)
+        if m is not None and m.taskname == "recognition":
+            found["recognition"] = m
+            break
     return found
+
+
+def find_insightface_models(model_root: Union[str, os.PathLike]) -> dict[str, Optional[str]]:
+    """Paths of the pack's ``detection`` and ``recognition`` ``.onnx`` files, as insightface routes them."""
+    found = load_insightface_pack(model_root, need_detector=False)
+    root = _resolve_model_root(model_root)
+    out = {"detection": None, "recognition": found["recognition"].model_file if found["recognition"] is not None else None}
+    if root.is_dir():
+        from insightface.model_zoo import get_model
+
+        for f in sorted(glob.glob(str(root / "*.onnx"))):
+            m = get_model(f, providers=_ort_providers())
+            if m is not None and m.taskname == "detection":
+                out["detection"] = f
+                break
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -414,62 +419,68 @@ def _sp_parts(shape_model: str) -> int:
 
 
 class ArcFaceRecognizer(torch.nn.Module):
-    """An insightface ArcFace ONNX recogniser (``model_zoo/arcface_onnx.py``), optionally in torch.
+    """ArcFace identity embeddings: insightface's ``ArcFaceONNX`` or its torch conversion.
 
-    Input: aligned ``(N, 3, 112, 112)`` RGB in [0, 1]; it is normalised ``(255 x - mean) / std``
-    with mean = std = 127.5, unless the graph starts with its own ``Sub``/``Mul`` nodes (old
-    MXNet exports), in which case mean 0, std 1, the same rule insightface applies. The ONNX graph
-    runs through onnxruntime (black box) or, when ``differentiable``, as a torch module converted
-    with onnx2torch, so gradients flow back to the crop.
+    ``model``: an ``insightface.model_zoo.ArcFaceONNX`` (or the path of its ``.onnx``). Its
+    input normalisation (``(x - input_mean) / input_std`` on 0..255 RGB; insightface decides
+    127.5 / 127.5, or 0 / 1 for graphs that normalise themselves) is used on both paths.
+
+    * black box (``differentiable=False``): :meth:`embed_images` is insightface end to end,
+      ``face_align.norm_crop`` (cv2 warp of the uint8 image) then ``ArcFaceONNX.get_feat``.
+    * differentiable: our own code, because insightface's path is numpy / onnxruntime and has
+      no gradient: the torch warp (:mod:`rewards.face_align`) and the ONNX graph converted to
+      torch with onnx2torch; tests pin it to insightface's outputs.
     """
 
-    def __init__(self, path: str, differentiable: bool = False):
+    def __init__(self, model, differentiable: bool = False):
         super().__init__()
-        import onnx
+        if isinstance(model, (str, os.PathLike)):
+            _require(("insightface",), "the ArcFace recogniser")
+            from insightface.model_zoo import get_model
 
-        self.path = path
-        model = onnx.load(path)
-        names = [n.name for n in model.graph.node[:8]]
-        mxnet_style = any(n.startswith(("Sub", "_minus")) for n in names) and any(n.startswith(("Mul", "_mul")) for n in names)
-        self.input_mean, self.input_std = (0.0, 1.0) if mxnet_style else (127.5, 127.5)
-        inits = {i.name for i in model.graph.initializer}
-        inp = [i for i in model.graph.input if i.name not in inits][0]
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in inp.type.tensor_type.shape.dim]
-        if len(dims) != 4 or dims[1] not in (3, None):
-            raise RewardError(f"face_id: {path} takes input of shape {dims}; an ArcFace recogniser takes (N, 3, 112, 112)")
-        self.input_size = int(dims[2] or 112)
-        self.fixed_batch = dims[0] if dims[0] else None
-        self.input_name = inp.name
+            path = str(model)
+            model = get_model(path, providers=_ort_providers())
+            if model is None or model.taskname != "recognition":
+                raise RewardError(f"face_id: {path} is not an ArcFace recogniser (insightface routes it to "
+                                  f"{getattr(model, 'taskname', 'nothing')}); it takes (N, 3, 112, 112)")
+        self.model = model
+        self.path = model.model_file
+        self.input_mean, self.input_std = float(model.input_mean), float(model.input_std)
+        self.input_size = int(model.input_size[0])
         self.differentiable = differentiable
         self.net: Optional[torch.nn.Module] = None
-        self.session = None
         if differentiable:
             _require(("onnx2torch",), "face_id with differentiable=True")
+            import onnx
             from onnx2torch import convert
 
-            self.net = convert(model).eval()
+            self.net = convert(onnx.load(self.path)).eval()
             self.net.requires_grad_(False)
-        else:
-            import onnxruntime as ort
-
-            self.session = _cached(("ort", path), lambda: ort.InferenceSession(path, providers=_ort_providers()))
-        del model
 
     def normalise(self, crops: torch.Tensor) -> torch.Tensor:
         return (crops * 255.0 - self.input_mean) / self.input_std
 
     def forward(self, crops: torch.Tensor) -> torch.Tensor:
-        """``(N, 3, S, S)`` aligned crops in [0, 1] -> ``(N, D)`` raw (unnormalised) embeddings."""
+        """``(N, 3, S, S)`` aligned RGB crops in [0, 1] -> ``(N, D)`` raw (unnormalised) embeddings.
+
+        Differentiable through the torch net; else ``ArcFaceONNX.forward`` (no gradient).
+        """
         x = self.normalise(crops)
         if self.net is not None:
             p = next(self.net.parameters(), None)
             if p is not None:
                 x = x.to(device=p.device, dtype=p.dtype)
             return self.net(x).to(crops.device)
-        arr = x.detach().float().cpu().numpy()
-        step = self.fixed_batch or len(arr)
-        outs = [self.session.run(None, {self.input_name: arr[i : i + step]})[0] for i in range(0, len(arr), max(1, step))]
-        return torch.from_numpy(np.concatenate(outs)).to(crops.device)
+        blob = crops.detach().float().cpu().numpy() * 255.0
+        return torch.from_numpy(np.asarray(self.model.forward(blob))).to(crops.device)
+
+    def embed_images(self, imgs_rgb: Sequence[np.ndarray], kps: Sequence[np.ndarray]) -> np.ndarray:
+        """insightface's own path: ``norm_crop`` of each uint8 RGB image at its 5 landmarks,
+        then ``get_feat`` (BGR in, as insightface takes it) -> ``(N, D)`` float32."""
+        from insightface.utils import face_align as if_align
+
+        crops = [if_align.norm_crop(np.ascontiguousarray(img[..., ::-1]), landmark=k, image_size=self.input_size) for img, k in zip(imgs_rgb, kps)]
+        return np.asarray(self.model.get_feat(crops), np.float32).reshape(len(crops), -1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -567,7 +578,10 @@ class FaceIdentity(Reward):
         self.no_face_score = float(no_face_score)
         self.differentiable = bool(differentiable)
 
-        models = find_insightface_models(model_root) if model_root is not None else {"detection": None, "recognition": None}
+        if model_root is not None and (recognizer == "arcface" or detector == "scrfd"):
+            models = load_insightface_pack(model_root, need_detector=detector == "scrfd")
+        else:
+            models = {"detection": None, "recognition": None}
         if recognizer == "arcface" and models["recognition"] is None:
             where = f"in {model_root}" if model_root is not None else "(no model_root given)"
             raise RewardError(f"face_id: recognizer=arcface needs an ArcFace .onnx (112x112 input) {where}; pass model_root=PATH/TO/buffalo_l")
@@ -668,6 +682,9 @@ class FaceIdentity(Reward):
             embs = [torch.from_numpy(self.recognizer.embed(arr[i], fs)) for i, fs in enumerate(chosen) if fs]
             return torch.cat(embs).to(images.device), owner, counts
         kps = np.stack([self._arcface_kps(arr[i], f) for i, fs in enumerate(chosen) for f in fs])
+        if not self.arcface.differentiable:
+            # black box: insightface's own crop + ArcFaceONNX.get_feat
+            return torch.from_numpy(self.arcface.embed_images([arr[i] for i in owner], kps)).to(images.device), owner, counts
         src = images[torch.tensor(owner, device=images.device)]
         # warp in fp32 (fp64 for gradient checks) whatever the image dtype; the recogniser casts
         # the crop to its own dtype

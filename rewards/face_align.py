@@ -1,5 +1,7 @@
 """Differentiable face alignment: 5 landmarks -> the ArcFace 112x112 crop, with torch ops.
 
+Ours, not insightface's ``face_align.norm_crop``: that one is a cv2 warp of a uint8 array, with no gradient.
+
 insightface aligns a face for its recognisers (``insightface/utils/face_align.py``:
 ``estimate_norm`` + ``norm_crop``) by fitting a similarity transform (rotation, uniform scale,
 translation; skimage's ``SimilarityTransform.estimate``, i.e. Umeyama's least squares) from the

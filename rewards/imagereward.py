@@ -25,9 +25,9 @@ from .preprocess import OPENAI_MEAN, OPENAI_STD, PreprocessSpec, TorchPreprocess
 @register(
     "imagereward",
     differentiable=True,
-    extra="imagereward",
     requires=("ImageReward",),
-    description="ImageReward v1.0 (BLIP + MLP human-preference model, image-reward package), ~-2..2",
+    description="ImageReward v1.0 (BLIP + MLP human-preference model, image-reward package; not installable beside "
+                "transformers 5 / open_clip 3, see `vfeedback rewards`), ~-2..2",
 )
 class ImageRewardScore(Reward):
     """ImageReward of each (image, prompt), differentiable like the package's ``score_gard``.

@@ -1,7 +1,10 @@
-"""Differentiable image preprocessing shared by every model-backed scorer.
+"""Differentiable image preprocessing shared by every model-backed scorer: torchvision's
+``transforms.v2`` (Resize with antialias, CenterCrop, Pad, Normalize) on tensors, driven by a
+spec read from each library's own config.
 
 Scorers receive ``(B, 3, H, W)`` in ``[0, 1]`` and must resize, crop and normalise with torch
-ops so gradients reach the pixels. The reference pipelines do the same with PIL:
+ops so gradients reach the pixels; ``transforms.v2`` on a float tensor is exactly that. The
+reference pipelines do the same with PIL:
 
 - open_clip ``image_transform`` (``resize_mode='shortest'``): ``Resize(size, BICUBIC)`` on the
   short side, ``CenterCrop``, ``ToTensor``, ``Normalize`` (also what OpenAI CLIP, ImageReward and
@@ -10,9 +13,9 @@ ops so gradients reach the pixels. The reference pipelines do the same with PIL:
 - transformers image processors (``CLIPImageProcessor``: ``shortest_edge`` + ``crop_size``;
   ``BlipImageProcessor``: ``height``/``width``).
 
-``F.interpolate(mode='bicubic', antialias=True)`` uses the same separable kernel as PIL's
-``BICUBIC`` resampling (a = -0.5 with support scaled on downsampling), so results agree with the
-PIL pipelines to within uint8 rounding; ``tests/test_rewards_library.py`` checks that on photos.
+Antialiased bicubic resizing uses the same separable kernel as PIL's ``BICUBIC`` (a = -0.5,
+support scaled on downsampling), so results agree with the PIL pipelines to within uint8
+rounding; ``tests/test_rewards_library.py`` checks that on photos, and that gradients flow.
 """
 from __future__ import annotations
 
@@ -20,7 +23,6 @@ from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -62,23 +64,23 @@ class PreprocessSpec:
             raise ValueError(f"resize_mode must be one of {_RESIZE_MODES}, got {self.resize_mode!r}")
 
 
-def _resize(x: torch.Tensor, hw: tuple[int, int], interpolation: str) -> torch.Tensor:
-    if tuple(x.shape[-2:]) == tuple(hw):
-        return x
-    mode = "bilinear" if interpolation == "bilinear" else "bicubic"
-    y = F.interpolate(x, size=hw, mode=mode, align_corners=False, antialias=True)
+def _interp(name: str):
+    from torchvision.transforms.v2 import InterpolationMode
+
+    return InterpolationMode.BILINEAR if name == "bilinear" else InterpolationMode.BICUBIC
+
+
+def _resize(x: torch.Tensor, size, interpolation: str) -> torch.Tensor:
+    from torchvision.transforms.v2 import functional as TF
+
+    y = TF.resize(x, list(size), interpolation=_interp(interpolation), antialias=True)
     # PIL clamps to the uint8 range; bicubic overshoot would otherwise reach the model
-    return y.clamp(0.0, 1.0)
+    return y if y is x else y.clamp(0.0, 1.0)
 
 
 def resize_shortest(x: torch.Tensor, short: int, interpolation: str = "bicubic") -> torch.Tensor:
-    """Scale so the short side is ``short`` (long side ``int(short * long / short_side)``, as torchvision)."""
-    h, w = x.shape[-2:]
-    if w <= h:
-        new_w, new_h = short, int(short * h / w)
-    else:
-        new_h, new_w = short, int(short * w / h)
-    return _resize(x, (new_h, new_w), interpolation)
+    """Scale so the short side is ``short`` (torchvision ``Resize(short)``: long side ``int(short * long / short_side)``)."""
+    return _resize(x, [short], interpolation)
 
 
 def resize_longest(x: torch.Tensor, size: tuple[int, int], interpolation: str = "bicubic") -> torch.Tensor:
@@ -89,23 +91,23 @@ def resize_longest(x: torch.Tensor, size: tuple[int, int], interpolation: str = 
 
 
 def center_crop_or_pad(x: torch.Tensor, size: tuple[int, int], fill: float = 0.0, rounding: str = "round") -> torch.Tensor:
-    """Centre crop to ``size``; pad with ``fill`` first where the image is smaller (torchvision rules)."""
+    """Centre crop to ``size``, padding with ``fill`` first where the image is smaller
+    (torchvision ``CenterCrop`` / open_clip ``CenterCropOrPad``). ``rounding="floor"`` places
+    the crop as transformers' ``center_crop`` does (``(h - th) // 2``)."""
+    from torchvision.transforms.v2 import functional as TF
+
     th, tw = size
     h, w = x.shape[-2:]
     if th > h or tw > w:
-        pad_l = (tw - w) // 2 if tw > w else 0
-        pad_t = (th - h) // 2 if th > h else 0
-        pad_r = (tw - w + 1) // 2 if tw > w else 0
-        pad_b = (th - h + 1) // 2 if th > h else 0
-        x = F.pad(x, (pad_l, pad_r, pad_t, pad_b), value=fill)
+        pad = [(tw - w) // 2 if tw > w else 0, (th - h) // 2 if th > h else 0,
+               (tw - w + 1) // 2 if tw > w else 0, (th - h + 1) // 2 if th > h else 0]  # left, top, right, bottom
+        x = TF.pad(x, pad, fill=fill)
         h, w = x.shape[-2:]
     if (h, w) == (th, tw):
         return x
     if rounding == "floor":
-        top, left = (h - th) // 2, (w - tw) // 2
-    else:
-        top, left = int(round((h - th) / 2.0)), int(round((w - tw) / 2.0))
-    return x[..., top : top + th, left : left + tw]
+        return TF.crop(x, (h - th) // 2, (w - tw) // 2, th, tw)
+    return TF.center_crop(x, [th, tw])
 
 
 def preprocess(images: torch.Tensor, spec: PreprocessSpec, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -114,6 +116,8 @@ def preprocess(images: torch.Tensor, spec: PreprocessSpec, dtype: Optional[torch
     Resizing runs in float32 (antialiased bicubic is not implemented for every half type);
     the result is cast to ``dtype`` (default: the input's dtype).
     """
+    from torchvision.transforms.v2 import functional as TF
+
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
     out_dtype = dtype or (images.dtype if images.is_floating_point() else torch.float32)
@@ -127,9 +131,7 @@ def preprocess(images: torch.Tensor, spec: PreprocessSpec, dtype: Optional[torch
         x = center_crop_or_pad(x, spec.size, spec.fill, spec.crop_rounding)
     else:
         x = _resize(x, spec.size, spec.interpolation)
-    mean = x.new_tensor(spec.mean)[None, :, None, None]
-    std = x.new_tensor(spec.std)[None, :, None, None]
-    return ((x - mean) / std).to(out_dtype)
+    return TF.normalize(x, list(spec.mean), list(spec.std)).to(out_dtype)
 
 
 class TorchPreprocess(nn.Module):

@@ -288,32 +288,69 @@ def test_model_pack_routing(insightface_pack):
     assert found["recognition"].endswith("w600k_tiny.onnx") and found["detection"].endswith("det_tiny.onnx")
 
 
-def test_onnx2torch_matches_onnxruntime(insightface_pack, photos):
+def test_differentiable_arcface_equals_insightface(insightface_pack, photos):
+    """Our torch path (onnx2torch graph, torch warp) against insightface's own ArcFaceONNX and
+    face_align.norm_crop on the same inputs."""
+    from insightface.model_zoo import ArcFaceONNX, get_model
+    from insightface.utils import face_align as if_align
+
     from rewards.face import ArcFaceRecognizer
 
     path = str(insightface_pack["root"] / "w600k_tiny.onnx")
-    ort_rec = ArcFaceRecognizer(path, differentiable=False)
-    pt_rec = ArcFaceRecognizer(path, differentiable=True)
-    assert (ort_rec.input_mean, ort_rec.input_std, ort_rec.input_size) == (127.5, 127.5, 112)
-    x = rewards.to_tensor(photos["ast"])
-    crops = face_align.norm_crop(x.expand(3, -1, -1, -1), np.stack([insightface_pack["kps"]] * 3))
-    crops = crops + 0.05 * torch.randn_like(crops)
+    theirs = get_model(path, providers=["CPUExecutionProvider"])
+    assert isinstance(theirs, ArcFaceONNX) and (theirs.input_mean, theirs.input_std) == (127.5, 127.5)
+    ours = ArcFaceRecognizer(path, differentiable=True)
+    assert (ours.input_mean, ours.input_std, ours.input_size) == (127.5, 127.5, 112)
+    img = np.array(Image.open(photos["ast"]).convert("RGB"))
+    kps = insightface_pack["kps"]
+    # the same crops (insightface's cv2 crop, as uint8 BGR for get_feat and RGB [0,1] for ours)
+    crops_bgr = [if_align.norm_crop(img[..., ::-1].copy(), landmark=k, image_size=112) for k in (kps, kps + 3.0, kps * 0.95)]
+    want = theirs.get_feat(crops_bgr)
+    x = torch.from_numpy(np.stack([c[..., ::-1] for c in crops_bgr]).copy()).permute(0, 3, 1, 2).float() / 255
     with torch.no_grad():
-        a, b = ort_rec(crops), pt_rec(crops)
-        c = insightface_pack["arc"]((crops * 255 - 127.5) / 127.5)
-    assert a.shape == (3, 512)
-    torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(c, a, atol=1e-4, rtol=1e-4)
+        got = ours(x).numpy()
+        direct = insightface_pack["arc"]((x * 255 - 127.5) / 127.5).numpy()
+    assert want.shape == (3, 512)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(direct, want, atol=1e-4, rtol=1e-4)
+    # the torch warp against insightface's norm_crop: the same crop up to cv2's fixed-point
+    # bilinear weights and uint8 rounding (under half a grey level on average)
+    t = torch.from_numpy(img).permute(2, 0, 1)[None].float()
+    warped = face_align.norm_crop(t, kps[None])[0].permute(1, 2, 0).numpy()
+    assert np.abs(warped - crops_bgr[0][..., ::-1]).mean() < 0.5
+    # and end to end: the black-box reward (all insightface) and ours agree on embeddings
+    black = ArcFaceRecognizer(path, differentiable=False).embed_images([img], kps[None])
+    with torch.no_grad():
+        mine = ours(face_align.norm_crop(t / 255, kps[None])).numpy()
+    cos = float((black @ mine.T).item() / (np.linalg.norm(black) * np.linalg.norm(mine)))
+    assert cos > 0.999
 
 
-def test_scrfd_decoding_recovers_the_detection(insightface_pack, photos):
+def test_scrfd_is_insightface_and_recovers_the_detection(insightface_pack, photos):
+    from insightface.model_zoo import SCRFD, get_model
+
     from rewards.face import _ScrfdDetector, _to_uint8
 
-    det = _ScrfdDetector(str(insightface_pack["root"] / "det_tiny.onnx"), 640, 0.5)
+    model = get_model(str(insightface_pack["root"] / "det_tiny.onnx"), providers=["CPUExecutionProvider"])
+    assert isinstance(model, SCRFD)
+    det = _ScrfdDetector(model, 640, 0.5)
     (faces,) = det(_to_uint8(rewards.to_tensor(photos["ast"])), "cpu")
-    assert len(faces) == 1
+    assert len(faces) == 1 and faces[0].score == pytest.approx(0.95, abs=1e-6)
     np.testing.assert_allclose(faces[0].box, insightface_pack["box"], atol=1e-3)
     np.testing.assert_allclose(faces[0].kps, insightface_pack["kps"], atol=1e-3)
+
+
+def test_missing_pack_is_a_clear_error_and_nothing_downloads(photos, tmp_path, monkeypatch):
+    import insightface.utils.storage as storage
+
+    monkeypatch.setattr(storage, "download_file", lambda *a, **k: pytest.fail("insightface tried to download"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(rewards.RewardError, match=r"insightface-cli model.download buffalo_l.*det_10g.onnx, w600k_r50.onnx"):
+        rewards.load("face_id", reference=[photos["ast"]], backend="insightface", model_root="buffalo_l")
+    empty = tmp_path / "antelopev2"
+    empty.mkdir()
+    with pytest.raises(rewards.RewardError, match=r"no .onnx files.*model.download antelopev2.*glintr100.onnx"):
+        rewards.load("face_id", reference=[photos["ast"]], backend="insightface", model_root=str(empty))
 
 
 def test_insightface_differentiable_gradients_reach_pixels(insightface_pack, photos):
@@ -382,5 +419,18 @@ def test_bad_options_are_clear(photos, tmp_path):
         rewards.load("face_id", reference=[photos["ast"]], backend="nope")
     with pytest.raises(rewards.RewardError, match="differentiable=True needs the ArcFace"):
         rewards.load("face_id", reference=[photos["ast"]], differentiable=True)
-    with pytest.raises(rewards.RewardError, match="needs an ArcFace .onnx"):
+    with pytest.raises(rewards.RewardError, match="no .onnx files in .*insightface-cli model.download buffalo_l"):
         rewards.load("face_id", reference=[photos["ast"]], backend="insightface", detector="hog", model_root=str(tmp_path))
+
+
+def test_pack_without_detector_names_its_files(insightface_pack, photos, tmp_path):
+    import shutil
+
+    d = tmp_path / "recognition_only"
+    d.mkdir()
+    shutil.copy(insightface_pack["root"] / "w600k_tiny.onnx", d)
+    with pytest.raises(rewards.RewardError, match=r"no SCRFD detector among w600k_tiny.onnx .*detector=hog\|mtcnn"):
+        rewards.load("face_id", reference=[photos["ast"]], backend="insightface", model_root=str(d))
+    # the same folder serves as the recogniser behind another detector
+    r = rewards.load("face_id", reference=[photos["ast"]], backend="insightface", detector="mtcnn", model_root=str(d))
+    assert r.score([photos["ast"]])[0] == pytest.approx(1.0, abs=1e-4)

@@ -160,3 +160,59 @@ def test_labeler_and_reward_model_from_frames(clip):
     assert seen == ["red"] * 5 and all(a.ndim == 4 for a, _ in [(VLMPreferenceLabeler._clip(p[0]), 0) for p in pairs[:1]])
     bad = VLMPreferenceLabeler(lambda a, b, goal: 1 / 0)
     assert bad.label(pairs[:2]) == [-1, -1]
+
+
+def _check_env_warnings(env) -> set[str]:
+    import warnings
+
+    from gymnasium.utils.env_checker import check_env
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_env(env)
+    return {str(w.message).split("(")[0] for w in caught}
+
+
+def _check_env_strict(env):
+    """gymnasium's check_env, failing on any warning that the bare CartPole (made the same way)
+    does not get too (its -inf observation bounds, "wrapped" notices)."""
+    bare = _check_env_warnings(gym.make("CartPole-v1", render_mode="rgb_array"))
+    assert _check_env_warnings(env) <= bare
+
+
+def test_wrapper_passes_check_env_and_rebuilds_from_spec(clip):
+    env = VLMRewardWrapper(gym.make("CartPole-v1", render_mode="rgb_array"), clip, goal="a pole standing upright",
+                           baseline="a pole", alpha=0.5, mode="add", scale=0.1)
+    _check_env_strict(env)
+    assert env.metadata["render_modes"] == ["rgb_array"]
+    # the spec records the wrapper and its arguments: gymnasium.make(spec) rebuilds it, with
+    # the same scorer object (not a copy) and the same rewards
+    spec = env.spec
+    assert spec.additional_wrappers[-1].name == "VLMRewardWrapper"
+    again = gym.make(spec)
+    inner = again
+    while not isinstance(inner, VLMRewardWrapper):
+        inner = inner.env
+    assert inner.scorer.reward is clip and inner.mode == "add" and inner.scale == 0.1 and inner.scorer.alpha == 0.5
+    env.reset(seed=3)
+    again.reset(seed=3)
+    for a in (0, 1, 1):
+        r1 = env.step(a)[1]
+        r2 = again.step(a)[1]
+        assert r1 == pytest.approx(r2, abs=1e-6) and r1 != 1.0
+
+
+def test_preference_model_env_passes_check_env():
+    """The RL-VLM-F env: CartPole whose reward is a Bradley-Terry model learnt from labels."""
+    labeler = VLMPreferenceLabeler(rewards.load("color", color="red"))
+    g = torch.Generator().manual_seed(0)
+    frames = [torch.rand(3, 32, 32, generator=g) for _ in range(40)]
+    pairs = [(frames[2 * i], frames[2 * i + 1]) for i in range(20)]
+    model = PreferenceRewardModel(embed=lambda x: x.mean(dim=(2, 3)), hidden=8)
+    model.fit(pairs, labeler.label(pairs), epochs=5)
+    env = VLMRewardWrapper(gym.make("CartPole-v1", render_mode="rgb_array"), model)
+    _check_env_strict(env)
+    env.reset(seed=0)
+    _, r, _, _, info = env.step(0)
+    frame = torch.from_numpy(env.render().copy()).permute(2, 0, 1)[None].float() / 255
+    assert r == pytest.approx(model(frame).item(), abs=1e-6) and info["env_reward"] == 1.0

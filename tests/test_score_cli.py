@@ -176,7 +176,7 @@ def test_rewards_list(capsys):
     code, out, _ = _run(capsys, "rewards")
     assert code == 0
     header = out.splitlines()[0].split()
-    assert header == ["name", "differentiable", "installed", "extra", "description"]
+    assert header == ["name", "differentiable", "installed", "weights", "extra", "description"]
     for name in ("clip", "aesthetic", "pickscore", "hpsv2", "imagereward", "vqa", "brightness"):
         assert any(ln.startswith(name + " ") for ln in out.splitlines())
     code, out, _ = _run(capsys, "rewards", "--json")

@@ -19,6 +19,7 @@ COMMANDS = {
     "score": "score",
     "rewards": "rewards_list",
     "rank": "rank",
+    "env": "env",
 }
 
 

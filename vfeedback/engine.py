@@ -97,19 +97,23 @@ class Trainer:
         cpu = cfg.train.device == "cpu" or not torch.cuda.is_available()
         mp = resolve_mixed_precision(cfg.train.mixed_precision, "cpu" if cpu else "cuda")
         trackers = [t for t in cfg.log.trackers if self._tracker_available(t)]
-        # one process may run several trainings (IterComp iterations, tests, notebooks):
-        # accelerate keeps mixed precision etc. in a process-wide singleton, so clear it; the
-        # distributed part (PartialState: process group, device) is kept
-        from accelerate.state import AcceleratorState
-
-        AcceleratorState._reset_state(reset_partial_state=False)
-        self.acc = Accelerator(
-            mixed_precision=mp,
-            gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-            log_with=trackers or None,
-            project_config=ProjectConfiguration(project_dir=str(self.run.root), logging_dir=str(self.run.root / "logs")),
-            cpu=cpu,
-        )
+        # one process may run several trainings (IterComp iterations, tests, notebooks): a new
+        # Accelerator reuses accelerate's process-wide state (process group, device, mixed
+        # precision) and takes the new gradient accumulation; only a different mixed precision
+        # cannot be changed within a process (accelerate's rule), which is said plainly here
+        try:
+            self.acc = Accelerator(
+                mixed_precision=mp,
+                gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+                log_with=trackers or None,
+                project_config=ProjectConfiguration(project_dir=str(self.run.root), logging_dir=str(self.run.root / "logs")),
+                cpu=cpu,
+            )
+        except ValueError as e:
+            if "already been initialized" not in str(e):
+                raise
+            raise RunError(f"train.mixed_precision={mp!r} (or train.device): this Python process already ran a training with another "
+                           "setting, and accelerate fixes it once per process; run this training in a new process") from None
         self.acc.wait_for_everyone()
         set_seed(cfg.seed)
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mp, torch.float32)
@@ -224,6 +228,9 @@ class Trainer:
             unet.load_state_dict(sd)
 
     def save_checkpoint(self, step: int) -> Path:
+        """accelerate's ``save_state`` into a temp folder, then our COMPLETE marker and an atomic
+        rename: ours because accelerate writes in place and marks nothing complete, so a run killed
+        mid-save would leave a checkpoint that ``--resume`` cannot tell from a whole one."""
         final = self.run.checkpoints / f"step-{step:06d}"
         tmp = self.run.checkpoints / f".tmp-step-{step:06d}"
         if self.acc.is_main_process and tmp.exists():
@@ -284,27 +291,27 @@ class Trainer:
         """Eval grid of the fixed prompts x seeds at this step; returns the mean eval reward.
 
         The grid's rows (one per eval seed, all eval prompts, rendered and scored as one batch)
-        are shared out over the processes, row ``j`` to process ``j % N``; images, scores and the
-        held-out eval scores are gathered to every process and the main one writes the grid. A
-        row is always one batch and every image has its own generator, so the grid and the
-        numbers are the same whatever the number of processes.
+        are shared out over the processes with accelerate's ``split_between_processes``
+        (contiguous runs of rows); images, scores and the held-out eval scores come back to every
+        process with ``gather_for_metrics`` and the main one writes the grid and logs it, with
+        the eval rewards, to the trackers. A row is always one batch and every image has its
+        own generator, so the grid and the numbers are the same whatever the number of processes.
         """
         cfg = self.cfg
         seeds = list(cfg.prompts.eval_seeds)
-        n, rank = self.acc.num_processes, self.acc.process_index
+        n = self.acc.num_processes
         # eval never moves a running normalisation (it would also drift apart across processes)
         upd = getattr(self.reward, "update_stats", None)
         if upd is not None:
             self.reward.update_stats = False
         try:
-            mine = [self._eval_row(j, seed) for j, seed in enumerate(seeds) if j % n == rank]
+            with self.acc.split_between_processes(list(enumerate(seeds))) as share:
+                mine = [self._eval_row(j, seed) for j, seed in share]
         finally:
             if upd is not None:
                 self.reward.update_stats = upd
         if n > 1:
-            from accelerate.utils import gather_object
-
-            mine = gather_object(mine)
+            mine = self.acc.gather_for_metrics(mine, use_gather_object=True)
         rows = {r["row"]: r for r in mine}
         assert sorted(rows) == list(range(len(seeds))), f"eval rows gathered: {sorted(rows)}"
         rows = [rows[j] for j in range(len(seeds))]
@@ -313,17 +320,52 @@ class Trainer:
         caps = [f"{p} | {v:.3f}" for r in rows for p, v in zip(self.eval_prompts, r["scores"])]
         finite = [s for s in scores if math.isfinite(s)]
         mean = sum(finite) / len(finite) if finite else float("nan")
+        grid = self.run.samples / f"step-{step:06d}.png"
         if self.acc.is_main_process:
-            save_grid(torch.cat([r["images"] for r in rows]), self.run.samples / f"step-{step:06d}.png", captions=caps,
+            save_grid(torch.cat([r["images"] for r in rows]), grid, captions=caps,
                       ncol=len(self.eval_prompts), row_labels=[f"seed {s}" for s in seeds])
         rec = {"step": step, "eval_reward": mean}
         for name, vals in extra.items():
             f = [v for v in vals if math.isfinite(v)]
             rec[f"eval/{name}"] = sum(f) / len(f) if f else float("nan")
         self.evals = [e for e in self.evals if e["step"] != step] + [rec]
+        if self.acc.is_main_process:
+            scalars = {"eval/eval_reward": mean, **{k: v for k, v in rec.items() if k.startswith("eval/")}}
+            self._log_to_trackers(step, {k: v for k, v in scalars.items() if math.isfinite(v)}, {"eval/grid": grid})
         log.info("eval at step %d: reward %.4f%s", step, mean,
                  "".join(f", {k[5:]} {v:.4f}" for k, v in rec.items() if k.startswith("eval/")))
         return mean
+
+    def _log_to_trackers(self, step: int, scalars: dict, images: dict) -> None:
+        """Scalars and PNG files to every accelerate tracker of this run (main process only).
+
+        Images go through each tracker's own ``log_images``: TensorBoard as ``(1, H, W, 3)``
+        uint8 (``dataformats="NHWC"``), W&B / others as a list of one ``(H, W, 3)`` array.
+        """
+        if not self.acc.trackers:
+            return
+        if scalars:
+            self.acc.log(scalars, step=step)
+        import numpy as np
+        from PIL import Image
+
+        arrays = {}
+        for tag, path in images.items():
+            if Path(path).exists():
+                with Image.open(path) as im:
+                    arrays[tag] = np.asarray(im.convert("RGB"))
+        if not arrays:
+            return
+        for tracker in self.acc.trackers:
+            if not hasattr(tracker, "log_images"):
+                continue
+            try:
+                if tracker.name == "tensorboard":
+                    tracker.log_images({k: v[None] for k, v in arrays.items()}, step=step, dataformats="NHWC")
+                else:
+                    tracker.log_images({k: [v] for k, v in arrays.items()}, step=step)
+            except Exception as e:  # a tracker that cannot take images keeps its scalars
+                log.warning("tracker %s: could not log images (%s: %s)", tracker.name, type(e).__name__, e)
 
     def _eval_row(self, row: int, seed: int) -> dict:
         """One row of the eval grid: every eval prompt at ``seed``, one batch, on this process."""
@@ -448,6 +490,9 @@ class Trainer:
         self.export()
         self._replicas_identical = self.replicas_identical()
         summary = self.write_summary(final)
+        if acc.is_main_process:  # the reward curve and before / after, as images, at the final step
+            self._log_to_trackers(final, {}, {"curves/reward_curve": self.run.samples / "reward_curve.png",
+                                              "eval/before_after": self.run.samples / "before_after.png"})
         self._end_training()
         return summary
 

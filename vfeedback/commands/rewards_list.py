@@ -1,4 +1,5 @@
-"""``vfeedback rewards``: list every scorer, whether it is installed, and how to install it."""
+"""``vfeedback rewards``: list every scorer, whether it is installed, whether its default
+weights are already in the local caches, and how to install it."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +8,8 @@ import sys
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("rewards", help="list the available rewards", description="List every registered reward: differentiable or not, installed or not, the pip extra that installs it.")
+    p = subparsers.add_parser("rewards", help="list the available rewards", description="List every registered reward: differentiable or not, installed or not, whether its default weights are "
+                                   "in the local caches (yes / no; '-' needs none; 'path' takes a file you give), the pip extra that installs it.")
     p.add_argument("--json", action="store_true", help="JSON output")
     p.set_defaults(func=run)
     return p
@@ -25,8 +27,9 @@ def run(args) -> int:
                 "name": i.name,
                 "differentiable": i.differentiable,
                 "installed": i.installed,
+                "weights": weights_present(i),
                 "extra": i.extra,
-                "install": None if i.installed else _install_hint(i),
+                "install": None if i.installed else install_hint(i),
                 "requires": list(i.requires),
                 "description": i.description,
             }
@@ -35,13 +38,70 @@ def run(args) -> int:
         json.dump(doc, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
-    rows = [[i.name, "yes" if i.differentiable else "no", "yes" if i.installed else "no", i.extra or "-", i.description] for i in infos]
-    sys.stdout.write(format_table(["name", "differentiable", "installed", "extra", "description"], rows, max_width=100) + "\n")
+    rows = [[i.name, "yes" if i.differentiable else "no", "yes" if i.installed else "no", weights_present(i), i.extra or "-", i.description]
+            for i in infos]
+    sys.stdout.write(format_table(["name", "differentiable", "installed", "weights", "extra", "description"], rows, max_width=100) + "\n")
     missing = [i for i in infos if not i.installed]
     if missing:
-        sys.stdout.write("\nnot installed: " + "; ".join(f"{i.name}: {_install_hint(i)}" for i in missing) + "\n")
+        sys.stdout.write("\nnot installed: " + "; ".join(f"{i.name}: {install_hint(i)}" for i in missing) + "\n")
     return 0
 
 
-def _install_hint(info) -> str:
+#: scorers whose package cannot be installed beside vfeedback's pins, and exactly why
+NOT_INSTALLABLE = {
+    "imagereward": (
+        "image-reward 1.5 (the latest) pins timm==0.6.13 while open_clip_torch 3.x needs timm>=1.0.17, "
+        "imports transformers.modeling_utils.apply_chunking_to_forward (removed in transformers 5), and imports the "
+        "OpenAI `clip` package it does not declare; so it is not in any extra. In a separate environment with "
+        "transformers<5: pip install image-reward git+https://github.com/openai/CLIP.git"
+    ),
+}
+
+
+def install_hint(info) -> str:
+    """How to install a scorer's dependencies (or why it cannot be, next to vfeedback's pins)."""
+    if info.name in NOT_INSTALLABLE:
+        return NOT_INSTALLABLE[info.name]
     return f"pip install 'vfeedback[{info.extra}]'" if info.extra else f"pip install {' '.join(info.requires)}"
+
+
+def weights_present(info) -> str:
+    """``yes`` / ``no``: the scorer's default weights are / are not in the local caches (the
+    Hugging Face cache, open_clip's, ``$VFEEDBACK_CACHE``, ``~/.cache/ImageReward``, packages
+    that ship them); ``-``: it needs no weights; ``path``: it takes a file you give."""
+    import inspect
+    from pathlib import Path
+
+    from rewards import _hub
+
+    n = info.name
+    if n in ("color", "brightness", "saturation"):
+        return "-"
+    if n in ("itercomp_rm", "structure"):
+        return "path"
+    if n.startswith("shapes_"):
+        return _yes((Path(inspect.getfile(info.factory)).parent / "assets" / "shapes").is_dir())
+    if n == "face_id":  # the default backend's dlib models ship inside face_recognition_models
+        return _yes(info.installed)
+    if n == "clip":
+        return _yes(_hub.open_clip_weights_cached("ViT-L-14", "openai"))
+    if n == "aesthetic":
+        from rewards.aesthetic import DEFAULT_WEIGHTS
+
+        return _yes(_hub.url_cached(DEFAULT_WEIGHTS) and _hub.open_clip_weights_cached("ViT-L-14", "openai"))
+    if n == "hpsv2":
+        from rewards.hpsv2 import HPS_FILES, HPS_REPO
+
+        return _yes(_hub.hf_repo_cached(HPS_REPO, HPS_FILES["2.1"]))
+    if n == "imagereward":
+        return _yes((Path.home() / ".cache" / "ImageReward" / "ImageReward.pt").is_file())
+    try:  # transformers-backed scorers: their default model (and processor) repos
+        params = inspect.signature(info.factory).parameters
+    except (TypeError, ValueError):
+        return "?"
+    repos = [p.default for k, p in params.items() if k in ("model", "processor") and isinstance(p.default, str) and "/" in p.default]
+    return _yes(all(_hub.hf_repo_cached(r) for r in repos)) if repos else "-"
+
+
+def _yes(b: bool) -> str:
+    return "yes" if b else "no"

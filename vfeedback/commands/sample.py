@@ -12,7 +12,10 @@ def add_parser(sub):
     p.add_argument("--family", choices=["sd15", "sdxl"], help="model family (default: from the config, or guessed from --model)")
     p.add_argument("--lora", help="LoRA folder (a run's OUT/lora) to load with diffusers' load_lora_weights")
     p.add_argument("--prompt", action="append", required=True, help="prompt (repeat for several)")
-    p.add_argument("--seeds", default="0", help="comma-separated seeds, one image per prompt and seed")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds, one image per prompt and seed. Image i (the i-th --prompt) of "
+                   "seed N starts from torch.Generator().manual_seed(derive_seed('eval', N, i)), derive_seed = the low 63 bits of the "
+                   "little-endian first 8 bytes of sha256(b'eval/N/i') (vfeedback.engine.derive_seed), not manual_seed(N); "
+                   "README 'Seeds' shows the diffusers one-liner that reproduces it")
     p.add_argument("--steps", type=int, help="DDIM steps")
     p.add_argument("--guidance-scale", type=float)
     p.add_argument("--eta", type=float)

@@ -31,7 +31,9 @@ def run(args) -> int:
             raise UserError(f"reward.rewards.{i}.name: unknown reward {spec.name!r}; available: {', '.join(sorted(names))}")
         info = names[spec.name]
         if not info.installed:
-            raise UserError(f"reward.rewards.{i}.name: {spec.name!r} needs `pip install 'vfeedback[{info.extra}]'`")
+            from .rewards_list import install_hint
+
+            raise UserError(f"reward.rewards.{i}.name: {spec.name!r} is not installed: {install_hint(info)}")
     section = getattr(cfg, cfg.algorithm, None)
     if hasattr(section, "rounds"):
         budget = f"{section.rounds} rounds"

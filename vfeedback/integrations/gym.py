@@ -181,7 +181,25 @@ def _check_mode(mode: str) -> str:
     return mode
 
 
-class VLMRewardWrapper(gym.Wrapper):
+class _Shared:
+    """Holds a scorer in a wrapper's recorded constructor arguments without copying it.
+
+    gymnasium deep-copies an env's spec (and with it the recorded wrapper kwargs) whenever it
+    reads ``env.spec``; a copy of a CLIP or VLM scorer would double its memory. The spec's
+    ``make()`` gets this holder back and the new wrapper shares the same scorer.
+    """
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __repr__(self) -> str:
+        return f"<shared {getattr(self.obj, 'name', type(self.obj).__name__)}>"
+
+
+class VLMRewardWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
     """Reward from a vision-language scorer on the rendered frame after each step.
 
     ``reward``: a :class:`rewards.Reward` or its registered name (``clip`` for VLM-RM, ``vqa``,
@@ -192,6 +210,11 @@ class VLMRewardWrapper(gym.Wrapper):
 
     Given a gymnasium ``VectorEnv`` it returns a :class:`VLMRewardVectorWrapper` (the same
     options), which scores every sub-env's frame in one batch.
+
+    It records its constructor arguments (``gymnasium.utils.RecordConstructorArgs``), so
+    ``env.spec.make()`` / ``gymnasium.make(env.spec)`` rebuild the wrapped env, sharing the same
+    scorer object; its ``metadata["render_modes"]`` is ``["rgb_array"]``, the only mode it can
+    score. It passes ``gymnasium.utils.env_checker.check_env``.
     """
 
     def __new__(cls, env, *args, **kwargs):
@@ -201,12 +224,18 @@ class VLMRewardWrapper(gym.Wrapper):
 
     def __init__(self, env, reward, goal: Optional[Prompts] = None, baseline: Optional[Prompts] = None, alpha: float = 0.0,
                  mode: str = "replace", scale: float = 1.0, vlm_rm: Optional[bool] = None):
-        super().__init__(env)
+        if isinstance(reward, _Shared):  # rebuilt from a spec
+            reward = reward.obj
+        gym.utils.RecordConstructorArgs.__init__(self, _disable_deepcopy=True, reward=_Shared(reward), goal=goal, baseline=baseline,
+                                                 alpha=alpha, mode=mode, scale=scale, vlm_rm=vlm_rm)
+        gym.Wrapper.__init__(self, env)
         if env.render_mode != "rgb_array":
             raise RewardError(f"VLMRewardWrapper needs frames: create the env with render_mode='rgb_array' (got {env.render_mode!r})")
         self.scorer = FrameScorer(reward, goal, baseline, alpha, vlm_rm)
         self.mode = _check_mode(mode)
         self.scale = float(scale)
+        # only rgb_array frames can be scored: check_env (and users) must not ask for "human"
+        self.metadata = {**env.metadata, "render_modes": ["rgb_array"]}
 
     def step(self, action):
         obs, env_reward, terminated, truncated, info = self.env.step(action)
