@@ -285,6 +285,10 @@ class TrainConfig(Section):
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field("auto", description="auto: bf16 on a GPU that has it, else fp16 on GPU, fp32 on CPU")
     max_consecutive_nan: int = Field(5, ge=1, description="stop after this many non-finite losses in a row (each is skipped)")
     device: Optional[str] = Field(None, description="force a device (cpu, cuda); default: accelerate's choice")
+    ema: bool = Field(False, description="keep an exponential moving average of the trained weights (diffusers' EMAModel, as "
+                                         "ImageReward's ReFL --use_ema); the averaged weights are what is evaluated and exported")
+    ema_decay: float = Field(0.9999, gt=0, lt=1, description="EMA decay cap; the decay at update n is min(ema_decay, (1 + n) / (10 + n)) "
+                                                             "(EMAModel's default schedule)")
 
 
 class LogConfig(Section):
