@@ -323,6 +323,13 @@ class RunConfig(Section):
             raise ValueError(f"refl.stop_range {list(self.refl.stop_range)} must satisfy 0 <= lo <= hi < sampling.steps ({self.sampling.steps})")
         return self
 
+    @model_validator(mode="after")
+    def _ema_checks(self):
+        if self.train.ema and self.algorithm == "zo_ranksgd":
+            raise ValueError("train.ema: zo_ranksgd makes no optimizer updates to average; set train.ema: false "
+                             "(it is for refl, d3po and itercomp)")
+        return self
+
     @model_validator(mode="before")
     @classmethod
     def _d3po_sampling_defaults(cls, data):

@@ -507,7 +507,8 @@ class Trainer:
         with self.ema_weights():
             self.export()
         self._replicas_identical = self.replicas_identical()
-        summary = self.write_summary(final)
+        with self.ema_weights():  # a method's own summary figures (D3PO's win rate) on the exported weights
+            summary = self.write_summary(final)
         self._end_training()
         return summary
 
