@@ -29,7 +29,7 @@ def test_loss_matches_hand_computation():
     # pair 1: ratios e^1 -> 1.1 and e^-0.5 -> 0.9: -log sigmoid(0.1 * (log 1.1 - log 0.9))
     h1 = math.log(1 + math.exp(-0.1 * (math.log(1.1) - math.log(0.9))))
     assert loss.tolist() == pytest.approx([h0, h1], abs=1e-6)
-    # the reference's form: clamp the ratio itself, then log (yk7333/d3po scripts/train_with_rm.py)
+    # the reference's form: clamp the ratio itself, then log (yk7333/d3po scripts/rm/train_d3po.py line 597)
     ref = lambda d: torch.log(torch.clamp(torch.exp(d), 1 - eps, 1 + eps))
     ref_loss = -torch.log(torch.sigmoid(beta * ref(lw - rw) - beta * ref(ll - rl)))
     assert torch.allclose(loss, ref_loss, atol=1e-6)

@@ -10,6 +10,25 @@ import yaml
 
 from tests.test_train_e2e import BASE
 
+# Tolerances. A 2-process run differs from the 1-process run with the same global batch in the
+# order of its float32 sums only: gloo all-reduces each gradient (and the running reward
+# statistics, normalize: running) in another order than one process sums its batch, so each sum
+# differs by a few ulps (float32: u = 6e-8 relative). What that becomes downstream:
+# - trained weights: Adam (adam_eps 1e-4 in these tests, so its step is linear in the gradient)
+#   turns a relative gradient error of a few u into a weight error of ~lr * u per step; after two
+#   steps at lr 1e-2 that is < 1e-8, and 1e-5 (WEIGHT_ATOL) is a thousandth of one lr-sized step:
+#   a gradient that was not all-reduced, or a different batch, moves weights by ~lr;
+# - numbers computed from trained weights (eval rewards, losses after step 1): the rounding
+#   difference is amplified by the sampler's 6 UNet calls and, with a normalised reward
+#   (r - mean) / std, by the cancellation in r - mean: measured 4.2e-6 relative on a clean
+#   clone (eval reward -0.2620005 vs -0.2619994) and 7.0e-6 here (-0.2619976 vs -0.2619995);
+#   TRAINED_REL allows 14x the larger;
+# - numbers from identical weights and identical per-row batches (step 0): only the final mean
+#   over rows may be summed in another order: a few u (IDENTICAL_REL).
+WEIGHT_ATOL = 1e-5
+TRAINED_REL = 1e-4
+IDENTICAL_REL = 1e-6
+
 
 def _cfg(tmp_path, out, batch, algorithm="refl", extra=None):
     cfg = json.loads(json.dumps(BASE))
@@ -49,7 +68,7 @@ def test_two_process_refl_matches_one_process_with_the_same_global_batch(tmp_pat
     assert a.keys() == b.keys()
     changed = 0
     for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-5), k
+        assert torch.allclose(a[k], b[k], rtol=0, atol=WEIGHT_ATOL), k
         changed += int(a[k].abs().sum() > 0 and "lora.up" in k)
     assert changed > 0  # training moved the LoRA at all
     s = json.loads((two / "summary.json").read_text())
@@ -57,7 +76,7 @@ def test_two_process_refl_matches_one_process_with_the_same_global_batch(tmp_pat
     # per-step metrics are reduced across processes: the same mean loss as the 1-process run
     la = [json.loads(l)["loss"] for l in (one / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(l)["loss"] for l in (two / "metrics.jsonl").read_text().splitlines()]
-    assert la == pytest.approx(lb, rel=1e-4)
+    assert la == pytest.approx(lb, rel=TRAINED_REL)
     assert s["replicas_identical"] is True
     _same_eval(one, two, final=2)
 
@@ -76,16 +95,20 @@ def _same_eval(one, two, final):
     assert [e["step"] for e in sb["eval_history"]] == [0, final]
     for ea, eb in zip(sa["eval_history"], sb["eval_history"]):
         assert ea.keys() == eb.keys()
+        rel = IDENTICAL_REL if ea["step"] == 0 else TRAINED_REL
         for k in ea:
-            assert ea[k] == pytest.approx(eb[k], rel=1e-6, abs=1e-7), (ea["step"], k)
+            assert ea[k] == pytest.approx(eb[k], rel=rel, abs=1e-7), (ea["step"], k)
     # the step-0 grid is rendered from identical weights with identical per-row batches: bit-equal
     a0, b0 = _pixels(one / "samples" / "step-000000.png"), _pixels(two / "samples" / "step-000000.png")
     assert a0.shape == b0.shape and (a0 == b0).all()
-    # after training the weights agree to float tolerance: at most a rare 1-level rounding flip
+    # after training the weights agree to float tolerance: a pixel differs only where the two
+    # values straddle a rounding boundary of the 8-bit PNG, by one level; a value error |dv| makes
+    # that happen with probability ~255 |dv| per pixel: at the TRAINED_REL scale (|dv| <= 1e-5)
+    # under 3e-3 of the pixels; we allow 1e-2
     a1, b1 = _pixels(one / "samples" / f"step-{final:06d}.png"), _pixels(two / "samples" / f"step-{final:06d}.png")
     assert a1.shape == b1.shape
     d = abs(a1.astype(int) - b1.astype(int))
-    assert d.max() <= 1 and (d > 0).mean() < 1e-3
+    assert d.max() <= 1 and (d > 0).mean() < 1e-2
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
@@ -107,7 +130,7 @@ def test_two_process_text_encoder_lora_is_all_reduced(tmp_path, family):
         te = [k for k in a if k.startswith(prefix)]
         assert any(a[k].abs().sum() > 0 for k in te if ".up." in k), prefix  # this text encoder's LoRA trained
     for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-5), k
+        assert torch.allclose(a[k], b[k], rtol=0, atol=WEIGHT_ATOL), k
     s = json.loads((two / "summary.json").read_text())
     assert s["replicas_identical"] is True  # every process ended with the same weights, bit for bit
 
@@ -138,7 +161,7 @@ def test_two_process_d3po_matches_one_process(tmp_path):
     b = load_file(str(two / "lora" / "pytorch_lora_weights.safetensors"))
     assert any(v.abs().sum() > 0 for k, v in a.items() if "lora.up" in k)
     for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-5), k
+        assert torch.allclose(a[k], b[k], rtol=0, atol=WEIGHT_ATOL), k
     assert "heldout_win_rate" in json.loads((two / "summary.json").read_text())
 
 
@@ -200,10 +223,10 @@ def test_two_process_itercomp_matches_one_process(tmp_path):
         assert ha.keys() == hb.keys() and ha["model"] == hb["model"]
         for k in ha:
             if isinstance(ha[k], float):
-                assert ha[k] == pytest.approx(hb[k], rel=1e-4, abs=1e-6), (ha["model"], k)
+                assert ha[k] == pytest.approx(hb[k], rel=TRAINED_REL, abs=1e-6), (ha["model"], k)
     ra, rb = sa["per_iteration"][0]["refl"], sb["per_iteration"][0]["refl"]
     for k in ("eval_reward_before", "eval_reward_after", "train_reward_first", "train_reward_last"):
-        assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-6), k
+        assert ra[k] == pytest.approx(rb[k], rel=TRAINED_REL, abs=1e-6), k
     assert sb["num_processes"] == 2 and sa["num_processes"] == 1
     # the configured gallery is the same images, bit for bit (the refined model's to float
     # tolerance, through its LoRA), and the rankings are the same

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from vfeedback.sampling import GradWindow, _alpha, ddim_step, ddim_timesteps, sample, transition_log_prob
+from vfeedback.errors import UserError
+from vfeedback.sampling import GradWindow, _alpha, ddim_step, ddim_timesteps, sample, transition_log_prob, x0_clip
 
 
 def test_ddim_step_log_prob_matches_closed_form_gaussian():
@@ -26,6 +27,56 @@ def test_ddim_step_log_prob_matches_closed_form_gaussian():
     dist = torch.distributions.Normal(mean_ref, sd)
     lp_ref = dist.log_prob(prev).mean(dim=(1, 2, 3))
     assert torch.allclose(lp, lp_ref, atol=1e-5)
+
+
+def test_ddim_step_by_hand_at_eta_one_half():
+    """One element, numbers worked out by hand: x_t = 1, eps = 0.5, a_t = 0.6, a_t' = 0.8,
+    eta = 0.5, z = 2.
+    x0   = (1 - sqrt(0.4) * 0.5) / sqrt(0.6)                  = 0.8827462
+    s^2  = 0.5^2 * (0.2 / 0.4) * (1 - 0.6 / 0.8) = 0.25 * 0.125 = 0.03125,  s = 0.1767767
+    mu   = sqrt(0.8) * x0 + sqrt(1 - 0.8 - 0.03125) * 0.5     = 0.9949481
+    x_t' = mu + s * 2                                         = 1.3485015
+    log p = -z^2 / 2 - log s - log(2 pi) / 2 = -2 + 1.7328680 - 0.9189385 = -1.1860705
+    """
+    one = lambda v: torch.full((1, 1, 1, 1), v)
+    prev, lp, x0, mean, std = ddim_step(one(0.5), one(1.0), 0.6, 0.8, 0.5, noise=one(2.0))
+    assert x0.item() == pytest.approx(0.8827462, abs=1e-6)
+    assert std.item() == pytest.approx(0.1767767, abs=1e-6)
+    assert mean.item() == pytest.approx(0.9949481, abs=1e-6)
+    assert prev.item() == pytest.approx(1.3485015, abs=1e-6)
+    assert lp.item() == pytest.approx(-1.1860705, abs=1e-5)
+    # the same transition scored from the stored sample (D3PO's recomputation)
+    _, lp2, *_ = ddim_step(one(0.5), one(1.0), 0.6, 0.8, 0.5, prev_sample=prev)
+    assert lp2.item() == pytest.approx(-1.1860705, abs=1e-5)
+    # v-prediction: x0 = sqrt(a) x - sqrt(1 - a) v, eps = sqrt(a) v + sqrt(1 - a) x
+    _, _, x0v, meanv, _ = ddim_step(one(0.5), one(1.0), 0.6, 0.8, 0.0, prediction_type="v_prediction")
+    x0_ref, eps_ref = math.sqrt(0.6) - math.sqrt(0.4) * 0.5, math.sqrt(0.6) * 0.5 + math.sqrt(0.4)
+    assert x0v.item() == pytest.approx(x0_ref, abs=1e-6)
+    assert meanv.item() == pytest.approx(math.sqrt(0.8) * x0_ref + math.sqrt(0.2) * eps_ref, abs=1e-6)
+
+
+def test_eta_one_is_the_ddpm_ancestral_step():
+    """At eta 1 the DDIM step is diffusers' DDPMScheduler.step on the same timesteps (what the
+    ReFL and IterComp references sample with), to float32 rounding, for every step but the last
+    (there DDPM takes a_t' = 1, we clamp to alphas_cumprod[0]; ReFL never takes that transition)."""
+    from diffusers import DDPMScheduler
+
+    from vfeedback.models.tiny import _scheduler
+
+    ddim = _scheduler()
+    ddpm = DDPMScheduler.from_config(ddim.config)
+    ddpm.set_timesteps(10)
+    ddim.set_timesteps(10)
+    assert torch.equal(ddpm.timesteps, ddim.timesteps)
+    m = type("M", (), {})()
+    m.scheduler = ddim
+    torch.manual_seed(2)
+    x, eps = torch.randn(2, 4, 6, 6), torch.randn(2, 4, 6, 6)
+    for t in ddpm.timesteps[:-1]:
+        ref = ddpm.step(eps, t, x, generator=torch.Generator().manual_seed(int(t))).prev_sample
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(int(t)))
+        ours, *_ = ddim_step(eps, x, _alpha(m, t), _alpha(m, t - 100), 1.0, noise=noise)
+        assert torch.allclose(ours, ref, atol=1e-5, rtol=1e-5), int(t)
 
 
 def test_ddim_step_matches_diffusers_scheduler_step():
@@ -128,3 +179,55 @@ def test_timesteps_are_descending_and_alpha_final():
     m = M()
     m.scheduler = DDIMScheduler(set_alpha_to_one=False, steps_offset=1)
     assert _alpha(m, torch.tensor(-19)).item() == pytest.approx(m.scheduler.alphas_cumprod[0].item())
+    # set_alpha_to_one (diffusers' DDIM default) is not followed: the previous timestep is
+    # clamped to 0 as in ddpo-pytorch / d3po, so the last step keeps a non-zero std
+    m.scheduler = DDIMScheduler(set_alpha_to_one=True, steps_offset=1)
+    assert _alpha(m, torch.tensor(-19)).item() == pytest.approx(m.scheduler.alphas_cumprod[0].item())
+    assert _alpha(m, torch.tensor(0)).item() == pytest.approx(m.scheduler.alphas_cumprod[0].item())
+
+
+def _with_scheduler(model, **over):
+    from diffusers import DDIMScheduler
+
+    model.pipe.scheduler = DDIMScheduler.from_config(model.scheduler.config, **over)
+    return model
+
+
+def test_last_step_log_prob_is_finite_with_set_alpha_to_one(fresh_sd15):
+    """diffusers' DDIM default (set_alpha_to_one: true) would give the last step std 0 and a NaN
+    log-prob, so D3PO could not train it; with the clamp every step has a log-prob, and the
+    stored last transition is scored the same when recomputed."""
+    m = _with_scheduler(fresh_sd15, set_alpha_to_one=True)
+    cond = m.encode_prompt(["a red ball"], cfg=False)
+    out = sample(m, cond, num_steps=4, guidance_scale=1.0, eta=1.0, generator=torch.Generator().manual_seed(0),
+                 return_trajectory=True, log_probs=True)
+    assert torch.isfinite(out.log_probs).all()
+    lp = transition_log_prob(m, cond, out.trajectory[:, 3], out.timesteps[3], out.trajectory[:, 4], num_steps=4,
+                             guidance_scale=1.0, eta=1.0)
+    assert torch.allclose(lp, out.log_probs[:, 3], atol=1e-4)
+
+
+def test_clip_sample_is_applied_as_diffusers_does():
+    from diffusers import DDIMScheduler
+
+    sch = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=True,
+                        clip_sample_range=0.5, set_alpha_to_one=False, steps_offset=1)
+    sch.set_timesteps(10)
+    torch.manual_seed(4)
+    x, eps = 3 * torch.randn(2, 4, 6, 6), torch.randn(2, 4, 6, 6)
+    m = type("M", (), {})()
+    m.scheduler = sch
+    assert x0_clip(m) == 0.5
+    for t in sch.timesteps[[0, 5]]:
+        ref = sch.step(eps, t, x, eta=0.0)
+        prev, _, x0, _, _ = ddim_step(eps, x, _alpha(m, t), _alpha(m, t - 100), 0.0, clip=x0_clip(m))
+        assert x0.abs().max() <= 0.5 and torch.allclose(x0, ref.pred_original_sample, atol=1e-5)
+        assert torch.allclose(prev, ref.prev_sample, atol=1e-5)
+        unclipped, *_ = ddim_step(eps, x, _alpha(m, t), _alpha(m, t - 100), 0.0)
+        assert not torch.allclose(unclipped, ref.prev_sample, atol=1e-3)
+
+
+def test_thresholding_is_refused_with_a_message(fresh_sd15):
+    m = _with_scheduler(fresh_sd15, thresholding=True)
+    with pytest.raises(UserError, match="thresholding"):
+        sample(m, m.encode_prompt(["a"], cfg=False), num_steps=2, guidance_scale=1.0)

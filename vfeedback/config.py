@@ -285,6 +285,10 @@ class TrainConfig(Section):
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field("auto", description="auto: bf16 on a GPU that has it, else fp16 on GPU, fp32 on CPU")
     max_consecutive_nan: int = Field(5, ge=1, description="stop after this many non-finite losses in a row (each is skipped)")
     device: Optional[str] = Field(None, description="force a device (cpu, cuda); default: accelerate's choice")
+    ema: bool = Field(False, description="keep an exponential moving average of the trained weights (diffusers' EMAModel, as "
+                                         "ImageReward's ReFL --use_ema); the averaged weights are what is evaluated and exported")
+    ema_decay: float = Field(0.9999, gt=0, lt=1, description="EMA decay cap; the decay at update n is min(ema_decay, (1 + n) / (10 + n)) "
+                                                             "(EMAModel's default schedule)")
 
 
 class LogConfig(Section):
@@ -317,6 +321,13 @@ class RunConfig(Section):
         lo, hi = self.refl.stop_range
         if self.algorithm in ("refl", "itercomp") and not (0 <= lo <= hi < self.sampling.steps):
             raise ValueError(f"refl.stop_range {list(self.refl.stop_range)} must satisfy 0 <= lo <= hi < sampling.steps ({self.sampling.steps})")
+        return self
+
+    @model_validator(mode="after")
+    def _ema_checks(self):
+        if self.train.ema and self.algorithm == "zo_ranksgd":
+            raise ValueError("train.ema: zo_ranksgd makes no optimizer updates to average; set train.ema: false "
+                             "(it is for refl, d3po and itercomp)")
         return self
 
     @model_validator(mode="before")

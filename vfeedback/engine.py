@@ -14,6 +14,7 @@ same for all, lives here:
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 TRAINABLE_FILE = "trainable.safetensors"
 STATE_FILE = "trainer_state.json"
 REWARD_STATE_FILE = "reward_state.safetensors"
+EMA_FILE = "ema.safetensors"
 
 
 def derive_seed(*parts) -> int:
@@ -242,6 +244,8 @@ class Trainer:
             state = dict(step=step, nan_streak=self.nan_streak, nan_total=self.nan_total, evals=self.evals,
                          wall_time_s=self.wall_time(), algorithm=self.cfg.algorithm)
             atomic_write(tmp / STATE_FILE, json.dumps(state, indent=1))
+            if self.ema is not None:
+                self._save_ema(tmp)
             rstate = {k: v.detach().cpu() for k, v in self.reward.state_dict().items() if "norms." in k}
             if rstate:
                 from safetensors.torch import save_file
@@ -269,6 +273,8 @@ class Trainer:
             state = json.loads((ck / STATE_FILE).read_text())
         except Exception as e:  # a checkpoint we wrote and marked complete should always load
             raise RunError(f"--resume: cannot read checkpoint {ck} ({type(e).__name__}: {e}); delete it to fall back to the previous one") from None
+        if self.ema is not None:
+            self._load_ema(ck)
         rfile = ck / REWARD_STATE_FILE
         if rfile.exists():
             from safetensors.torch import load_file
@@ -281,6 +287,53 @@ class Trainer:
             self.run.truncate_metrics(state["step"])
         log.info("resumed from %s (step %d)", ck, state["step"])
         return state["step"]
+
+    # ---- EMA of the trained weights (train.ema)
+    ema = None
+
+    def _init_ema(self) -> None:
+        """diffusers' EMAModel with its default schedule, as ImageReward's ReFL ``--use_ema``
+        (``ImageReward/ReFL.py`` lines 424-428; stepped after each optimizer update, line 773).
+        Only the trainable weights (with LoRA the frozen base is its own average). Made after
+        ``setup`` so that weights a subclass loads there (IterComp's previous iteration) start it."""
+        if self.cfg.train.ema:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self.params, decay=self.cfg.train.ema_decay)
+
+    def _save_ema(self, folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        sd = self.ema.state_dict()
+        tensors = {f"shadow.{i}": p.detach().float().cpu().contiguous() for i, p in enumerate(sd.pop("shadow_params"))}
+        save_file(tensors, str(folder / EMA_FILE), metadata={k: json.dumps(v) for k, v in sd.items()})
+
+    def _load_ema(self, ck: Path) -> None:
+        from safetensors import safe_open
+
+        f = ck / EMA_FILE
+        if not f.exists():
+            raise RunError(f"--resume: checkpoint {ck} has no {EMA_FILE} but train.ema is on; it was written by a run without "
+                           "train.ema (resume with the same config)")
+        with safe_open(str(f), framework="pt") as h:
+            meta = {k: json.loads(v) for k, v in (h.metadata() or {}).items()}
+            shadow = [h.get_tensor(f"shadow.{i}") for i in range(len(self.params))]
+        self.ema.load_state_dict({**meta, "shadow_params": shadow})
+        self.ema.to(self.acc.device)
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """With train.ema on, the averaged weights stand in the model inside this block (eval
+        grids, export); the trained ones are put back after."""
+        if self.ema is None:
+            yield
+            return
+        self.ema.store(self.params)
+        self.ema.copy_to(self.params)
+        try:
+            yield
+        finally:
+            self.ema.restore(self.params)
 
     def wall_time(self) -> float:
         return self._time_offset + (time.time() - self._t0)
@@ -393,6 +446,7 @@ class Trainer:
         self.nan_streak = self.nan_total = 0
         self.evals: list[dict] = []
         self.setup()
+        self._init_ema()
         cfg, acc = self.cfg, self.acc
         if acc.is_main_process and not self.resume:
             atomic_write(self.run.config, dump_config(cfg))
@@ -400,7 +454,8 @@ class Trainer:
         if acc.is_main_process and self.resume:
             atomic_write(self.run.config, dump_config(cfg))
         if start == 0 and not any(e["step"] == 0 for e in self.evals):
-            self.evaluate(0)
+            with self.ema_weights():
+                self.evaluate(0)
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.train.max_steps, initial=start, disable=not acc.is_main_process, desc=cfg.algorithm, dynamic_ncols=True)
@@ -449,6 +504,8 @@ class Trainer:
                         if gfin:
                             self.optimizer.step()
                             self.lr_scheduler.step()
+                            if self.ema is not None:
+                                self.ema.step(self.params)
                         else:
                             skipped = True
                         if gn is not None:
@@ -477,19 +534,23 @@ class Trainer:
                                f"Lower train.lr, check the reward for NaN, or raise train.max_consecutive_nan. "
                                f"Metrics so far are in {self.run.metrics}")
             if cfg.log.eval_every and step % cfg.log.eval_every == 0 and step != cfg.train.max_steps:
-                self.evaluate(step)
+                with self.ema_weights():
+                    self.evaluate(step)
             if cfg.log.checkpoint_every and step % cfg.log.checkpoint_every == 0 and step != cfg.train.max_steps:
                 self.save_checkpoint(step)
         bar.close()
         if hasattr(self.reward, "update_stats"):
             self.reward.update_stats = False
         final = cfg.train.max_steps
-        if not any(e["step"] == final for e in self.evals):
-            self.evaluate(final)
+        with self.ema_weights():
+            if not any(e["step"] == final for e in self.evals):
+                self.evaluate(final)
         self.save_checkpoint(final)
-        self.export()
+        with self.ema_weights():
+            self.export()
         self._replicas_identical = self.replicas_identical()
-        summary = self.write_summary(final)
+        with self.ema_weights():  # a method's own summary figures (D3PO's win rate) on the exported weights
+            summary = self.write_summary(final)
         if acc.is_main_process:  # the reward curve and before / after, as images, at the final step
             self._log_to_trackers(final, {}, {"curves/reward_curve": self.run.samples / "reward_curve.png",
                                               "eval/before_after": self.run.samples / "before_after.png"})

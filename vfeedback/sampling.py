@@ -1,7 +1,8 @@
 """One DDIM sampler for every method: trajectories, per-step log-probs and a gradient window.
 
 DDIM (Song et al. 2021, eq. 12) with stochasticity ``eta``: for timestep t and the previous
-timestep t' (``t - T_train // steps``), with cumulative alphas a_t, a_t'
+timestep t' (``t - T_train // steps``, clamped at 0: see :func:`_alpha`), with cumulative
+alphas a_t, a_t'
 
     x0  = (x_t - sqrt(1 - a_t) * eps) / sqrt(a_t)
     s^2 = eta^2 * (1 - a_t') / (1 - a_t) * (1 - a_t / a_t')
@@ -9,7 +10,9 @@ timestep t' (``t - T_train // steps``), with cumulative alphas a_t, a_t'
     x_t' = mu + s * z,   z ~ N(0, I)
 
 so each transition is a Gaussian policy ``pi(x_t' | x_t) = N(mu, s^2 I)``; its log-density is
-what D3PO (and DDPO) need. We follow diffusers' ``DDIMScheduler.step`` for the coefficients and
+what D3PO (and DDPO) need. At eta = 1, s^2 is the DDPM posterior variance ("fixed_small") and mu
+the DDPM posterior mean, so the step is ``DDPMScheduler.step`` (ancestral sampling) on the same
+timesteps: the sampler the ReFL and IterComp references use. We follow diffusers' ``DDIMScheduler.step`` for the coefficients and
 ddpo-pytorch's ``ddim_step_with_logprob`` in averaging the log-density over latent dimensions.
 
 The autograd graph is kept only on the steps a method asks for (:class:`GradWindow`): none,
@@ -76,20 +79,44 @@ def ddim_timesteps(model: DiffusionModel, num_steps: int) -> torch.Tensor:
 
 
 def _alpha(model: DiffusionModel, t: torch.Tensor) -> torch.Tensor:
-    """a_t for timesteps t (a_t of a negative timestep is DDIM's final alpha)."""
-    sch = model.scheduler
-    ac = sch.alphas_cumprod.to(torch.float64)
-    final = ac[0] if sch.config.set_alpha_to_one is False else torch.tensor(1.0, dtype=torch.float64)
+    """a_t for timesteps t; a timestep below 0 (the step after the last one) is clamped to 0.
+
+    The clamp follows ddpo-pytorch (``ddpo_pytorch/diffusers_patch/ddim_with_logprob.py``,
+    ``prev_timestep = torch.clamp(prev_timestep, 0, num_train_timesteps - 1)``, line 97) and
+    yk7333/d3po (the same file), rather than diffusers' ``DDIMScheduler``, which uses 1.0 there
+    when the config's ``set_alpha_to_one`` is true: with a_t' = 1 the last step's std is 0 and its
+    log-prob undefined, so D3PO could not train that step. With ``set_alpha_to_one`` false (SD1.5,
+    SD2.x, SDXL) both give alphas_cumprod[0].
+    """
+    ac = model.scheduler.alphas_cumprod.to(torch.float64)
     t = torch.as_tensor(t)
-    safe = t.clamp(min=0).long().cpu()
-    a = ac[safe]
-    return torch.where(t.cpu() >= 0, a, final.expand_as(a))
+    return ac[t.clamp(min=0).long().cpu()]
+
+
+def x0_clip(model: DiffusionModel) -> Optional[float]:
+    """The x0 clip range the model's scheduler config asks for (``clip_sample`` /
+    ``clip_sample_range``), or None. ``thresholding`` (dynamic thresholding, meant for
+    pixel-space models) is refused: this sampler does not implement it."""
+    from .errors import UserError
+
+    c = model.scheduler.config
+    if c.get("thresholding", False):
+        raise UserError(f"model.path: {getattr(model, 'path', '?')}: the scheduler config sets thresholding: true (dynamic thresholding, for "
+                        "pixel-space models); vfeedback's DDIM sampler does not implement it. Use a latent diffusion model "
+                        "whose scheduler has thresholding: false")
+    if c.get("clip_sample", False):
+        return float(c.get("clip_sample_range", 1.0))
+    return None
 
 
 def ddim_step(model_output: torch.Tensor, x_t: torch.Tensor, a_t: torch.Tensor, a_prev: torch.Tensor, eta: float,
               prediction_type: str = "epsilon", prev_sample: Optional[torch.Tensor] = None,
-              noise: Optional[torch.Tensor] = None):
+              noise: Optional[torch.Tensor] = None, clip: Optional[float] = None):
     """One DDIM transition (equation in the module docstring), in float32.
+
+    ``clip``: clamp the x0 prediction to ``[-clip, clip]`` before the mean is formed, as
+    ``DDIMScheduler.step`` does for ``clip_sample`` (eps is kept, its default
+    ``use_clipped_model_output=False``).
 
     Returns ``(prev_sample, log_prob, x0_pred, mean, std)``; ``log_prob`` is
     ``log N(prev_sample; mean, std^2)`` averaged over all non-batch dims (NaN when std = 0).
@@ -112,6 +139,8 @@ def ddim_step(model_output: torch.Tensor, x_t: torch.Tensor, a_t: torch.Tensor, 
         eps = (x_t - a_t.sqrt() * x0) / b_t.sqrt()
     else:
         raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+    if clip is not None:
+        x0 = x0.clamp(-clip, clip)
     variance = (1 - a_prev) / b_t * (1 - a_t / a_prev)
     std = eta * variance.clamp(min=0).sqrt()
     mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).clamp(min=0).sqrt() * eps
@@ -186,6 +215,7 @@ def sample(model: DiffusionModel, cond: Conditioning, *, num_steps: int = 50, gu
     timesteps = ddim_timesteps(model, num_steps)
     step_gap = model.scheduler.config.num_train_timesteps // num_steps
     pred_type = model.scheduler.config.prediction_type
+    clip = x0_clip(model)
     traj = [x.detach()] if return_trajectory else None
     lps = [] if log_probs else None
     steps_run = 0
@@ -200,7 +230,7 @@ def sample(model: DiffusionModel, cond: Conditioning, *, num_steps: int = 50, gu
         with torch.set_grad_enabled(with_grad and torch.is_inference_mode_enabled() is False):
             out = predict_noise(model, x, t, cond, guidance_scale)
             a_t, a_prev = _alpha(model, t), _alpha(model, t - step_gap)
-            x_prev, lp, x0, _, _ = ddim_step(out, x, a_t, a_prev, eta, pred_type, noise=noise)
+            x_prev, lp, x0, _, _ = ddim_step(out, x, a_t, a_prev, eta, pred_type, noise=noise, clip=clip)
         steps_run += 1
         last_grad = with_grad
         if grad.stop_at is not None and i == grad.stop_at:
@@ -235,5 +265,5 @@ def transition_log_prob(model: DiffusionModel, cond: Conditioning, x_t: torch.Te
     step_gap = model.scheduler.config.num_train_timesteps // num_steps
     out = predict_noise(model, x_t.float(), t, cond, guidance_scale)
     _, lp, _, _, _ = ddim_step(out, x_t, _alpha(model, t), _alpha(model, torch.as_tensor(t) - step_gap), eta,
-                               model.scheduler.config.prediction_type, prev_sample=x_prev)
+                               model.scheduler.config.prediction_type, prev_sample=x_prev, clip=x0_clip(model))
     return lp

@@ -1,7 +1,7 @@
 """D3PO: Direct Preference for Denoising Diffusion Policy Optimization.
 
 Yang et al., "Using Human Feedback to Fine-tune Diffusion Models without Any Reward Model",
-CVPR 2024; reference code github.com/yk7333/d3po (``scripts/train_with_rm.py`` for preferences
+CVPR 2024; reference code github.com/yk7333/d3po (``scripts/rm/train_d3po.py`` for preferences
 from a reward, ``scripts/train.py`` for stored human-ranked groups, ``config/base.py``).
 
 Denoising is a T-step MDP whose policy at step k is the DDIM transition (eta = 1)

@@ -1,15 +1,22 @@
 """ReFL: Reward Feedback Learning (Xu et al., "ImageReward", NeurIPS 2023, Sec. 4 / Alg. 1).
 
-Per step, as in the reference ``ReFL`` trainer of the ImageReward repository:
+Per step, as in the reference trainer (THUDM/ImageReward ``ImageReward/ReFL.py``,
+``Trainer.train``, lines 711-756; launch settings in ``scripts/train_refl.sh``):
 
-1. sample with DDIM for T steps (40), without grad, up to a random step index
-   ``i ~ U[lo, hi]`` (30..39);
+1. sample T = 40 steps with ``DDPMScheduler`` (ancestral steps: our DDIM with ``eta`` 1 is the
+   same transition, see :mod:`vfeedback.sampling`) and the prompt alone (no classifier-free
+   guidance: ``guidance_scale`` 1), without grad, up to a step index ``i ~ U{lo, ..., hi}``
+   drawn inclusively (``random.randint(30, 39)``);
 2. at step i run the UNet once with grad and take the x0 prediction
    (``pred_original_sample``), decode it with grad;
-3. ``loss = relu(margin - reward(x0)).mean() * grad_scale`` (margin 2, grad_scale 1e-3,
-   lr 1e-5 in the reference);
+3. ``loss = relu(margin - reward(x0)).mean() * grad_scale`` (``F.relu(-rewards + 2)``,
+   ``--grad_scale 0.001``; lr 1e-5, batch 2 x accumulation 4 per GPU on 8 GPUs, EMA of the
+   UNet with diffusers' ``EMAModel`` defaults: our ``train.ema``);
 4. optionally add the pre-training loss (the usual denoising MSE on a user image-text set),
    which the paper uses to regularise against over-optimisation.
+
+``sampling.eta`` 0 and ``sampling.guidance_scale`` > 1 remain available (our options, not the
+reference's: they change the trajectory the gradient is taken on).
 """
 from __future__ import annotations
 
@@ -24,6 +31,23 @@ from ..errors import UserError
 from ..sampling import GradWindow, sample
 
 log = logging.getLogger(__name__)
+
+
+def draw_stop_step(stop_range, gen: torch.Generator) -> int:
+    """The step index where sampling stops, uniform over ``[lo, hi]`` with both ends included
+    (the reference's ``random.randint(lo, hi)``)."""
+    lo, hi = stop_range
+    return int(torch.randint(lo, hi + 1, (1,), generator=gen))
+
+
+def refl_loss(r: torch.Tensor, margin: float, grad_scale: float) -> torch.Tensor:
+    """``relu(margin - r).mean() * grad_scale`` over the finite rewards ``r`` (B,); NaN when
+    none is finite (the engine counts and skips such a step). Minimising it raises ``r`` until
+    it reaches ``margin``."""
+    valid = torch.isfinite(r)
+    if not valid.any():
+        return r.sum() * float("nan")
+    return F.relu(margin - r[valid]).mean() * grad_scale
 
 
 class ReFL:
@@ -42,17 +66,13 @@ class ReFL:
 
     def train_step(self, prompts, generators, step_gen: torch.Generator):
         cfg, m = self.cfg, self.trainer.model
-        lo, hi = cfg.refl.stop_range
-        stop = int(torch.randint(lo, hi + 1, (1,), generator=step_gen))
+        stop = draw_stop_step(cfg.refl.stop_range, step_gen)
         cond = m.encode_prompt(prompts, [cfg.prompts.negative] * len(prompts), cfg=cfg.sampling.guidance_scale > 1)
         out = sample(m, cond, num_steps=cfg.sampling.steps, guidance_scale=cfg.sampling.guidance_scale, eta=cfg.sampling.eta,
                      generator=generators, grad=GradWindow.refl(stop), vae_checkpoint=cfg.model.vae_checkpointing)
         r = self.trainer.reward(out.images.float(), prompts).float()
         valid = torch.isfinite(r)
-        if valid.any():
-            loss = F.relu(cfg.refl.margin - r[valid]).mean() * cfg.refl.grad_scale
-        else:
-            loss = r.sum() * float("nan")  # nothing scorable: a skipped, counted step
+        loss = refl_loss(r, cfg.refl.margin, cfg.refl.grad_scale)  # nothing scorable: NaN, a skipped, counted step
         mets = {"reward_mean": r[valid].mean().item() if valid.any() else float("nan"),
                 "reward_std": r[valid].std().item() if valid.sum() > 1 else 0.0,
                 "stop_step": stop, "refl_loss": float(loss.detach())}
