@@ -68,9 +68,12 @@ def check_lora_targets(family: str, src: str, targets: list[str], field_name: st
     names = [n for n, _ in unet.named_modules() if n]
     bad = [t for t in targets if not any(check_target_module_exists(LoraConfig(target_modules=[t]), n) for n in names)]
     if bad:
-        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in unet.named_modules() if not list(m.children())})
+        import torch
+
+        layers = sorted({".".join(n.split(".")[-2:]) if n.split(".")[-1].isdigit() else n.split(".")[-1]
+                         for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))})
         raise UserError(f"{field_name}: no UNet module is named {', '.join(map(repr, bad))}; "
-                        f"names of layers in this UNet include {', '.join(leaves[:12])} (and to_out.0)")
+                        f"this UNet's linear and conv layers are named {', '.join(layers)}")
 
 
 @dataclass
