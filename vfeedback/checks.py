@@ -123,6 +123,16 @@ def check_run(cfg: RunConfig, resume: bool = False, main_process: bool = True) -
     if check is not None:
         check(cfg)
     check_device(cfg.train.device, "train.device")
+    import torch
+
+    gpu = torch.cuda.is_available() and cfg.train.device != "cpu"
+    if cfg.train.mixed_precision == "fp16" and not gpu:
+        raise UserError("train.mixed_precision: fp16 needs a GPU; use auto, no or bf16 on CPU")
+    if cfg.model.attention == "xformers":
+        from .models.loader import xformers_usable
+
+        if not (gpu and xformers_usable(torch.device("cuda"))):
+            raise UserError("model.attention: xformers needs CUDA and `pip install 'vfeedback[gpu]'`; use attention: auto or sdpa")
     from .models.loader import model_source
 
     src = model_source(cfg.model.family, cfg.model.path)
