@@ -24,6 +24,8 @@ def cfg_file(tmp_path, out, name="c.yaml", **over):
     c = json.loads(json.dumps(BASE))
     c["output_dir"] = str(out)
     c["train"]["max_steps"] = 2
+    # the runs these tests finish only need to be real, not long: 3 sampling steps, one eval prompt
+    c["sampling"]["steps"], c["refl"]["stop_range"], c["prompts"]["eval"] = 3, [1, 2], ["a red apple"]
     for k, v in over.items():
         d = c
         *head, last = k.split(".")
@@ -65,7 +67,7 @@ def test_folder_with_the_users_files_is_refused_and_untouched(tmp_path, capsys, 
     assert snapshot(f) == before
     # --resume is no way around it
     rc, err = run_cli(capsys, ["train", cfg_file(tmp_path, f), "--resume"])
-    assert rc == 2 and "holds no run to resume" in err
+    assert rc == 2 and "holds no vfeedback run" in err
     assert snapshot(f) == before
 
 
