@@ -49,7 +49,7 @@ def test_train_sd15_writes_the_run_folder_and_a_loadable_lora(tmp_path, capsys):
     cfg = write_cfg(tmp_path, out, **{"log.checkpoint_every": 2}, eval_rewards=[{"name": "brightness"}])
     assert main(["train", str(cfg)]) == 0
     names = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
-    assert names == ["checkpoints", "config.yaml", "lora", "metrics.jsonl", "samples", "summary.json"]
+    assert names == ["checkpoints", "config.yaml", "fingerprint.json", "lora", "metrics.jsonl", "samples", "summary.json"]
     recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [1, 2, 3]
     assert all(0 <= r["reward_mean"] <= 1 and r["loss"] > 0 for r in recs)

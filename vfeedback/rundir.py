@@ -1,6 +1,6 @@
 """The run folder every method writes (layout in the README / DESIGN.md):
 
-    OUT/config.yaml  OUT/metrics.jsonl  OUT/summary.json  OUT/samples/  OUT/checkpoints/  OUT/lora/
+    OUT/config.yaml  OUT/fingerprint.json  OUT/metrics.jsonl  OUT/summary.json  OUT/samples/  OUT/checkpoints/  OUT/lora/
 
 Writes that must never be seen half-done go through :func:`atomic_write` (temp file in the
 same folder, fsync, rename) or a temp folder renamed into place.
@@ -77,6 +77,11 @@ class RunDir:
             out.append(p.name)
         return out
 
+    def _killed_before_start(self) -> bool:
+        """Only the empty samples/ and checkpoints/ a run makes first (it was stopped before it
+        saved its config): resuming it is starting it."""
+        return self.root.is_dir() and not self.config.exists() and not self._foreign_entries()
+
     def check(self, resume: bool) -> None:
         """Every refusal :meth:`prepare` makes, creating nothing: a path that is empty, the
         filesystem root or the home folder; a file; a folder holding someone's own files; an
@@ -106,7 +111,8 @@ class RunDir:
         if resume:
             if not (self.root.is_dir() and self.holds_run()):
                 raise UserError(f"--resume: {self.root} holds no run to resume; drop --resume to start one")
-            self.read_saved_config()
+            if not self._killed_before_start():
+                self.read_saved_config()
         self._check_writable()
 
     def _check_writable(self) -> None:
@@ -222,6 +228,8 @@ class RunDir:
         saved run in a field outside ``resumable`` (dotted prefixes such as ``train.max_steps`` or
         ``log``), listing each. A run saved before fingerprint.json existed is compared on its
         config.yaml (file fields then by path)."""
+        if self._killed_before_start():
+            return  # nothing was saved yet: the run starts from step 0
         saved_cfg = self.read_saved_config()
         old = None
         if self.fingerprint.is_file():
