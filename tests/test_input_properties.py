@@ -122,7 +122,7 @@ def run(capsys, argv):
     return rc, out + err
 
 
-@settings(max_examples=N or 30, **COMMON)
+@settings(max_examples=N or 25, **COMMON)
 @given(mutated_config())
 def test_validate_and_dry_run_agree(capsys, case):
     name, text = case
@@ -161,7 +161,7 @@ flag_values = st.one_of(st.integers(-(2**40), 2**40).map(str), st.floats(allow_n
                         st.text(max_size=8))
 
 
-@settings(max_examples=N or 40, **COMMON)
+@settings(max_examples=N or 30, **COMMON)
 @given(st.dictionaries(st.sampled_from(["--batch-size", "--device", "--prompt"]), flag_values, max_size=3))
 def test_score_flags(capsys, flags):
     from PIL import Image
@@ -176,7 +176,7 @@ def test_score_flags(capsys, flags):
         assert rc in (0, 2), msg[-800:]
 
 
-@settings(max_examples=N or 25, **COMMON)
+@settings(max_examples=N or 10, **COMMON)
 @given(st.dictionaries(st.sampled_from(["--steps", "--guidance-scale", "--eta", "--seeds", "--device"]), flag_values, min_size=1, max_size=3))
 def test_sample_flags(capsys, flags):
     # a run that passes the checks samples; keep it to a few steps so an accepted case is quick
