@@ -25,7 +25,7 @@ quickstart: $(STAMP)
 	@if [ -e runs/quickstart ]; then echo "runs/quickstart holds an earlier quickstart: open it, or 'make clean' (deletes it) and 'make quickstart' to run it again" >&2; exit 2; fi
 	$(BIN)/vfeedback train configs/quickstart.yaml
 
-test: $(STAMP)
+test: $(STAMP) bubblewrap
 	$(BIN)/python -m pytest -q
 
 test-all: $(STAMP)
@@ -33,6 +33,14 @@ test-all: $(STAMP)
 
 clean:
 	rm -rf runs/quickstart
+
+# The renderer boundary (docs/integrations.md): bubblewrap from apt when missing and we are root
+# (best effort: without it untrusted renderings are refused and the boundary tests skip).
+.PHONY: bubblewrap
+bubblewrap:
+	@command -v bwrap >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+	  (apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null) || \
+	  echo "bubblewrap not installed: untrusted renderings will be refused (apt-get install bubblewrap)"; }
 
 # The shapes world (docs/world.md): judges, tiny:shapes and its base rate, from scratch on one
 # CPU thread in about 85 minutes (wall-clock budgets per stage); writes rewards/assets/shapes and

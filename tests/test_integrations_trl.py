@@ -146,6 +146,8 @@ def test_chart_sandbox(code, ok):
     kind, src = sandbox.extract_code(code)
     r = sandbox.render(src, kind, width=40, height=30, timeout=30)
     assert (r.image is not None) == ok, r.error
+    # every renderer runs inside the boundary where bubblewrap can run (CI installs it)
+    assert r.isolation == ("bwrap+seccomp" if sandbox.bwrap_status()[0] else "none")
     if ok:
         assert r.image.shape == (3, 30, 40)
 
@@ -178,3 +180,43 @@ def test_renderer_crash_and_bad_scores_are_none(clip):
 
     fn = reward_function(NaN(), render=Two())
     assert fn(["p", "q"], ["a", "b"]) == [None, 1.0]
+
+
+def test_grpo_webpage_screenshot_and_interaction(tiny_lm, tmp_path):
+    """WebGen-Agent in small: GRPO with two reward functions over one set of browser runs."""
+    from datasets import Dataset
+
+    from vfeedback.integrations.webpage import InteractionReward, WebPage
+
+    if not (sandbox.bwrap_status()[0] and sandbox.find_browser()):
+        pytest.skip(f"needs bubblewrap and Chromium: {sandbox.bwrap_status()[1] or 'no Chromium (apt-get install chromium)'}")
+    pytest.importorskip("playwright")
+    page = "<html><body style='margin:0;background:#00f'><button id=go onclick=\"msg.textContent='sent'\">Send</button><p id=msg></p></body></html>"
+    pages = [page, page.replace("#00f", "#fff"), page.replace("msg.textContent='sent'", ""), "no page"]
+    render = WebPage(viewport=(64, 48), steps=[{"click": "#go"}], checks=[{"text": "sent", "selector": "#msg"}], workers=2)
+    shot = reward_function(ImageSimilarity(None), render=_FixedCompletions(render, pages), name="page_pixels")
+
+    class FixedInteraction(InteractionReward):  # the same substitution for the second reward
+        def __call__(self, prompts, completions, **kw):
+            return super().__call__(prompts, [pages[i % 4] for i in range(len(completions))], **kw)
+
+    gui = FixedInteraction(render)
+    target = torch.zeros(3, 48, 64)
+    target[2] = 1.0  # the design: a blue page
+    ds = Dataset.from_dict({"prompt": ["Write a page with a Send button:\n"] * 8, "target_image": [target.numpy().tolist()] * 8})
+    from trl import GRPOConfig, GRPOTrainer
+
+    cfg = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, max_completion_length=12,
+                     max_steps=2, learning_rate=1e-3, report_to="none", logging_steps=1, use_cpu=True, save_strategy="no",
+                     disable_tqdm=True, gradient_checkpointing=False, seed=0)
+    trainer = GRPOTrainer(model=tiny_lm, reward_funcs=[shot, gui], args=cfg, train_dataset=ds)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "rewards/page_pixels/mean" in h]
+    assert len(logs) == 2
+    assert shot.scored == 6 and shot.failed == 2 and gui.scored == 6 and gui.failed == 2
+    assert len(render._cache) == 4  # four distinct pages: each rendered once for both rewards and both steps
+    # the interaction reward: 1 for the working pages, 0 for the dead button, None for no page
+    assert all(h["rewards/webpage_interaction/mean"] == pytest.approx(2 / 3) for h in logs)
+    out = shot(["p"] * 4, ["x"] * 4, target_image=[target] * 4)
+    assert out[0] > 0.8 and out[1] < 0.5 and out[3] is None
+    assert shot.isolation["bwrap+seccomp"] + shot.isolation["bwrap"] == 9

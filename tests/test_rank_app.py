@@ -45,6 +45,10 @@ class App:
     def call(self, name, *args):
         return self.client.predict(*args, api_name=f"/{name}")
 
+    def answer(self, ranking, kind="rank"):
+        """Answer the round on screen, naming its id (as the page does)."""
+        return self.call("answer", self.call("status")["round_id"], ranking, kind)
+
     def close(self):
         self.demo.close()
         self.backend.store.close()
@@ -83,18 +87,18 @@ def test_zo_rounds_store_undo_restart_resume(tmp_path):
     try:
         s = app.call("status")
         assert s["round"] == 0 and s["round_mode"] == "gradient" and s["candidates"] == 6 and s["answers"] == 0
-        r = app.call("answer", "3,0", "rank")  # gradient round: top-2
+        r = app.answer("3,0", "rank")  # gradient round: top-2
         assert r["answers"] == 1 and r["round_mode"] == "line_search" and r["max_picks"] == 1
         assert _rows(out) == [(0, "rank", "[3, 0]", None)]  # committed at once
-        r = app.call("answer", "1", "rank")  # line search: the pick
+        r = app.answer("1", "rank")  # line search: the pick
         assert r["answers"] == 2 and r["round_mode"] == "gradient"
-        r = app.call("answer", "4,5,2", "rank")
+        r = app.answer("4,5,2", "rank")
         assert r["answers"] == 3
         r = app.call("undo_answer")
         assert r["answers"] == 2 and r["round"] == 2 and "Undid" in r["message"]
-        r = app.call("answer", "9", "rank")
-        assert "error" in r and r["answers"] == 2  # out of range: nothing stored
-        r = app.call("answer", "5,2", "rank")
+        r = app.answer("9", "rank")
+        assert r["ok"] is False and r["code"] == "bad_pick" and r["status"] == 422 and r["answers"] == 2  # out of range: nothing stored
+        r = app.answer("5,2", "rank")
         assert r["answers"] == 3 and r["round_mode"] == "line_search"
         # only the run folder is served, and not its store
         import httpx
@@ -107,8 +111,12 @@ def test_zo_rounds_store_undo_restart_resume(tmp_path):
             assert resp.status_code in (403, 404) and b"do-not-serve-me" not in resp.content and b"SQLite" not in resp.content
         inside = (out / "rank" / "zo" / "current-000000.png").resolve()
         assert httpx.get(f"{app.url.rstrip('/')}/gradio_api/file={inside}").status_code == 200  # the route itself works
+        # the run folder itself is not served, only what the app wrote under rank/
+        resp = httpx.get(f"{app.url.rstrip('/')}/gradio_api/file={(out / 'config.yaml').resolve()}")
+        assert resp.status_code in (403, 404) and b"output_dir" not in resp.content
         x_before = app.backend.session.opt.x.clone()
         shown_before = app.backend.view().images
+        rid_before = app.call("status")["round_id"]
     finally:
         app.close()
     rows = _rows(out)
@@ -120,6 +128,7 @@ def test_zo_rounds_store_undo_restart_resume(tmp_path):
     try:
         s = app.call("status")
         assert s["round"] == 3 and s["answers"] == 3 and s["round_mode"] == "line_search"
+        assert s["round_id"] == rid_before and rid_before.startswith("r3-")  # the same candidate set, the same id
         assert torch.equal(app.backend.session.opt.x, x_before)
         shown_after = app.backend.view().images
         assert [im.tobytes() for im in shown_after] == [im.tobytes() for im in shown_before]  # the same candidates
@@ -155,10 +164,10 @@ def test_d3po_labels_export_background_update(tmp_path, capsys):
     try:
         s = app.call("status")
         assert s["candidates"] == 2 and s["max_picks"] == 1 and s["prompt"] == "a red apple"
-        assert app.call("answer", "1", "rank")["answers"] == 1
-        assert app.call("answer", "", "tie")["answers"] == 2
-        assert app.call("answer", "", "skip")["answers"] == 3
-        r = app.call("answer", "0", "rank")
+        assert app.answer("1", "rank")["answers"] == 1
+        assert app.answer("", "tie")["answers"] == 2
+        assert app.answer("", "skip")["answers"] == 3
+        r = app.answer("0", "rank")
         assert r["answers"] == 4 and r["labels"] == 2 and "Started D3PO update 1" in r["message"]
         assert r["update"]["running"] == 1
         shown = app.backend.view().prompt
@@ -220,7 +229,7 @@ def test_gallery_rank_store_export_resume(tmp_path, capsys):
     try:
         s = app.call("status")
         assert s["candidates"] == 2 and s["round"] == 0 and s["prompt"] == "a red cube left of a blue ball"
-        r = app.call("answer", "1,0", "rank")
+        r = app.answer("1,0", "rank")
         assert r["answers"] == 1 and r["round"] == 1 and "Saved:" in r["message"]
         order = app.backend.store.answers()[0].context["order"]
     finally:
@@ -229,7 +238,7 @@ def test_gallery_rank_store_export_resume(tmp_path, capsys):
     try:
         s = app.call("status")
         assert s["round"] == 1 and s["prompt"] == "two green apples on a yellow plate"
-        app.call("answer", "", "tie")
+        app.answer("", "tie")
         s = app.call("status")
         assert s["done"] and s["answers"] == 2
     finally:
@@ -270,6 +279,9 @@ def test_browser_click_through_zo_round(tmp_path):
             thumbs = page.locator("#rank-cands .thumbnail-item")
             thumbs.first.wait_for(timeout=60000)
             assert thumbs.count() == 6
+            other = browser.new_page(viewport={"width": 1400, "height": 900})  # a second tab on the same round
+            other.goto(app.url)
+            other.locator("#rank-cands .thumbnail-item").first.wait_for(timeout=60000)
             thumbs.nth(2).click()  # mouse: candidate 3 is the best
             page.wait_for_function("document.querySelector('#rank-picked').innerText.includes('#3')", timeout=20000)
             page.keyboard.press("5")  # keyboard: candidate 5 second
@@ -281,6 +293,12 @@ def test_browser_click_through_zo_round(tmp_path):
             page.keyboard.press("Enter")
             page.wait_for_function("document.querySelector('#rank-header').innerText.includes('Line search')", timeout=60000)
             assert _rows(out) == [(0, "rank", "[2, 4]", None)]
+            # the second tab still shows round 0: its skip names round 0's id and is refused; the tab moves on
+            other.get_by_role("button", name="Skip / can't tell (s)").click()
+            other.wait_for_function("document.querySelector('#rank-status').innerText.includes('answered elsewhere')", timeout=60000)
+            assert "Line search" in other.locator("#rank-header").inner_text()
+            assert _rows(out) == [(0, "rank", "[2, 4]", None)]  # nothing stored from the stale tab
+            other.close()
             page.keyboard.press("1")
             page.wait_for_function("document.querySelector('#rank-picked').innerText.includes('#1')", timeout=20000)
             page.get_by_role("button", name="Submit (Enter)").click()

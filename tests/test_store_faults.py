@@ -1,5 +1,6 @@
 """kill -9 the feedback store's writer and the ranking app between and during answers: no
-acknowledged answer is lost, no half-written one appears, a restart resumes the round."""
+acknowledged answer is lost, no half-written one appears, a restart resumes the round, and a
+client's retry of its answer after the crash is stored exactly once."""
 import json
 import os
 import random
@@ -99,8 +100,10 @@ def test_kill_9_the_ranking_app_between_and_during_answers(tmp_path):
     port = _free_port()
     p, c = _start_app(cfg, out, port)
     try:
-        c.predict("3,0", "rank", api_name="/answer")
-        c.predict("1", "rank", api_name="/answer")
+        ids = [c.predict(api_name="/status")["round_id"]]
+        assert c.predict(ids[0], "3,0", "rank", api_name="/answer")["ok"]
+        ids.append(c.predict(api_name="/status")["round_id"])
+        assert c.predict(ids[1], "1", "rank", api_name="/answer")["ok"]
         shown = c.predict(api_name="/status")
     finally:
         p.send_signal(signal.SIGKILL)  # between answers
@@ -109,7 +112,7 @@ def test_kill_9_the_ranking_app_between_and_during_answers(tmp_path):
     try:
         s = c.predict(api_name="/status")
         assert s["answers"] == 2 and s["round"] == shown["round"] == 2
-        job = c.submit("4,5,2", "rank", api_name="/answer")  # and kill while it is being answered
+        job = c.submit(s["round_id"], "4,5,2", "rank", api_name="/answer")  # and kill while it is being answered
         time.sleep(0.05)
     finally:
         p.send_signal(signal.SIGKILL)
@@ -126,6 +129,18 @@ def test_kill_9_the_ranking_app_between_and_during_answers(tmp_path):
     try:
         s = c.predict(api_name="/status")
         assert s["answers"] == len(rows) and s["round"] == len(rows)
+        # the client retries what it sent before the crash: stored once either way (idempotent)
+        r = c.predict(shown["round_id"], "4,5,2", "rank", api_name="/answer")
+        assert r["ok"] and r["replayed"] == (len(rows) == 3) and r["answers"] == 3, r
+        r = c.predict(ids[1], "1", "rank", api_name="/answer")  # an acknowledged answer, retried
+        assert r["ok"] and r["replayed"] and r["answers"] == 3
+        r = c.predict(ids[1], "0", "rank", api_name="/answer")  # a different answer to an answered round
+        assert r["code"] == "already_answered" and r["answers"] == 3
     finally:
         p.send_signal(signal.SIGKILL)
         p.wait()
+    db = sqlite3.connect(str(out / "feedback.sqlite"))
+    try:
+        assert db.execute("SELECT round, ranking FROM answers ORDER BY id").fetchall() == [(0, "[3, 0]"), (1, "[1]"), (2, "[4, 5, 2]")]
+    finally:
+        db.close()

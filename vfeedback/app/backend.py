@@ -2,7 +2,13 @@
 
 A backend shows one *round* at a time (:meth:`Backend.view`: a prompt and its candidate images)
 and takes one answer for it (:meth:`Backend.answer`: picks best first, ``tie`` or ``skip``),
-committing it to :class:`~vfeedback.feedback.store.FeedbackStore` before it returns. Everything a
+committing it to :class:`~vfeedback.feedback.store.FeedbackStore` before it returns. Every shown
+candidate set has an id, ``r<round>-<digest>`` (:func:`round_id_of`: the first 16 hex digits of a
+SHA-256 over the mode, the round, the prompt and the pixels shown), and an answer must name the
+id it answers: an id that is not the round on screen is refused (``stale_round``, 409), a
+different answer to an answered id too (``already_answered``, 409), and the same answer again
+returns the stored result without storing anything (a retry after a lost reply or a crash).
+Refusals are :class:`AnswerError`: a code, an HTTP-style status and a message, never a traceback. Everything a
 backend keeps in memory is rebuilt from the store and the config when the app starts again:
 
 * :class:`ZOBackend` drives a :class:`~vfeedback.algorithms.zo_ranksgd_diffusion.RankingSession`;
@@ -29,10 +35,12 @@ Run folder of the app (``output_dir``)::
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -45,12 +53,12 @@ from typing import Any, Optional
 import torch
 
 from ..errors import UserError
-from ..feedback.store import STORE_FILE, FeedbackStore, ranks_from_ranking
+from ..feedback.store import KINDS, LOCK_SUFFIX, STORE_FILE, FeedbackStore, RoundAnswered, StoreError, ranks_from_ranking
 
 log = logging.getLogger(__name__)
 
 __all__ = ["RoundView", "Backend", "ZOBackend", "D3POBackend", "GalleryBackend", "open_backend", "resolve_mode",
-           "start_d3po_update"]
+           "start_d3po_update", "AnswerError", "parse_answer", "round_id_of"]
 
 #: config fields a resumed app may not change (they decide what each stored round showed)
 FINGERPRINT_FIELDS = ("seed", "model", "prompts", "sampling", "zo_ranksgd", "rank.mode", "rank.group_size", "rank.gallery",
@@ -71,6 +79,77 @@ class RoundView:
     allow_tie: bool = False
     done: bool = False  # no rounds left (gallery)
     captions: list = field(default_factory=list)
+    round_id: str = ""  # set by Backend.view (round_id_of)
+
+
+def round_id_of(v: RoundView) -> str:
+    """``r<round>-<16 hex>``: the round number and the first 16 hex digits of a SHA-256 over the
+    mode, round, prompt, pick rules and every shown image's size and RGB bytes: the id of exactly
+    what the person saw. A restart that renders the same pixels gives the same id."""
+    h = hashlib.sha256(json.dumps([v.mode, v.round, v.prompt, v.max_picks, v.allow_tie, v.done]).encode("utf-8"))
+    for im in v.images:
+        im = im.convert("RGB")
+        h.update(json.dumps(list(im.size)).encode("ascii"))
+        h.update(im.tobytes())
+    return f"r{v.round}-{h.hexdigest()[:16]}"
+
+
+ROUND_ID_RE = re.compile(r"r[0-9]{1,12}-[0-9a-f]{16}")
+MAX_PICKS_FIELD = 4096  # characters of a ranking string / entries of a ranking list
+
+
+class AnswerError(Exception):
+    """An answer the app refuses. ``code``: bad_request (400: the body is malformed), stale_round /
+    already_answered / done (409: it conflicts with the stored rounds), bad_pick / too_many_picks /
+    tie_not_allowed (422: not a valid answer to the round it names). ``detail``: extra fields for
+    the client, e.g. ``field`` or ``current_round_id``. Nothing was stored when this is raised."""
+
+    def __init__(self, code: str, status: int, message: str, **detail):
+        super().__init__(message)
+        self.code, self.status, self.message, self.detail = code, status, message, detail
+
+    def to_json(self) -> dict:
+        return {"ok": False, "code": self.code, "status": self.status, "error": self.message, **self.detail}
+
+
+def _bad(field_: str, message: str) -> AnswerError:
+    return AnswerError("bad_request", 400, f"{field_}: {message}", field=field_)
+
+
+def parse_answer(round_id: Any, ranking: Any, kind: Any) -> tuple[str, str, list[int]]:
+    """Validate a raw answer (any JSON value in each slot) into ``(round_id, kind, picks)``.
+
+    ``round_id``: the id from ``/status`` (``r<round>-<16 hex>``); ``ranking``: display indices,
+    0-based, best first, as ``"2,0,5"`` or ``[2, 0, 5]`` (``""`` / ``[]``: none); ``kind``: rank,
+    tie or skip. Raises :class:`AnswerError` ``bad_request`` naming the field; range checks against
+    the round are :meth:`Backend.answer`'s."""
+    if not isinstance(round_id, str) or not ROUND_ID_RE.fullmatch(round_id):
+        raise _bad("round_id", f"expected the round's id from /status (like 'r0-0123456789abcdef'), got {_show(round_id)}")
+    if not isinstance(kind, str) or kind not in KINDS:
+        raise _bad("kind", f"expected one of {', '.join(KINDS)}, got {_show(kind)}")
+    if isinstance(ranking, str):
+        if len(ranking) > MAX_PICKS_FIELD:
+            raise _bad("ranking", f"{len(ranking)} characters; a ranking lists display indices, e.g. '2,0,5'")
+        parts = [x.strip() for x in ranking.split(",")]
+        if parts == [""]:
+            parts = []
+        if not all(re.fullmatch(r"-?[0-9]{1,9}", x) for x in parts):
+            raise _bad("ranking", f"expected display indices separated by commas, best first (e.g. '2,0,5'), got {_show(ranking)}")
+        picks = [int(x) for x in parts]
+    elif isinstance(ranking, list):
+        if len(ranking) > MAX_PICKS_FIELD or not all(isinstance(x, int) and not isinstance(x, bool) for x in ranking):
+            raise _bad("ranking", f"expected a list of display indices (integers), best first, got {_show(ranking)}")
+        picks = list(ranking)
+    else:
+        raise _bad("ranking", f"expected display indices as '2,0,5' or [2, 0, 5], got {_show(ranking)}")
+    if kind != "rank" and picks:
+        raise _bad("ranking", f"a {kind} takes no picks, got {picks[:10]}")
+    return round_id, kind, picks
+
+
+def _show(x: Any) -> str:
+    r = repr(x)
+    return (r[:60] + "...") if len(r) > 60 else r
 
 
 def resolve_mode(cfg) -> str:
@@ -128,29 +207,54 @@ class Backend:
     def view(self) -> RoundView:
         with self.lock:
             if self._view is None:
-                self._view = self._make_view()
+                v = self._make_view()
+                v.round_id = round_id_of(v)
+                self._view = v
             return self._view
 
-    def answer(self, kind: str, ranking: list[int]) -> str:
-        """Commit an answer to the shown round; returns a message for the person."""
+    def answer(self, round_id: Any, kind: Any, ranking: Any) -> dict:
+        """Commit an answer to the round ``round_id`` names; returns ``{"ok": True, "message",
+        "answer_id", "answered": round_id, "replayed"}``. ``replayed`` is true when that very
+        answer was stored before (nothing is stored again). Raises :class:`AnswerError` (nothing
+        stored) for a malformed answer, an id that is not the round on screen, a different answer
+        to an answered round, or picks the round does not allow. Inputs are validated with
+        :func:`parse_answer`, so they may be any JSON values."""
+        round_id, kind, ranking = parse_answer(round_id, ranking, kind)
         with self.lock:
+            done = self.store.answer_for(self.mode, round_id)
+            if done is not None:
+                if done.kind == kind and done.ranking == ranking:
+                    return {"ok": True, "replayed": True, "answer_id": done.id, "answered": round_id,
+                            "message": f"This answer was saved already (answer {done.id}, round {done.round + 1}); nothing changed."}
+                raise AnswerError("already_answered", 409,
+                                  f"round {done.round + 1} ({round_id}) was answered already ({done.kind} {done.ranking}); "
+                                  "your answer is not stored. Reload to see the current round.",
+                                  answered_with={"kind": done.kind, "ranking": done.ranking}, current_round_id=self.view().round_id)
             v = self.view()
+            if round_id != v.round_id:
+                raise AnswerError("stale_round", 409,
+                                  f"{round_id} is not the round on screen (now round {v.round + 1}, {v.round_id}); "
+                                  "your answer is not stored. Reload to see the current round.", current_round_id=v.round_id)
             if v.done:
-                return "Nothing left to rank."
-            if kind not in ("rank", "tie", "skip"):
-                raise ValueError(f"kind must be rank, tie or skip, got {kind!r}")
+                raise AnswerError("done", 409, "nothing left to rank", current_round_id=v.round_id)
+            n = len(v.images)
             if kind == "tie" and not v.allow_tie:
-                raise ValueError("tie is not an answer in this mode; use skip")
-            ranking = [int(i) for i in ranking] if kind == "rank" else []
+                raise AnswerError("tie_not_allowed", 422, "tie is not an answer in this mode; use skip")
             if kind == "rank":
                 if not ranking:
-                    raise ValueError("pick at least one image (click it), or skip")
-                if len(set(ranking)) != len(ranking) or any(not 0 <= i < len(v.images) for i in ranking):
-                    raise ValueError(f"picks {ranking} must be distinct indices in 0..{len(v.images) - 1}")
-                ranking = ranking[: v.max_picks]
-            msg = self._answer(v, kind, ranking)
-            self._view = None
-            return msg
+                    raise AnswerError("bad_pick", 422, "pick at least one image (click it), or skip")
+                if len(set(ranking)) != len(ranking) or any(not 0 <= i < n for i in ranking):
+                    raise AnswerError("bad_pick", 422, f"picks {ranking[:10]} must be distinct indices in 0..{n - 1}")
+                if len(ranking) > v.max_picks:
+                    raise AnswerError("too_many_picks", 422, f"{len(ranking)} picks; this round takes at most {v.max_picks}",
+                                      max_picks=v.max_picks)
+            try:
+                aid, msg = self._answer(v, kind, ranking)
+            except RoundAnswered:  # the store's unique index; the checks above make this unreachable in one process
+                raise AnswerError("already_answered", 409, f"round {v.round + 1} ({round_id}) was answered already") from None
+            finally:  # stored or not (a fault after the commit, e.g. starting an update): draw the view from the store again
+                self._view = None
+            return {"ok": True, "replayed": False, "answer_id": aid, "answered": round_id, "message": msg}
 
     def undo(self) -> str:
         with self.lock:
@@ -170,21 +274,23 @@ class Backend:
 
     def status(self) -> dict:
         v = self.view()
-        return {"mode": self.mode, "round": v.round, "prompt": v.prompt, "candidates": len(v.images), "title": v.title,
-                "max_picks": v.max_picks, "answers": self.count(), "done": v.done}
+        return {"mode": self.mode, "round": v.round, "round_id": v.round_id, "prompt": v.prompt, "candidates": len(v.images),
+                "title": v.title, "max_picks": v.max_picks, "allow_tie": v.allow_tie, "answers": self.count(), "done": v.done}
 
     # -- per mode
     def _make_view(self) -> RoundView:
         raise NotImplementedError
 
-    def _answer(self, v: RoundView, kind: str, ranking: list[int]) -> str:
+    def _answer(self, v: RoundView, kind: str, ranking: list[int]) -> tuple[int, str]:
+        """Commit a checked answer to ``v``; returns (the stored answer's id, a message)."""
         raise NotImplementedError
 
     def _undone(self, answer) -> None:
         pass
 
     def close(self) -> None:
-        pass
+        """Close the store (drops its writer lock)."""
+        self.store.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,20 +382,25 @@ class ZOBackend(Backend):
         prompt = c.prompts[0] if len(set(c.prompts)) == 1 else "; ".join(dict.fromkeys(c.prompts))
         return RoundView(self.mode, c.round, prompt, images, title, instr, 1 if ls else self.top_k)
 
-    def _answer(self, v: RoundView, kind: str, ranking: list[int]) -> str:
+    def _answer(self, v: RoundView, kind: str, ranking: list[int]) -> tuple[int, str]:
         c = self.session.ask()
         labels = list(c.labels)
         entry = self.session.tell(ranking)
-        state = _state_bytes(self.session)
-        ctx = {"round_mode": c.mode, "labels": labels, "event": entry.get("event"), "pick": entry.get("pick"),
-               "ranking_internal": entry.get("ranking"), "queries": entry.get("queries")}
-        items = [{"label": lab} for lab in labels]
-        self.store.add_answer(self.mode, v.round, kind, v.prompt, ranking, items, context=ctx, state=state, annotator=self.annotator)
+        try:
+            state = _state_bytes(self.session)
+            ctx = {"round_mode": c.mode, "labels": labels, "event": entry.get("event"), "pick": entry.get("pick"),
+                   "ranking_internal": entry.get("ranking"), "queries": entry.get("queries")}
+            items = [{"label": lab} for lab in labels]
+            aid = self.store.add_answer(self.mode, v.round, kind, v.prompt, ranking, items, context=ctx, state=state,
+                                        annotator=self.annotator, round_id=v.round_id)
+        except BaseException:  # not stored: the optimiser goes back to the stored state
+            self._undone(None)
+            raise
         self._save_current()
         ev = entry.get("event")
-        return {"estimated": "Direction estimated; next: the line search.", "moved": f"Moved to the picked image ({entry.get('pick')}).",
-                "stayed": "The current image stays; estimating again.", "skipped": "Skipped (cannot tell).",
-                "step": "Stepped along the estimated direction."}.get(ev, "Saved.")
+        return aid, {"estimated": "Direction estimated; next: the line search.", "moved": f"Moved to the picked image ({entry.get('pick')}).",
+                     "stayed": "The current image stays; estimating again.", "skipped": "Skipped (cannot tell).",
+                     "step": "Stepped along the estimated direction."}.get(ev, "Saved.")
 
     def _undone(self, answer) -> None:
         last = self.store.last(self.mode)
@@ -373,19 +484,20 @@ class D3POBackend(Backend):
             picks = self.group
         return RoundView(self.mode, r, prompt, [_upscale(p, self.size) for p in pil], title, instr, picks, allow_tie=True)
 
-    def _answer(self, v: RoundView, kind: str, ranking: list[int]) -> str:
+    def _answer(self, v: RoundView, kind: str, ranking: list[int]) -> tuple[int, str]:
         s = self.cfg.sampling
         n = len(v.images)
         ranks = ranks_from_ranking(ranking, n) if kind == "rank" else ([1] * n if kind == "tie" else None)
         ctx = {"latent_seed": self._items[0]["latent_seed"], "sampling": {"steps": s.steps, "guidance_scale": s.guidance_scale, "eta": s.eta},
                "negative_prompt": self.cfg.prompts.negative, "model": self.cfg.model.path}
         items = [{"noise_seed": it["noise_seed"], "image": it["image"]} for it in self._items]
-        self.store.add_answer(self.mode, v.round, kind, v.prompt, ranking, items, ranks=ranks, context=ctx, annotator=self.annotator)
+        aid = self.store.add_answer(self.mode, v.round, kind, v.prompt, ranking, items, ranks=ranks, context=ctx,
+                                    annotator=self.annotator, round_id=v.round_id)
         msg = {"rank": "Saved.", "tie": "Saved as a tie.", "skip": "Skipped."}[kind]
         started = self.updates.maybe_start()
         if started:
             msg += f" Started D3PO update {started} in the background."
-        return msg
+        return aid, msg
 
     def side(self) -> dict:
         return {"update": self.updates.status()}
@@ -549,7 +661,7 @@ def start_d3po_update(cfg, root: Path, store: FeedbackStore, n: int) -> subproce
     updates = Path(root) / "updates"
     updates.mkdir(parents=True, exist_ok=True)
     labels = updates / f"update-{n:03d}.labels.jsonl"
-    if store.export_jsonl(labels, modes=("d3po",)) == 0:
+    if store.export_jsonl(labels, modes=("d3po",), replace_in_run_folder=True) == 0:  # a left-over of a crash: ours
         raise UserError("no labels to train on yet")
     data = yaml.safe_load(dump_config(cfg))
     data["algorithm"] = "d3po"
@@ -678,7 +790,7 @@ class GalleryBackend(Backend):
                          "Click the best image, then the next best, ... (unpicked images tie below); Submit. The models are shown in a random order.",
                          len(perm), allow_tie=True)
 
-    def _answer(self, v: RoundView, kind: str, ranking: list[int]) -> str:
+    def _answer(self, v: RoundView, kind: str, ranking: list[int]) -> tuple[int, str]:
         d = self._render(v.round)
         meta = json.loads((d / "round.json").read_text())
         rel = d.relative_to(self.root).as_posix()
@@ -688,18 +800,22 @@ class GalleryBackend(Backend):
         ranks = ranks_from_ranking(ranking, n) if kind == "rank" else ([1] * n if kind == "tie" else None)
         ctx = {"trajectories": f"{rel}/trajectories.safetensors", "sampling": meta["sampling"], "negative_prompt": self.cfg.prompts.negative,
                "seed": meta["seed"], "order": self._shown}
-        self.store.add_answer(self.mode, v.round, kind, v.prompt, ranking, items, ranks=ranks, context=ctx, annotator=self.annotator)
+        aid = self.store.add_answer(self.mode, v.round, kind, v.prompt, ranking, items, ranks=ranks, context=ctx,
+                                    annotator=self.annotator, round_id=v.round_id)
         if kind == "rank":
             order = " > ".join(items[i]["model"] for i in ranking)
-            return f"Saved: {order}."
-        return "Saved as a tie." if kind == "tie" else "Skipped."
+            return aid, f"Saved: {order}."
+        return aid, ("Saved as a tie." if kind == "tie" else "Skipped.")
 
 
 # --------------------------------------------------------------------------------------------
 
 
 def open_backend(cfg, annotator: Optional[str] = None) -> Backend:
-    """The store of ``cfg.output_dir`` (created or resumed, config checked) and the mode's backend."""
+    """The store of ``cfg.output_dir`` (created or resumed, config checked, writer lock held) and
+    the mode's backend. ``output_dir`` must be a run folder of the app (it holds
+    ``feedback.sqlite``), an empty folder or a new one: the app serves images from it, so it
+    refuses any other folder (a home folder, a training run, a data set)."""
     from ..config import dump_config
     from ..rundir import atomic_write
 
@@ -708,30 +824,43 @@ def open_backend(cfg, annotator: Optional[str] = None) -> Backend:
     if root.exists() and not root.is_dir():
         raise UserError(f"output_dir: {root} exists and is not a folder")
     store_path = root / STORE_FILE
-    if not store_path.exists() and (root / "config.yaml").exists():
-        raise UserError(f"output_dir: {root} holds a training run, not a ranking app's store; choose another output_dir (output_dir=...)")
+    if root.is_dir() and not store_path.exists():
+        try:
+            # the lock file alone: a start that died before SQLite created the store
+            entries = sorted(p.name for p in root.iterdir() if p.name != STORE_FILE + LOCK_SUFFIX)
+        except OSError as e:
+            raise UserError(f"output_dir: cannot read {root} ({e.strerror})") from None
+        if "config.yaml" in entries:
+            raise UserError(f"output_dir: {root} holds a training run, not a ranking app's store; choose another output_dir (output_dir=...)")
+        if entries:
+            shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+            raise UserError(f"output_dir: {root} is not a run folder of `vfeedback rank` (it holds {shown} and no {STORE_FILE}); "
+                            "the app serves images from its run folder, so it starts only in a new or empty folder or one it made. "
+                            "Choose another output_dir (output_dir=...)")
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"output_dir: cannot create {root} ({e.strerror})") from None
-    from ..feedback.store import StoreError
-
     try:
         store = FeedbackStore(store_path)
     except StoreError as e:
-        raise UserError(str(e)) from None
-    fp = _fingerprint(cfg)
-    old = store.get_meta("fingerprint")
-    if old is None:
-        store.set_meta("fingerprint", fp)
-        store.set_meta("mode", mode)
-        store.set_meta("created", time.time())
-        atomic_write(root / "config.yaml", dump_config(cfg))
-    else:
-        diffs = [f"{k}: {old.get(k)!r} -> {fp.get(k)!r}" for k in fp if old.get(k) != fp.get(k)]
-        if diffs:
-            raise UserError(f"output_dir: {root} holds answers given under another config; these fields changed:\n  " + "\n  ".join(diffs)
-                            + "\n(they decide what each stored round showed; restore them or choose another output_dir)")
-    store.add_event("app_start", {"pid": os.getpid(), "mode": mode})
-    cls = {"zo_ranksgd": ZOBackend, "d3po": D3POBackend, "gallery": GalleryBackend}[mode]
-    return cls(cfg, root, store, annotator)
+        raise UserError(f"output_dir: {e}") from None
+    try:
+        fp = _fingerprint(cfg)
+        old = store.get_meta("fingerprint")
+        if old is None:
+            store.set_meta("fingerprint", fp)
+            store.set_meta("mode", mode)
+            store.set_meta("created", time.time())
+            atomic_write(root / "config.yaml", dump_config(cfg))
+        else:
+            diffs = [f"{k}: {old.get(k)!r} -> {fp.get(k)!r}" for k in fp if old.get(k) != fp.get(k)]
+            if diffs:
+                raise UserError(f"output_dir: {root} holds answers given under another config; these fields changed:\n  " + "\n  ".join(diffs)
+                                + "\n(they decide what each stored round showed; restore them or choose another output_dir)")
+        store.add_event("app_start", {"pid": os.getpid(), "mode": mode})
+        cls = {"zo_ranksgd": ZOBackend, "d3po": D3POBackend, "gallery": GalleryBackend}[mode]
+        return cls(cfg, root, store, annotator)
+    except BaseException:
+        store.close()  # drop the writer lock: this process will not use the store
+        raise

@@ -1,16 +1,18 @@
 """The Gradio page of ``vfeedback rank``: candidates to click in order, Submit, Undo, shortcuts.
 
-The page holds no state of its own beyond the picks of the round on screen (per browser tab);
-every answer goes straight to the backend, which commits it to the store. Keyboard: 1-9 pick the
-n-th image (again: unpick), Enter submits, u undoes the last answer, c clears the picks,
-t = tie, s = skip. Scripts and tests use the API endpoints ``/answer``, ``/undo_answer``,
-``/status`` and (d3po) ``/run_update`` (docs/rank_app.md).
+The page holds no state of its own beyond the round on screen (its id) and its picks (per browser
+tab); every answer names that round's id and goes straight to the backend, which commits it to
+the store or refuses it (another tab or person answered the round first: the tab shows the
+current round and says so). Keyboard: 1-9 pick the n-th image (again: unpick), Enter submits,
+u undoes the last answer, c clears the picks, t = tie, s = skip. Scripts and tests use the API
+endpoints ``/answer`` (round_id, ranking, kind), ``/undo_answer``, ``/status`` and (d3po)
+``/run_update`` (docs/rank_app.md); a refused answer comes back as ``{"ok": false, "code",
+"status", "error", ...}``, never as a server-side traceback.
 """
 from __future__ import annotations
 
-import json
 import logging
-from typing import Optional
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +77,27 @@ def badge(img, place: int):
     return im
 
 
+def _pad_short_calls(demo, api_name: str, defaults: list) -> None:
+    """Gradio refuses a call that sends fewer values than the endpoint has parameters with its
+    own ValueError (a traceback in the server's log, an empty error for the client). For
+    ``api_name`` we pad such a call with the parameters' defaults instead, so that the endpoint
+    answers it with a structured error naming the missing field. Relies on gradio passing the
+    same list on to preprocessing (gradio 6; tests/test_store_hardening.py posts short bodies)."""
+    orig = demo.validate_inputs
+
+    def validate_inputs(block_fn, inputs):
+        if getattr(block_fn, "api_name", None) == api_name and isinstance(inputs, list) and len(inputs) < len(defaults):
+            inputs.extend(defaults[len(inputs):])
+        return orig(block_fn, inputs)
+
+    demo.validate_inputs = validate_inputs
+
+
 def build_app(backend, title: str = "vfeedback rank"):
     """The ``gr.Blocks`` of the app around ``backend`` (see :mod:`vfeedback.app.backend`)."""
     import gradio as gr
+
+    from .backend import AnswerError
 
     mode = backend.mode
 
@@ -143,11 +163,14 @@ def build_app(backend, title: str = "vfeedback rank"):
     def refresh(picks, msg=""):
         v = backend.view()
         picks = [p for p in (picks or []) if p < len(v.images)]
-        return [picks, header(v), gr.update(value=cands_value(v, picks), columns=min(4, max(1, len(v.images)))),
+        return [picks, v.round_id, header(v), gr.update(value=cands_value(v, picks), columns=min(4, max(1, len(v.images)))),
                 picked_md(v, picks), msg] + side_values()
+
+    moved_on = "⚠ This round was answered elsewhere (another tab or person); here is the current round."
 
     with gr.Blocks(title=title, analytics_enabled=False) as demo:
         picks = gr.State([])
+        shown = gr.State("")  # the id of the round this tab shows
         with gr.Row():
             with gr.Column(scale=3):
                 head = gr.Markdown(elem_id="rank-header")
@@ -179,13 +202,15 @@ def build_app(backend, title: str = "vfeedback rank"):
                 else:
                     gr.Markdown("Images of one prompt from several models, same seed, random order. "
                                 "Rank them; the models are named after you submit.")
-        outs = [picks, head, cands, picked, status] + side
+        outs = [picks, shown, head, cands, picked, status] + side
 
         def on_load(p):
             return refresh(p)
 
-        def on_select(p, evt: gr.SelectData):
+        def on_select(p, sid, evt: gr.SelectData):
             v = backend.view()
+            if sid != v.round_id:  # the click was on a round that is gone
+                return refresh([], moved_on)
             i = evt.index if isinstance(evt.index, int) else evt.index[0]
             p = list(p or [])
             if i in p:
@@ -199,22 +224,24 @@ def build_app(backend, title: str = "vfeedback rank"):
         on_select.__annotations__["evt"] = gr.SelectData  # a real class: this module has postponed annotations
 
         def do(kind):
-            def fn(p):
+            def fn(p, sid):
                 try:
-                    msg = backend.answer(kind, list(p or []))
-                except ValueError as e:
-                    return refresh(p, f"⚠ {e}")
-                return refresh([], msg)
+                    r = backend.answer(sid, kind, list(p or []) if kind == "rank" else [])
+                except AnswerError as e:
+                    if e.status == 409:
+                        return refresh([], moved_on if e.code in ("stale_round", "already_answered") else f"⚠ {e.message}")
+                    return refresh(p, f"⚠ {e.message}")
+                return refresh([], r["message"])
             return fn
 
         def on_undo(p):
             return refresh([], backend.undo())
 
         demo.load(on_load, [picks], outs, api_visibility="private")
-        cands.select(on_select, [picks], outs, api_visibility="private")
-        submit.click(do("rank"), [picks], outs, api_visibility="private")
-        tie.click(do("tie"), [picks], outs, api_visibility="private")
-        skip.click(do("skip"), [picks], outs, api_visibility="private")
+        cands.select(on_select, [picks, shown], outs, api_visibility="private")
+        submit.click(do("rank"), [picks, shown], outs, api_visibility="private")
+        tie.click(do("tie"), [picks, shown], outs, api_visibility="private")
+        skip.click(do("skip"), [picks, shown], outs, api_visibility="private")
         clear.click(lambda p: refresh([]), [picks], outs, api_visibility="private")
         undo.click(on_undo, [picks], outs, api_visibility="private")
         if mode == "d3po":
@@ -226,15 +253,19 @@ def build_app(backend, title: str = "vfeedback rank"):
             timer.tick(lambda: side_values(), None, side, api_visibility="private")
 
         # ---- API for scripts and tests (gradio_client)
-        def answer(ranking: str, kind: str = "rank") -> dict:
-            """Answer the shown round: ranking = display indices best first, 0-based, comma-separated
-            ("2,0,5"); kind = rank | tie | skip. Returns the status after the answer."""
-            picks_ = [int(x) for x in ranking.replace(" ", "").split(",") if x != ""]
+        def answer(round_id: Any = None, ranking: Any = None, kind: Any = "rank") -> dict:
+            """Answer the round ``round_id`` names (the ``round_id`` of /status): ranking = display
+            indices best first, 0-based, as "2,0,5" (or a JSON list); kind = rank | tie | skip.
+            Returns {"ok": true, "message", "answer_id", "answered", "replayed", ...status after}
+            or {"ok": false, "code", "status", "error", ...status}: nothing stored."""
             try:
-                msg = backend.answer(kind, picks_)
-            except ValueError as e:
-                return {"error": str(e), **backend.status()}
-            return {"message": msg, **backend.status()}
+                r = backend.answer(round_id, kind, ranking)
+            except AnswerError as e:
+                return {**backend.status(), **e.to_json()}
+            except Exception as e:  # a fault of ours (the store, the disk): logged, reported, not stored
+                log.exception("/answer failed")
+                return {**backend.status(), "ok": False, "code": "internal", "status": 500, "error": f"{type(e).__name__}: {e}"}
+            return {**backend.status(), **r}
 
         def undo_answer() -> dict:
             """Undo the last answer; returns the status."""
@@ -245,6 +276,7 @@ def build_app(backend, title: str = "vfeedback rank"):
             return backend.status()
 
         gr.api(answer, api_name="answer")
+        _pad_short_calls(demo, "answer", [None, None, "rank"])
         gr.api(undo_answer, api_name="undo_answer")
         gr.api(status_, api_name="status")
         if mode == "d3po":

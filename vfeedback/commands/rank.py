@@ -5,11 +5,16 @@
     vfeedback rank CONFIG --share --auth alice:secret             # a public link needs a login
 
 Safe by default: binds 127.0.0.1; ``--share`` and non-loopback hosts refuse to start without
-``--auth`` / ``--auth-file``; no upload component, requests capped at 1 MB; only the run folder
-is served (its store files are blocked).
+``--auth`` / ``--auth-file``; no upload component, requests capped at 1 MB; ``output_dir`` must be
+a run folder of the app (or new / empty), and only what the app wrote there is served
+(``OUT/rank/`` and gradio's cache ``OUT/.gradio/``; the store files are blocked besides). One app
+per run folder (the store's writer lock). ``--export`` reads the store read-only and never
+writes onto the store, a folder, an existing file in the run folder, or an existing file
+elsewhere that is not an earlier export.
 """
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import os
@@ -44,8 +49,12 @@ def parse_auth(pairs: list[str], auth_file: Optional[str]) -> list[tuple[str, st
     if auth_file:
         p = Path(auth_file)
         if not p.is_file():
-            raise UserError(f"--auth-file: {p} not found")
-        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+            raise UserError(f"--auth-file: {p} is not a file")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"--auth-file: cannot read {p} ({e})") from None
+        for i, line in enumerate(text.splitlines(), 1):
             if line.strip() and not line.strip().startswith("#"):
                 lines.append((f"--auth-file {p} line {i}", line.strip()))
     for where, s in lines:
@@ -54,6 +63,33 @@ def parse_auth(pairs: list[str], auth_file: Optional[str]) -> list[tuple[str, st
             raise UserError(f"{where}: expected USER:PASSWORD with both parts non-empty")
         out.append((user, pw))
     return out
+
+
+def check_port(host: str, port: int, flag: str) -> None:
+    """Refuse a port out of range or one something already listens on (``flag``: where it came
+    from, for the message). Port 0 (any free port) passes."""
+    import socket
+
+    from ..errors import UserError
+
+    if not 0 <= port <= 65535:
+        raise UserError(f"{flag}: {port} is out of range; use 1..65535, or 0 for any free port")
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise UserError(f"--host {host}: not an address this machine can bind ({e}); use e.g. 127.0.0.1") from None
+    fam, _, _, _, addr = infos[0]
+    with socket.socket(fam, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a TIME_WAIT socket is no conflict
+        try:
+            s.bind(addr)
+        except OSError as e:
+            if e.errno in (errno.EADDRINUSE, errno.EACCES):
+                raise UserError(f"{flag}: port {port} on {host} is {'in use' if e.errno == errno.EADDRINUSE else 'not allowed'} "
+                                f"({e.strerror}); choose another port (e.g. {flag if flag.startswith('--') else '--port'} 0 for any free port)") from None
+            raise UserError(f"--host {host}: cannot bind port {port} there ({e.strerror}); use e.g. 127.0.0.1") from None
 
 
 def _loopback(host: str) -> bool:
@@ -83,31 +119,44 @@ def launch(cfg, *, host: Optional[str] = None, port: Optional[int] = None, share
     with ``block=False`` the server runs in a thread (``demo.close()`` stops it)."""
     from ..app.backend import open_backend
 
+    from ..errors import UserError
+    from ..feedback.store import store_files
+
     auth = auth or []
     host = host or cfg.rank.host
+    flag = "rank.port" if port is None else "--port"
     port = cfg.rank.port if port is None else port
     check_safety(host, share, auth)
+    check_port(host, port, flag)  # before the model loads: a taken port fails in a second
     root = Path(cfg.output_dir).resolve()
     if backend is None:
         backend = open_backend(cfg, annotator=auth[0][0] if auth else None)
-    # gradio's file cache inside the run folder: the only folder it serves from
-    os.environ["GRADIO_TEMP_DIR"] = str(root / ".gradio")
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    from ..app.ui import CSS, KEYS_JS, build_app
+    try:
+        # gradio's file cache inside the run folder; it serves that and OUT/rank/ (the images the app wrote), nothing else
+        os.environ["GRADIO_TEMP_DIR"] = str(root / ".gradio")
+        os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+        from ..app.ui import CSS, KEYS_JS, build_app
 
-    demo = build_app(backend, title=f"vfeedback rank — {Path(cfg.output_dir).name}")
-    if port == 0:
-        port = _free_port(host)
-    store = backend.store.path.resolve()
-    blocked = [str(store), str(store) + "-wal", str(store) + "-shm", str(store) + "-journal"]
-    demo.queue(default_concurrency_limit=1)
-    kw = dict(server_name=host, server_port=port, share=share, auth=auth or None, allowed_paths=[str(root)], blocked_paths=blocked,
-              max_file_size=MAX_FILE_SIZE, inbrowser=open_browser, quiet=True, ssr_mode=False, mcp_server=False, show_error=True,
-              head=KEYS_JS, css=CSS)
-    if block:
-        log.info("vfeedback rank: %s mode, %d answers so far, store %s", backend.mode, backend.count(), store)
-        log.info("open http://%s:%d (Ctrl+C stops; every answer is already saved)", host, port)
-    _, url, _ = demo.launch(prevent_thread_lock=not block, **kw)
+        demo = build_app(backend, title=f"vfeedback rank — {Path(cfg.output_dir).name}")
+        if port == 0:
+            port = _free_port(host)
+        store = backend.store.path.resolve()
+        blocked = [str(f) for f in store_files(store)]
+        (root / "rank").mkdir(exist_ok=True)
+        demo.queue(default_concurrency_limit=1)
+        kw = dict(server_name=host, server_port=port, share=share, auth=auth or None, allowed_paths=[str(root / "rank")],
+                  blocked_paths=blocked, max_file_size=MAX_FILE_SIZE, inbrowser=open_browser, quiet=True, ssr_mode=False,
+                  mcp_server=False, show_error=True, head=KEYS_JS, css=CSS)
+        if block:
+            log.info("vfeedback rank: %s mode, %d answers so far, store %s", backend.mode, backend.count(), store)
+            log.info("open http://%s:%d (Ctrl+C stops; every answer is already saved)", host, port)
+        try:
+            _, url, _ = demo.launch(prevent_thread_lock=not block, **kw)
+        except OSError as e:  # the port was taken between the check and the launch
+            raise UserError(f"{flag}: cannot serve on {host}:{port} ({e}); choose another port (--port 0: any free port)") from None
+    except BaseException:
+        backend.close()
+        raise
     return demo, url, backend
 
 
@@ -127,19 +176,34 @@ def run(args) -> int:
     cfg = load_config(args.config, args.overrides)
     resolve_mode(cfg)
     if args.export:
-        from ..feedback.store import STORE_FILE, FeedbackStore, StoreError
+        from ..feedback.store import STORE_FILE, FeedbackStore, StoreError, check_export_target
 
+        if not args.export.strip():
+            raise UserError("--export: empty file name; give one, e.g. --export labels.jsonl")
         p = Path(cfg.output_dir) / STORE_FILE
         if not p.exists():
             raise UserError(f"--export: {p} does not exist; no answers were given for this config yet (output_dir {cfg.output_dir})")
         try:
-            store = FeedbackStore(p)
+            check_export_target(p, args.export)  # before the store is opened: a refusal touches nothing
         except StoreError as e:
-            raise UserError(str(e)) from None
-        n = store.export_jsonl(args.export)
-        skipped = store.count("zo_ranksgd")
+            raise UserError(f"--export: {e}") from None
+        try:
+            store = FeedbackStore(p, readonly=True)  # no writer lock: exporting while the app runs is fine
+        except StoreError as e:
+            raise UserError(f"output_dir: {e}") from None
+        try:
+            n = store.export_jsonl(args.export)
+            skipped = store.count("zo_ranksgd")
+        except StoreError as e:
+            raise UserError(f"--export: {e}") from None
+        except OSError as e:
+            raise UserError(f"--export: cannot write {args.export} ({e.strerror or e})") from None
+        finally:
+            store.close()
         print(f"wrote {n} preference records to {args.export}" + (f" ({skipped} zo_ranksgd answers are optimiser rounds, not preference pairs; they stay in {p})" if skipped else ""))
         return 0
+    if args.port is not None and not 0 <= args.port <= 65535:
+        raise UserError(f"--port: {args.port} is out of range; use 1..65535, or 0 for any free port")
     auth = parse_auth(args.auth, args.auth_file)
     launch(cfg, host=args.host, port=args.port, share=args.share, auth=auth, block=True, open_browser=args.open)
     return 0

@@ -2,7 +2,9 @@
 
 - :mod:`vfeedback.integrations.trl`: reward functions for TRL's online trainers (GRPO, RLOO),
   with renderers that turn a completion into an image (prompt rewriting, SVG / chart code,
-  captions); untrusted code is rendered by :mod:`vfeedback.integrations.sandbox`.
+  captions); untrusted code is rendered inside bubblewrap by :mod:`vfeedback.integrations.sandbox`.
+- :mod:`vfeedback.integrations.webpage`: web pages as a renderer (WebGen-Agent): a screenshot in
+  headless Chromium inside the same boundary, and scripted checks as a second reward.
 - :mod:`vfeedback.integrations.gym`: a gymnasium wrapper whose reward comes from a VLM
   (VLM-RM) and a preference labeller + reward model (RL-VLM-F).
 

@@ -7,9 +7,12 @@ by any :class:`rewards.Reward`:
   diffusion pipeline renders it; the reward scores the image against the user's original
   request (the dataset column ``request``, else the prompt's text).
 - :class:`CodeToImage` (code to image, render-and-compare as in RRVF / WebGen-Agent): the
-  completion is SVG, matplotlib code or a Vega-Lite spec, rendered in a sandboxed subprocess
+  completion is SVG, matplotlib code or a Vega-Lite spec, rendered inside a bubblewrap boundary
   (:mod:`.sandbox`), scored against a target text (column ``target``) or a target image (column
   ``target_image``, with :class:`ImageSimilarity` as the reward).
+- :class:`vfeedback.integrations.webpage.WebPage` (WebGen-Agent): the completion is a web page,
+  screenshotted by headless Chromium inside the same boundary; scripted checks give a second
+  reward (:func:`vfeedback.integrations.webpage.interaction_reward_function`).
 - :class:`Caption`: the completion describes a given image (column ``image``); the reward
   (CLIP-style) scores that image with the completion as its prompt.
 
@@ -39,7 +42,7 @@ import rewards
 from rewards import Reward, RewardError
 from rewards.images import to_single, to_tensor
 
-from . import sandbox
+from . import sandbox as _sandbox
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +97,8 @@ class Rendered:
     prompt: Optional[str] = None  # the text the reward scores the image against
     reference: Optional[torch.Tensor] = None  # (3, H', W') target image (render-and-compare)
     error: Optional[str] = None  # why there is nothing to score
+    isolation: Optional[str] = None  # the boundary untrusted code ran under (sandbox.RenderResult.isolation)
+    extra: Optional[dict] = None  # what the renderer reports besides the image (web-page checks)
 
 
 class Renderer:
@@ -195,9 +200,13 @@ class PromptToImage(Renderer):
 
 
 class CodeToImage(Renderer):
-    """The completion is SVG, matplotlib code or a Vega-Lite spec; each is rendered in a
-    sandboxed subprocess (:func:`vfeedback.integrations.sandbox.render`: time limit, memory/CPU
-    rlimits, no network).
+    """The completion is SVG, matplotlib code or a Vega-Lite spec; each is rendered inside a
+    bubblewrap boundary (:func:`vfeedback.integrations.sandbox.render`: read-only system, private
+    tmp, no network, seccomp, time limit, memory/CPU rlimits).
+
+    ``sandbox``: ``strict`` (default; where bubblewrap cannot run every completion fails with
+    the reason) or ``weak`` (opt in: a plain subprocess with the same limits, for trusted code).
+    Each item's :attr:`Rendered.isolation` says which boundary it ran under.
 
     ``kind``: ``auto`` (by code fence, then content), ``svg``, ``matplotlib`` or ``vega-lite``.
     Scored against the text in ``target_column`` (else the prompt's text), and given the image
@@ -209,9 +218,10 @@ class CodeToImage(Renderer):
 
     def __init__(self, kind: str = "auto", *, size: Union[int, tuple[int, int]] = 256, timeout: float = 20.0, memory_mb: int = 2048,
                  target_column: Optional[str] = "target", target_image_column: Optional[str] = "target_image",
-                 workers: int = 2, isolate_network: bool = True):
-        if kind != "auto" and kind not in sandbox.KINDS:
-            raise ValueError(f"kind: {kind!r} is not one of auto, {', '.join(sandbox.KINDS)}")
+                 workers: int = 2, isolate_network: bool = True, sandbox: str = "strict"):
+        if kind != "auto" and kind not in _sandbox.KINDS:
+            raise ValueError(f"kind: {kind!r} is not one of auto, {', '.join(_sandbox.KINDS)}")
+        self.sandbox = _sandbox.check_mode(sandbox)
         self.kind = kind
         self.width, self.height = (size, size) if isinstance(size, int) else size
         self.timeout = float(timeout)
@@ -223,13 +233,13 @@ class CodeToImage(Renderer):
         #: did the last renderings run in their own network namespace (None: not known yet)
         self.network_isolated: Optional[bool] = None
 
-    def _one(self, text: str) -> sandbox.RenderResult:
+    def _one(self, text: str) -> _sandbox.RenderResult:
         try:
-            kind, code = sandbox.extract_code(text, self.kind)
+            kind, code = _sandbox.extract_code(text, self.kind)
         except ValueError as e:
-            return sandbox.RenderResult(None, str(e))
-        return sandbox.render(code, kind, width=self.width, height=self.height, timeout=self.timeout,
-                              memory_mb=self.memory_mb, isolate_network=self.isolate_network)
+            return _sandbox.RenderResult(None, str(e))
+        return _sandbox.render(code, kind, width=self.width, height=self.height, timeout=self.timeout,
+                               memory_mb=self.memory_mb, isolate_network=self.isolate_network, sandbox=self.sandbox)
 
     def __call__(self, requests, completions, columns):
         with ThreadPoolExecutor(self.workers) as pool:
@@ -239,7 +249,8 @@ class CodeToImage(Renderer):
             if r.network_isolated is not None:
                 self.network_isolated = r.network_isolated
             target = _column(columns, self.target_column, i)
-            item = Rendered(image=r.image, prompt=str(target) if target is not None else requests[i], error=r.error)
+            item = Rendered(image=r.image, prompt=str(target) if target is not None else requests[i], error=r.error,
+                            isolation=r.isolation)
             ref = _column(columns, self.target_image_column, i)
             if ref is not None and item.error is None:
                 try:
@@ -343,9 +354,12 @@ class RewardFunction:
 
     Not an ``nn.Module`` on purpose: TRL would treat a module as a sequence-classification
     reward model. Counters: :attr:`calls`, :attr:`scored`, :attr:`failed`, :attr:`failures`
-    (a ``Counter`` of short reasons) and :attr:`last_errors` (one reason or None per
-    completion of the last call). With TRL >= 1.x the fraction of failures of each batch is
-    logged as ``<name>/failed_frac`` through TRL's ``log_metric``.
+    (a ``Counter`` of short reasons), :attr:`isolation` (a ``Counter`` of the boundaries
+    untrusted code ran under: ``bwrap+seccomp``, ``weak``, ``none`` = refused, ...) and
+    :attr:`last_errors` (one reason or None per completion of the last call). With TRL >= 1.x
+    the fraction of failures of each batch is logged as ``<name>/failed_frac``, and the
+    fraction rendered under each boundary as ``<name>/isolation/<boundary>``, through TRL's
+    ``log_metric``.
     """
 
     def __init__(self, reward, render: Renderer, weight: float = 1.0, name: Optional[str] = None, batch_size: int = 16):
@@ -358,6 +372,7 @@ class RewardFunction:
         self.scored = 0
         self.failed = 0
         self.failures: collections.Counter = collections.Counter()
+        self.isolation: collections.Counter = collections.Counter()
         self.last_errors: list[Optional[str]] = []
 
     def __repr__(self) -> str:
@@ -391,9 +406,13 @@ class RewardFunction:
             else:
                 self.scored += 1
                 out.append(self.weight * s)
+        levels = collections.Counter(it.isolation for it in items if it.isolation is not None)
+        self.isolation.update(levels)
         if callable(log_metric) and n:
             try:
                 log_metric(f"{self.__name__}/failed_frac", sum(v is None for v in out) / n)
+                for level, k in levels.items():
+                    log_metric(f"{self.__name__}/isolation/{level}", k / n)
             except Exception:  # logging is best effort
                 pass
         return out
