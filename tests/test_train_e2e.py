@@ -164,7 +164,11 @@ def test_user_errors_exit_2_without_traceback_and_leave_runs_untouched(tmp_path,
     assert main(["train", str(write_cfg(tmp_path, tmp_path / "y", reward=[{"name": "no_such_reward"}]))]) == 2
     assert "unknown reward" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()  # nothing created before validation passed
-    assert main(["validate", str(cfg)]) == 0
+    # validate runs train's checks: the finished run is refused as train would refuse it, and
+    # accepted as the same run with --resume
+    assert main(["validate", str(cfg)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(["validate", str(cfg), "--resume"]) == 0
     assert "OK" in capsys.readouterr().out
 
 
