@@ -27,19 +27,23 @@ ImageLike = Union[str, os.PathLike, "PIL.Image.Image", np.ndarray, torch.Tensor]
 
 
 def load_image(path: Union[str, os.PathLike]) -> torch.Tensor:
-    """Decode one image file to a ``(3, H, W)`` float tensor in ``[0, 1]``.
+    """Decode one image file to a ``(3, H, W)`` float tensor in ``[0, 1]``, upright.
 
-    Grey, palette, CMYK and alpha images are converted to RGB (alpha composited on white).
-    Raises :class:`ImageError` naming the file when it is missing, empty, truncated, not an
-    image, or larger than ``MAX_PIXELS``.
+    The EXIF orientation tag is applied (a phone photo stored sideways or mirrored is scored as
+    it is shown). Grey, palette, CMYK and alpha images are converted to RGB (alpha composited on
+    white). Raises :class:`ImageError` naming the file when it is missing, empty, truncated, not
+    an image, not a regular file (a pipe such as ``/dev/stdin`` fed by another program), or
+    larger than ``MAX_PIXELS``.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     p = Path(path)
     if not p.exists():
         raise ImageError(f"{p}: no such file")
     if p.is_dir():
         raise ImageError(f"{p}: is a folder, not an image")
+    if not p.is_file():
+        raise ImageError(f"{p}: not a regular file (a pipe or a device); save the image to a file and pass its path")
     if p.stat().st_size == 0:
         raise ImageError(f"{p}: empty file (0 bytes)")
     try:
@@ -48,7 +52,7 @@ def load_image(path: Union[str, os.PathLike]) -> torch.Tensor:
             if w * h > MAX_PIXELS:
                 raise ImageError(f"{p}: {w}x{h} pixels is larger than the {MAX_PIXELS} pixel limit; resize it first")
             im.load()
-            return pil_to_tensor(im)
+            return pil_to_tensor(ImageOps.exif_transpose(im))
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -138,6 +142,17 @@ def to_single(x) -> torch.Tensor:
             raise ImageError(f"expected one image, got a batch of shape {tuple(t.shape)}")
         t = t[0]
     return t
+
+
+def image_pixels(path: Union[str, os.PathLike]) -> int:
+    """Pixel count from the file's header (no decoding); 0 when the header cannot be read."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.size[0] * im.size[1]
+    except Exception:  # the decode that follows reports the file's problem in words
+        return 0
 
 
 def expand_paths(items: Iterable[Union[str, os.PathLike]]) -> list[Path]:

@@ -74,3 +74,28 @@ def test_prompt_files(tmp_path):
     (tmp_path / "empty.txt").write_text("\n# nothing\n")
     with pytest.raises(UserError, match="no prompts"):
         read_prompts(str(tmp_path / "empty.txt"), "prompts.train")
+
+
+def test_prompt_file_with_a_byte_order_mark_and_a_comment(tmp_path):
+    # Windows editors save UTF-8 with a BOM; without utf-8-sig the comment line read as a prompt
+    (tmp_path / "p.txt").write_bytes("\ufeff# my prompts\na red apple\n".encode("utf-8"))
+    assert read_prompts(str(tmp_path / "p.txt"), "prompts.train") == ["a red apple"]
+
+
+def test_yaml_strictness(tmp_path):
+    from vfeedback.config import MAX_YAML_NODES, parse_yaml
+
+    with pytest.raises(UserError, match=r"'lr' is given twice \(lines 2 and 3\)"):
+        parse_yaml("train:\n  lr: 1\n  lr: 2\n", "c.yaml")
+    # merge keys may override (that is what they are for)
+    assert parse_yaml("base: &b {lr: 1}\ntrain: {<<: *b, lr: 2}\n", "c.yaml")["train"] == {"lr": 2}
+    # each level holds 10 aliases of the one before: a is 11 nodes, b 111, ..., e 111,111 (over the 100,000 limit)
+    small = "a: &a [x,x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a]\n"
+    assert len(parse_yaml(small, "c.yaml")["b"]) == 10
+    bomb = small + "".join(f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n" for p, c in zip("bcd", "cde"))
+    with pytest.raises(UserError, match=f"limit {MAX_YAML_NODES}"):
+        parse_yaml(bomb, "c.yaml")
+    p = tmp_path / "big.yaml"
+    p.write_text("a: " + "x" * (1 << 20) + "\n")
+    with pytest.raises(UserError, match="larger than 1024 KiB"):
+        load_config(p)

@@ -49,7 +49,7 @@ def test_train_sd15_writes_the_run_folder_and_a_loadable_lora(tmp_path, capsys):
     cfg = write_cfg(tmp_path, out, **{"log.checkpoint_every": 2}, eval_rewards=[{"name": "brightness"}])
     assert main(["train", str(cfg)]) == 0
     names = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
-    assert names == ["checkpoints", "config.yaml", "lora", "metrics.jsonl", "samples", "summary.json"]
+    assert names == ["checkpoints", "config.yaml", "fingerprint.json", "lora", "metrics.jsonl", "samples", "summary.json"]
     recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [1, 2, 3]
     assert all(0 <= r["reward_mean"] <= 1 and r["loss"] > 0 for r in recs)
@@ -164,7 +164,11 @@ def test_user_errors_exit_2_without_traceback_and_leave_runs_untouched(tmp_path,
     assert main(["train", str(write_cfg(tmp_path, tmp_path / "y", reward=[{"name": "no_such_reward"}]))]) == 2
     assert "unknown reward" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()  # nothing created before validation passed
-    assert main(["validate", str(cfg)]) == 0
+    # validate runs train's checks: the finished run is refused as train would refuse it, and
+    # accepted as the same run with --resume
+    assert main(["validate", str(cfg)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(["validate", str(cfg), "--resume"]) == 0
     assert "OK" in capsys.readouterr().out
 
 

@@ -57,8 +57,14 @@ def main(argv=None) -> int:
         stream=sys.stderr,
         force=True,
     )
-    for noisy in ("httpx", "urllib3", "PIL", "matplotlib", "h5py", "torch.distributed", "accelerate", "filelock"):
+    # libraries that log at INFO while loading (open_clip: "Loading pretrained ..."); their lines
+    # would come before, and bury, our own one-line error
+    for noisy in ("httpx", "urllib3", "PIL", "matplotlib", "h5py", "torch.distributed", "accelerate", "filelock",
+                  "open_clip", "timm", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not args.verbose:  # open_clip logs through the root logger itself (logging.info(...))
+        for h in logging.getLogger().handlers:
+            h.addFilter(lambda r: r.name != "root" or r.levelno >= logging.WARNING)
     _quiet_libraries(args.verbose)
     if not args.command:
         parser.print_help()

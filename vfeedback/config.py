@@ -7,8 +7,9 @@ the command line are applied before validation.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -16,14 +17,26 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import UserError
 
 
+# a seed every generator takes: accelerate's set_seed hands it to numpy, whose range is [0, 2**32)
+SEED_MAX = 2**32 - 1
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+# a config is a few KB; a bigger file is a mistake (or /dev/zero), and is refused before parsing
+MAX_CONFIG_BYTES = 1 << 20
+# YAML nodes after alias expansion: refuses an alias bomb before it is built (shipped configs: < 1000)
+MAX_YAML_NODES = 100_000
+MAX_PROMPT_FILE_BYTES = 64 << 20
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: nan / inf / -inf are refused in every float field of every section
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class LoraConfig(Section):
     rank: int = Field(4, ge=1, le=1024, description="LoRA rank r")
     alpha: Optional[float] = Field(None, gt=0, description="LoRA alpha (scale alpha/r); default: equal to rank")
-    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], description="UNet module names that get LoRA")
+    target_modules: list[NonEmptyStr] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], min_length=1, description="UNet module names that get LoRA")
     text_encoder: bool = Field(False, description="also train LoRA on the text encoder(s)")
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
 
@@ -70,6 +83,21 @@ class RewardSpec(Section):
     weight: float = Field(1.0, description="weight in the combination")
     options: dict[str, Any] = Field(default_factory=dict, description="options passed to rewards.load")
 
+    @field_validator("options")
+    @classmethod
+    def _finite_options(cls, v):
+        def walk(x, where):
+            if isinstance(x, float) and not math.isfinite(x):
+                raise ValueError(f"{where} is {x}; give a finite number")
+            if isinstance(x, dict):
+                for k, y in x.items():
+                    walk(y, f"{where}.{k}")
+            elif isinstance(x, (list, tuple)):
+                for i, y in enumerate(x):
+                    walk(y, f"{where}.{i}")
+        walk(v, "option")
+        return v
+
 
 class RewardConfig(Section):
     rewards: list[RewardSpec] = Field(..., min_length=1, description="one or more rewards, combined as a weighted sum")
@@ -89,10 +117,10 @@ class RewardConfig(Section):
 
 
 class PromptConfig(Section):
-    train: Union[list[str], str] = Field(..., description="training prompts: a list, or a .txt (one per line) / .jsonl ({\"prompt\": ...}) file")
-    eval: Union[list[str], str, None] = Field(None, description="fixed evaluation prompts (default: the first 4 training prompts)")
+    train: Union[Annotated[list[str], Field(min_length=1)], NonEmptyStr] = Field(..., description="training prompts: a list, or a .txt (one per line) / .jsonl ({\"prompt\": ...}) file")
+    eval: Union[Annotated[list[str], Field(min_length=1)], NonEmptyStr, None] = Field(None, description="fixed evaluation prompts (default: the first 4 training prompts)")
     negative: str = Field("", description="negative prompt for classifier-free guidance")
-    eval_seeds: list[int] = Field(default_factory=lambda: [0, 1], description="seeds for the evaluation grid; every prompt is drawn with each")
+    eval_seeds: list[Seed] = Field(default_factory=lambda: [0, 1], min_length=1, description="seeds for the evaluation grid; every prompt is drawn with each")
 
 
 class SamplingConfig(Section):
@@ -134,7 +162,7 @@ class ZORankSGDSection(Section):
     top_k: Optional[int] = Field(None, ge=1, description="the oracle ranks only its k best candidates (null: a full ranking)")
     shuffle: bool = Field(True, description="show candidates in a seeded random order (a person cannot tell the current point by position)")
     prompt: Optional[str] = Field(None, description="prompt of the refined image (latent, prompt_embedding targets); default: the first of prompts.train")
-    seed: Optional[int] = Field(None, description="seed of the start latent and of the optimiser's perturbations; default: the run's seed")
+    seed: Optional[Seed] = Field(None, description="seed of the start latent and of the optimiser's perturbations; default: the run's seed")
     latent_norm: Literal["shell", "none"] = Field(
         "shell", description="latent target: 'shell' keeps every rendered latent at norm sqrt(d) (where Gaussian noise lives) and retracts the iterate there after each move; 'none': the raw iterate")
     batch_size: int = Field(8, ge=1, description="images rendered per UNet call")
@@ -162,7 +190,7 @@ class D3POConfig(Section):
     file: Optional[str] = Field(None, description="preference file (.jsonl / .json: labelled pairs or ranked groups; format in docs/d3po.md), for preference: file")
     offline_groups: int = Field(64, ge=1, description="mode offline with preference reward/pareto: groups sampled from the base model and labelled once at the start")
     tie_tol: float = Field(0.0, ge=0, description="judge scores closer than this are a tie (the pair is skipped)")
-    winrate_seeds: list[int] = Field(default_factory=lambda: [1000, 1001, 1002, 1003], min_length=1, description="held-out seeds for the final win rate of the tuned model over the base (eval prompts x these seeds, judged by the same oracle)")
+    winrate_seeds: list[Seed] = Field(default_factory=lambda: [1000, 1001, 1002, 1003], min_length=1, description="held-out seeds for the final win rate of the tuned model over the base (eval prompts x these seeds, judged by the same oracle)")
 
     @model_validator(mode="after")
     def _check(self):
@@ -248,7 +276,7 @@ class IterCompSection(Section):
     weights: dict[str, float] = Field(default_factory=dict, description="weight of each category's reward model in ReFL (default 1 each)")
     prompts: dict[str, Union[list[str], str]] = Field(default_factory=dict, description="prompts per category (list or .txt/.jsonl file); default: the shipped vfeedback/itercomp/prompts/<category>.txt")
     max_prompts: Optional[int] = Field(None, ge=1, description="use at most this many prompts per category (the first ones)")
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="seeds shared by every gallery model; one ranked group per prompt x seed")
+    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1, description="seeds shared by every gallery model; one ranked group per prompt x seed")
     gallery_batch_size: int = Field(8, ge=1, description="images rendered per UNet call")
     ranker: IterCompRankerConfig = Field(default_factory=IterCompRankerConfig)
     reward_model: IterCompRewardModelConfig = Field(default_factory=IterCompRewardModelConfig)
@@ -278,13 +306,15 @@ class TrainConfig(Section):
     gradient_accumulation_steps: int = Field(1, ge=1)
     lr: float = Field(1e-5, gt=0, le=1, description="learning rate")
     weight_decay: float = Field(1e-2, ge=0)
-    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field(
+        (0.9, 0.999), description="AdamW (beta1, beta2), each in [0, 1)")
     adam_eps: float = Field(1e-8, gt=0)
     max_grad_norm: Optional[float] = Field(1.0, gt=0, description="gradient clipping (null: off)")
     lr_warmup_steps: int = Field(0, ge=0)
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field("auto", description="auto: bf16 on a GPU that has it, else fp16 on GPU, fp32 on CPU")
     max_consecutive_nan: int = Field(5, ge=1, description="stop after this many non-finite losses in a row (each is skipped)")
-    device: Optional[str] = Field(None, description="force a device (cpu, cuda); default: accelerate's choice")
+    device: Optional[Annotated[str, Field(pattern=r"^(cpu|cuda(:[0-9]+)?|mps)$")]] = Field(
+        None, description="force a device (cpu, cuda, cuda:N, mps); default: accelerate's choice")
     ema: bool = Field(False, description="keep an exponential moving average of the trained weights (diffusers' EMAModel, as "
                                          "ImageReward's ReFL --use_ema); the averaged weights are what is evaluated and exported")
     ema_decay: float = Field(0.9999, gt=0, lt=1, description="EMA decay cap; the decay at update n is min(ema_decay, (1 + n) / (10 + n)) "
@@ -301,8 +331,8 @@ class LogConfig(Section):
 
 class RunConfig(Section):
     algorithm: Literal["refl", "zo_ranksgd", "d3po", "itercomp"] = Field(..., description="method: refl, zo_ranksgd, d3po, itercomp")
-    output_dir: str = Field(..., description="run folder")
-    seed: int = Field(0, description="global seed; every step's randomness derives from (seed, step)")
+    output_dir: NonEmptyStr = Field(..., description="run folder (new, empty, or an earlier run's with --resume)")
+    seed: Seed = Field(0, description="global seed in [0, 2**32); every step's randomness derives from (seed, step)")
     model: ModelConfig
     reward: RewardConfig
     prompts: PromptConfig
@@ -374,8 +404,10 @@ def parse_override(s: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise UserError(f"override {s!r}: bad key {key!r}")
     try:
-        value = yaml.safe_load(val) if val != "" else ""
-    except yaml.YAMLError:
+        value = parse_yaml(val, f"override {key}") if val != "" else ""
+    except UserError as e:
+        if "syntax error" not in str(e):
+            raise  # duplicate keys, an alias bomb: refused, not taken as a string
         value = val
     return key.split("."), value
 
@@ -392,6 +424,81 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+class _DuplicateKey(yaml.constructor.ConstructorError):
+    pass
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last
+    silently). Merge keys (``<<: *base``) may still be overridden: that is what they are for."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    hash(key)
+                except TypeError:
+                    continue  # PyYAML reports an unhashable key itself
+                if key in seen:
+                    raise _DuplicateKey(None, None, f"key {key!r} is given twice (lines {seen[key].line + 1} and "
+                                        f"{key_node.start_mark.line + 1}); keep one", key_node.start_mark)
+                seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(node, memo: dict, stack: set) -> int:
+    """Nodes of the document once every alias is expanded, without expanding it (memoised per
+    node, so an alias bomb costs as many calls as it has distinct nodes)."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    if key in stack:
+        raise UserError("a YAML alias refers to the mapping or list that contains it (a recursive structure)")
+    stack.add(key)
+    n = 1
+    if isinstance(node, yaml.SequenceNode):
+        n += sum(_expanded_size(c, memo, stack) for c in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        n += sum(_expanded_size(k, memo, stack) + _expanded_size(v, memo, stack) for k, v in node.value)
+    stack.discard(key)
+    memo[key] = n
+    return n
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """Parse one YAML document with the safe loader; refuse duplicate keys, alias expansions
+    past ``MAX_YAML_NODES`` nodes and absurd nesting, each as a :class:`UserError` naming ``source``."""
+    loader = _StrictLoader(text)
+    try:
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            try:
+                size = _expanded_size(node, {}, set())
+            except UserError as e:
+                raise UserError(f"{source}: {e}") from None
+            if size > MAX_YAML_NODES:
+                raise UserError(f"{source}: the YAML expands to {size} values through its aliases (limit {MAX_YAML_NODES}); "
+                                "write the values out instead of nesting aliases")
+            return loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except _DuplicateKey as e:
+        raise UserError(f"{source}: {e.problem}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"{source}: YAML syntax error{where}: {problem}") from None
+    except RecursionError:
+        raise UserError(f"{source}: the YAML is nested too deeply") from None
+
+
 def read_yaml(path: Union[str, Path]) -> dict:
     p = Path(path)
     if not p.exists():
@@ -399,16 +506,15 @@ def read_yaml(path: Union[str, Path]) -> dict:
     if p.is_dir():
         raise UserError(f"{p}: is a folder; give a YAML config file")
     try:
-        text = p.read_text(encoding="utf-8")
+        # bounded read: a device or a pipe (/dev/zero, /dev/stdin) may never end
+        with open(p, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise UserError(f"{p}: larger than {MAX_CONFIG_BYTES // 1024} KiB; a run config is a few KB of YAML")
+        text = raw.decode("utf-8-sig")  # a leading UTF-8 byte-order mark is dropped
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{p}: cannot read ({e})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise UserError(f"{p}: YAML syntax error{where}: {problem}") from None
+    data = parse_yaml(text, str(p))
     if data is None:
         raise UserError(f"{p}: the file is empty")
     if not isinstance(data, dict):
@@ -458,9 +564,14 @@ def read_prompts(spec: Union[list[str], str], field: str) -> list[str]:
     p = Path(spec)
     if not p.exists():
         raise UserError(f"{field}: prompt file {p} not found")
+    if not p.is_file():
+        what = "a folder" if p.is_dir() else "not a regular file (a pipe or a device)"
+        raise UserError(f"{field}: {p} is {what}; give a .txt or .jsonl prompt file")
+    if p.stat().st_size > MAX_PROMPT_FILE_BYTES:
+        raise UserError(f"{field}: {p} is larger than {MAX_PROMPT_FILE_BYTES >> 20} MiB; is it a prompt file?")
     prompts = []
     try:
-        lines = p.read_text(encoding="utf-8").splitlines()
+        lines = p.read_text(encoding="utf-8-sig").splitlines()  # -sig: a byte-order mark is not part of line 1
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{field}: cannot read {p} ({e})") from None
     for i, line in enumerate(lines, 1):

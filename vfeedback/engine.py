@@ -71,30 +71,25 @@ class Trainer:
         self.config_source = config_source
 
     # ------------------------------------------------------------------ set-up
-    def setup(self) -> None:
+    def setup(self, dry_run: bool = False) -> None:
+        """Check every input, load the model, add the LoRA, build the optimizer, then (not on a
+        dry run) create the run folder: a user error found on the way creates nothing.
+        ``dry_run``: stop before the run folder, having written nothing."""
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration, set_seed
 
+        from .checks import check_run
+
         cfg = self.cfg
-        self.train_prompts = read_prompts(cfg.prompts.train, "prompts.train")
-        self.eval_prompts = read_prompts(cfg.prompts.eval, "prompts.eval") if cfg.prompts.eval else self.train_prompts[:4]
-        specs = [dict(name=r.name, weight=r.weight, **r.options) for r in cfg.reward.rewards]
-        # build the reward before any diffusion weight loads: a bad reward option fails fast
-        self.reward = rewards.combine(specs, normalize=cfg.reward.normalize)
-        # held-out scorers for evaluation only (reward hacking shows as the training reward
-        # rising while these do not)
-        self.eval_rewards = {spec.name: rewards.load(spec.name, **spec.options) for spec in cfg.eval_rewards}
-        if not self.reward.differentiable and self.method_needs_gradient_reward():
-            raise UserError(f"reward: {self.reward.name} is not differentiable; {cfg.algorithm} backpropagates through the reward (use d3po or zo_ranksgd for black-box rewards)")
-        check = getattr(self.method_cls, "check_config", None)
-        if check is not None:  # method-specific input checks (data files...) before any folder is made
-            check(cfg)
-        # only the main process checks and creates the run folder (the others would see the
-        # folder it just made as "an earlier run"); they wait for it at the barrier below
-        if os.environ.get("RANK", "0") == "0":
-            self.run.prepare(self.resume)
-            if self.resume:
-                self.run.check_resume_config(cfg, ("train.max_steps", "log"))
+        # prompts, rewards (built before any diffusion weight loads: a bad option fails fast),
+        # held-out eval scorers (reward hacking shows as the training reward rising while these
+        # do not), method inputs, device, model source, LoRA targets, the run folder and resume;
+        # the same checks as `vfeedback validate`. Only the main process checks the run folder
+        # (the others would see the folder it makes as "an earlier run").
+        main = os.environ.get("RANK", "0") == "0"
+        checked = check_run(cfg, resume=self.resume, main_process=main)
+        self.train_prompts, self.eval_prompts = checked.train_prompts, checked.eval_prompts
+        self.reward, self.eval_rewards = checked.reward, checked.eval_rewards
 
         cpu = cfg.train.device == "cpu" or not torch.cuda.is_available()
         mp = resolve_mixed_precision(cfg.train.mixed_precision, "cpu" if cpu else "cuda")
@@ -133,8 +128,11 @@ class Trainer:
             # frozen weights in the compute dtype, trainable LoRA in fp32 (diffusers' recipe)
             for mod in [m.unet, m.vae, *m.text_encoders]:
                 mod.to(dtype=weight_dtype)
-            params = add_lora(m, cfg.model.lora.rank, cfg.model.lora.alpha, cfg.model.lora.target_modules,
-                              cfg.model.lora.text_encoder, cfg.model.lora.dropout)
+            try:
+                params = add_lora(m, cfg.model.lora.rank, cfg.model.lora.alpha, cfg.model.lora.target_modules,
+                                  cfg.model.lora.text_encoder, cfg.model.lora.dropout)
+            except ValueError as e:  # peft: a target module the model lacks (a hub model validate could not see)
+                raise UserError(f"model.lora.target_modules: {str(e).splitlines()[0]}") from None
             for p in params:
                 p.data = p.data.float()
         else:
@@ -164,6 +162,13 @@ class Trainer:
             r.to(self.acc.device)
             r.requires_grad_(False)
             r.eval()
+        if dry_run:
+            return
+        # everything is checked and loaded: only now the run folder is made (by the main
+        # process; the others wait for it)
+        if main:
+            self.run.prepare(self.resume)
+        self.acc.wait_for_everyone()
         if trackers and self.acc.is_main_process:
             self.acc.init_trackers("vfeedback", config=_flat_scalars(json.loads(self.cfg.model_dump_json())))
         log.info("device %s, mixed precision %s, %d processes, %d trainable parameters", self.acc.device, mp,
@@ -230,6 +235,22 @@ class Trainer:
             unet.load_state_dict(sd)
 
     def save_checkpoint(self, step: int) -> Path:
+        """Write a whole checkpoint, or none: a full disk is reported as such (the previous
+        checkpoint is untouched, the half-written one removed)."""
+        try:
+            return self._save_checkpoint(step)
+        except (OSError, RuntimeError) as e:
+            if not _disk_full(e):
+                raise
+            tmp = self.run.checkpoints / f".tmp-step-{step:06d}"
+            if self.acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            prev = self.run.latest_checkpoint()
+            kept = f"the previous checkpoint {prev} is whole" if prev is not None else "no earlier checkpoint exists"
+            raise RunError(f"disk full while writing the step-{step} checkpoint in {self.run.checkpoints}; {kept}. "
+                           f"Free space there and run again with --resume") from None
+
+    def _save_checkpoint(self, step: int) -> Path:
         """accelerate's ``save_state`` into a temp folder, then our COMPLETE marker and an atomic
         rename: ours because accelerate writes in place and marks nothing complete, so a run killed
         mid-save would leave a checkpoint that ``--resume`` cannot tell from a whole one."""
@@ -445,14 +466,18 @@ class Trainer:
         self._time_offset = 0.0
         self.nan_streak = self.nan_total = 0
         self.evals: list[dict] = []
-        self.setup()
+        try:
+            self.setup()
+        except UserError:
+            self.run.discard_created()  # the corrected command must not meet a half-made run folder
+            raise
         self._init_ema()
         cfg, acc = self.cfg, self.acc
         if acc.is_main_process and not self.resume:
-            atomic_write(self.run.config, dump_config(cfg))
+            self.run.write_config(cfg)
         start = self.load_checkpoint() if self.resume else 0
         if acc.is_main_process and self.resume:
-            atomic_write(self.run.config, dump_config(cfg))
+            self.run.write_config(cfg)
         if start == 0 and not any(e["step"] == 0 for e in self.evals):
             with self.ema_weights():
                 self.evaluate(0)
@@ -678,6 +703,17 @@ class Trainer:
             plot_curves(records, self.run.samples / "reward_curve.png", evals=evals)
             _before_after(self.run.samples, final)
         return summary
+
+
+def _disk_full(e: BaseException) -> bool:
+    """A write that failed for lack of space: ENOSPC / EDQUOT from Python, or torch's C++ writer
+    (PytorchStreamWriter: 'file write failed', which hides the errno)."""
+    import errno
+
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    msg = str(e)
+    return "No space left on device" in msg or "file write failed" in msg
 
 
 def _before_after(samples: Path, final: int) -> None:

@@ -1,12 +1,13 @@
 """The run folder every method writes (layout in the README / DESIGN.md):
 
-    OUT/config.yaml  OUT/metrics.jsonl  OUT/summary.json  OUT/samples/  OUT/checkpoints/  OUT/lora/
+    OUT/config.yaml  OUT/fingerprint.json  OUT/metrics.jsonl  OUT/summary.json  OUT/samples/  OUT/checkpoints/  OUT/lora/
 
 Writes that must never be seen half-done go through :func:`atomic_write` (temp file in the
 same folder, fsync, rename) or a temp folder renamed into place.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -61,26 +62,124 @@ class RunDir:
     checkpoints = property(lambda s: s.root / "checkpoints")
     lora = property(lambda s: s.root / "lora")
 
+    fingerprint = property(lambda s: s.root / "fingerprint.json")
+
     def holds_run(self) -> bool:
         return self.config.exists() or self.checkpoints.exists() or self.summary.exists()
 
-    def prepare(self, resume: bool) -> None:
-        """Create the folder; refuse to overwrite an earlier run unless resuming."""
+    def _foreign_entries(self) -> list[str]:
+        """Entries of an existing folder that no vfeedback run made: anything but the empty
+        samples/ and checkpoints/ a run creates first."""
+        out = []
+        for p in sorted(self.root.iterdir()):
+            if p.name in ("samples", "checkpoints") and p.is_dir() and not any(p.iterdir()):
+                continue
+            out.append(p.name)
+        return out
+
+    def _killed_before_start(self) -> bool:
+        """Only the empty samples/ and checkpoints/ a run makes first (it was stopped before it
+        saved its config): resuming it is starting it."""
+        return self.root.is_dir() and not self.config.exists() and not self._foreign_entries()
+
+    def check(self, resume: bool) -> None:
+        """Every refusal :meth:`prepare` makes, creating nothing: a path that is empty, the
+        filesystem root or the home folder; a file; a folder holding someone's own files; an
+        earlier run without ``--resume``; ``--resume`` without a run and its saved config.yaml;
+        a place that cannot be written."""
+        raw = str(self.root)
+        if not raw.strip() or raw == ".":
+            raise UserError(f"output_dir: {raw!r} is empty or the current folder; give a folder for this run, e.g. output_dir=runs/my-run")
+        try:
+            real = self.root.expanduser().resolve()
+        except (OSError, RuntimeError) as e:
+            raise UserError(f"output_dir: cannot resolve {raw!r} ({e})") from None
+        if real == Path(real.anchor):
+            raise UserError(f"output_dir: {raw!r} is the filesystem root; give a folder for this run, e.g. output_dir=runs/my-run")
+        if real == Path.home().resolve():
+            raise UserError(f"output_dir: {raw!r} is the home folder; give a folder of its own for this run, e.g. output_dir=~/runs/my-run")
         if self.root.exists() and not self.root.is_dir():
             raise UserError(f"output_dir: {self.root} exists and is not a folder")
-        if not resume and self.holds_run():
-            raise UserError(f"output_dir: {self.root} already holds a run; pass --resume to continue it, or choose another output_dir (output_dir=...)")
-        if resume and not self.holds_run():
-            raise UserError(f"--resume: {self.root} holds no run to resume; drop --resume to start one")
+        if self.root.is_dir():
+            if not resume and self.holds_run() and self._foreign_entries():
+                raise UserError(f"output_dir: {self.root} already holds a run; pass --resume to continue it, or choose another output_dir (output_dir=...)")
+            if not self.holds_run() and self._foreign_entries():
+                names = self._foreign_entries()
+                shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+                raise UserError(f"output_dir: {self.root} is not empty ({len(names)} entries: {shown}) and holds no vfeedback run; "
+                                "its files are left alone: choose a new or empty folder")
+        if resume:
+            if not (self.root.is_dir() and self.holds_run()):
+                raise UserError(f"--resume: {self.root} holds no run to resume; drop --resume to start one")
+            if not self._killed_before_start():
+                self.read_saved_config()
+        self._check_writable()
+
+    def _check_writable(self) -> None:
+        anc = self.root
+        while not anc.exists():
+            if anc.parent == anc:
+                break
+            anc = anc.parent
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            probe = Path(tempfile.mkdtemp(prefix=".vfeedback-write-test-", dir=anc))
+            probe.rmdir()
+        except OSError as e:
+            raise UserError(f"output_dir: cannot write to {self.root} ({e.strerror} in {anc}); choose a writable folder") from None
+
+    def read_saved_config(self) -> dict:
+        """The run's saved config.yaml as a mapping; a missing or unreadable one is refused:
+        a run is never resumed from the command line's config alone."""
+        import yaml
+
+        if not self.config.is_file():
+            raise UserError(f"--resume: {self.config} is missing, so what this run was cannot be checked; restore it "
+                            "(from a backup or a copy of the run) or start a new output_dir")
+        try:
+            data = yaml.safe_load(self.config.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"--resume: the run's saved {self.config} is unreadable ({first}); restore it or start a new output_dir") from None
+        if not isinstance(data, dict):
+            raise UserError(f"--resume: the run's saved {self.config} is not a config mapping; restore it or start a new output_dir")
+        return data
+
+    def prepare(self, resume: bool) -> None:
+        """Create the folder; refuse to overwrite an earlier run unless resuming, and refuse a
+        folder holding anything else. What this call creates is noted for :meth:`discard_created`."""
+        self.check(resume)
+        self.created: list[Path] = []
+        try:
+            top = self.root
+            while not top.parent.exists() and top.parent != top:
+                top = top.parent
+            if not self.root.exists():
+                self.root.mkdir(parents=True)
+                self.created.append(top)
             probe = self.root / f".write-test-{os.getpid()}"
             probe.write_text("")
             probe.unlink()
+            for d in (self.samples, self.checkpoints):
+                if not d.exists():
+                    d.mkdir()
+                    self.created.append(d)
         except OSError as e:
+            self.discard_created()
             raise UserError(f"output_dir: cannot write to {self.root} ({e.strerror}); choose a writable folder") from None
-        self.samples.mkdir(exist_ok=True)
-        self.checkpoints.mkdir(exist_ok=True)
+
+    def discard_created(self) -> None:
+        """Remove what :meth:`prepare` created (after a user error found later): the corrected
+        command then starts afresh instead of meeting 'already holds a run'."""
+        for p in reversed(getattr(self, "created", [])):
+            shutil.rmtree(p, ignore_errors=True)
+        self.created = []
+
+    def write_config(self, cfg) -> None:
+        """config.yaml (the validated config) and fingerprint.json (what defines the run)."""
+        from .config import dump_config
+
+        atomic_write(self.config, dump_config(cfg))
+        atomic_write(self.fingerprint, json.dumps({"version": 1, "fields": fingerprint(cfg)}, indent=1, sort_keys=True) + "\n")
 
     # ---- metrics
     def append_metrics(self, record: dict) -> None:
@@ -125,26 +224,30 @@ class RunDir:
                 shutil.rmtree(p, ignore_errors=True)
 
     def check_resume_config(self, cfg, resumable: tuple[str, ...]) -> None:
-        """Refuse ``--resume`` when the config differs from the saved one in a field outside
-        ``resumable`` (dotted prefixes such as ``train.max_steps`` or ``log``), listing each."""
-        import yaml
+        """Refuse ``--resume`` when what defines the run (:func:`fingerprint`) differs from the
+        saved run in a field outside ``resumable`` (dotted prefixes such as ``train.max_steps`` or
+        ``log``), listing each. A run saved before fingerprint.json existed is compared on its
+        config.yaml (file fields then by path)."""
+        if self._killed_before_start():
+            return  # nothing was saved yet: the run starts from step 0
+        saved_cfg = self.read_saved_config()
+        old = None
+        if self.fingerprint.is_file():
+            try:
+                old = json.loads(self.fingerprint.read_text(encoding="utf-8"))["fields"]
+            except (OSError, ValueError, KeyError, TypeError):
+                old = None
+        if old is not None:
+            new = fingerprint(cfg)
+        else:
+            import yaml
 
-        from .config import dump_config
+            from .config import dump_config
 
-        if not self.config.exists():
-            return
-        old = yaml.safe_load(self.config.read_text())
-        new = yaml.safe_load(dump_config(cfg))
-        diffs: list[str] = []
-
-        def walk(a, b, path=""):
-            if isinstance(a, dict) and isinstance(b, dict):
-                for k in sorted(set(a) | set(b)):
-                    walk(a.get(k), b.get(k), f"{path}.{k}" if path else k)
-            elif a != b and not any(path == x or path.startswith(x + ".") for x in resumable):
-                diffs.append(f"{path}: {a!r} -> {b!r}")
-
-        walk(old, new)
+            old = _flatten({k: v for k, v in saved_cfg.items() if k != "output_dir"})
+            new = _flatten({k: v for k, v in yaml.safe_load(dump_config(cfg)).items() if k != "output_dir"})
+        diffs = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                 if old.get(k) != new.get(k) and not any(k == x or k.startswith(x + ".") for x in resumable)]
         if diffs:
             allowed = " and ".join(x if "." in x else f"{x}.*" for x in resumable)
             raise UserError(
@@ -154,6 +257,58 @@ class RunDir:
 
     def write_summary(self, summary: dict) -> None:
         atomic_write(self.summary, json.dumps(summary, indent=2, default=_json_default) + "\n")
+
+
+def _flatten(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+def _sha256_json(obj) -> str:
+    return "sha256:" + hashlib.sha256(json.dumps(obj, ensure_ascii=False).encode()).hexdigest()
+
+
+def fingerprint(cfg) -> dict:
+    """What defines a run, as flat ``{dotted.field: value}``: the validated config without
+    ``output_dir`` (a run folder may move), with every input file replaced by a digest of its
+    contents (prompt files: of the prompts read from them), so the same file reached by another
+    path matches and an edited file does not. Data folders (refl.pretrain.data) keep their path."""
+    from .config import read_prompts
+
+    data = json.loads(cfg.model_dump_json())
+    data.pop("output_dir", None)
+    pr = data["prompts"]
+    for name in ("train", "eval"):
+        if isinstance(pr.get(name), str):
+            pr[name] = {"prompts": _sha256_json(read_prompts(pr[name], f"prompts.{name}"))}
+    ic = data.get("itercomp", {})
+    for cat, spec in list(ic.get("prompts", {}).items()):
+        if isinstance(spec, str) and Path(spec).is_file():
+            ic["prompts"][cat] = {"prompts": _sha256_json(read_prompts(spec, f"itercomp.prompts.{cat}"))}
+    d3 = data.get("d3po", {})
+    if d3.get("file") and Path(d3["file"]).is_file():
+        d3["file"] = {"contents": _sha256_file(Path(d3["file"]))}
+    pre = (data.get("refl") or {}).get("pretrain") or {}
+    if pre.get("data") and Path(pre["data"]).is_file():
+        pre["data"] = {"contents": _sha256_file(Path(pre["data"]))}
+    ip = (data.get("model") or {}).get("ip_adapter")
+    if ip:
+        ip["reference"] = [{"contents": _sha256_file(Path(r))} if Path(r).is_file() else r for r in ip["reference"]]
+    return _flatten(data)
 
 
 def _json_default(o):

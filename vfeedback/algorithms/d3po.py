@@ -128,13 +128,27 @@ class D3PO:
     #: train_step backpropagates itself, one timestep at a time (see the module docstring)
     does_own_backward = True
 
-    def __init__(self, cfg, trainer):
-        self.cfg = cfg
-        self.trainer = trainer
+    @staticmethod
+    def check_config(cfg) -> None:
+        """The checks that need no model, run by `validate` and by `train` before anything is
+        created (vfeedback/checks.py)."""
         d = cfg.d3po
         if cfg.model.finetune == "lora" and cfg.model.lora.text_encoder:
             raise UserError("model.lora.text_encoder: d3po trains the UNet only (its reference policy is the UNet with the "
                             "LoRA adapter disabled); set model.lora.text_encoder: false")
+        if d.preference == "pareto" and any(r.weight <= 0 for r in cfg.reward.rewards):
+            raise UserError("reward: with d3po.preference: pareto every reward is an objective to maximise; "
+                            f"weights must be > 0, got {[r.weight for r in cfg.reward.rewards]}")
+        if d.preference == "file" and Path(d.file).exists():  # a relative path from the config's folder: checked at set-up
+            import types
+
+            D3PO._check_records(types.SimpleNamespace(cfg=cfg), load_preferences(Path(d.file), "d3po.file"))
+
+    def __init__(self, cfg, trainer):
+        self.cfg = cfg
+        self.trainer = trainer
+        d = cfg.d3po
+        self.check_config(cfg)  # Trainer.setup ran it already; other callers (the rank app) may not have
         # the reference policy: the pre-trained UNet. With LoRA it is the same module with the
         # adapter switched off (no copy); a full fine-tune needs a frozen copy.
         self.ref_unet = None

@@ -150,7 +150,7 @@ class IterCompRun:
             self.run_dir.prepare(self.resume)
             if self.resume:
                 self.run_dir.check_resume_config(self.cfg, ("itercomp.iterations", "log"))
-            atomic_write(self.run_dir.config, dump_config(self.cfg))
+            self.run_dir.write_config(self.cfg)
 
         self.on_main(prepare)
         records = []

@@ -558,7 +558,7 @@ class _Run:
         import rewards
 
         from ..config import dump_config
-        from ..errors import RunError
+        from ..errors import RunError, UserError
         from ..feedback.oracles import RewardRankingOracle
         from ..rundir import atomic_write
 
@@ -576,12 +576,18 @@ class _Run:
         specs = [dict(name=r.name, weight=r.weight, **r.options) for r in cfg.reward.rewards]
         reward = rewards.combine(specs, normalize=cfg.reward.normalize)  # fails fast, before the model loads
         if self.main:
+            from ..checks import check_run
+
+            check_run(cfg, resume=self.resume)  # the checks `validate` runs, before anything is created
             rd.prepare(self.resume)
-            if self.resume:
-                rd.check_resume_config(cfg, RESUMABLE)
-            atomic_write(rd.config, dump_config(cfg))
+            rd.write_config(cfg)
         st.wait_for_everyone()
-        model = load_model_for(cfg, device=st.device if self.n > 1 else None)
+        try:
+            model = load_model_for(cfg, device=st.device if self.n > 1 else None)
+        except UserError:
+            if self.main:
+                rd.discard_created()
+            raise
         reward = reward.to(model.device).eval()
         oracle = RewardRankingOracle(reward, top_k=z.top_k, batch_size=max(1, z.batch_size))
         self.oracle = oracle

@@ -4,9 +4,12 @@
     vfeedback score --reward pickscore --prompts prompts.jsonl --json
     vfeedback score --reward hpsv2 --option checkpoint=/models/HPS_v2.1_compressed.pt imgs/
 
-Files that cannot be decoded get one line on stderr each and are skipped; the exit code is 1
-when any file failed, 0 when all were scored, 2 for a usage error (unknown reward, missing
-prompt, bad option).
+A path that does not exist is a user error (exit 2, before any reward loads). Files that
+exist but cannot be decoded get one line on stderr each and are skipped; the exit code is 1 when
+any file failed, 0 when all were scored, 2 for a usage error (unknown reward, missing prompt or
+file, bad option or flag). Images are decoded and scored a batch at a time, a batch holding at
+most ``--batch-size`` images and ``MAX_BATCH_PIXELS`` pixels, so memory stays bounded by pixels,
+not by the number of files.
 """
 from __future__ import annotations
 
@@ -25,6 +28,10 @@ from ..errors import UserError
 
 log = logging.getLogger(__name__)
 
+# pixels decoded at once (one image larger than this is scored alone): 2**25 pixels are 400 MB
+# as float32 RGB
+MAX_BATCH_PIXELS = 1 << 25
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
@@ -40,7 +47,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--reference", action="append", default=[], metavar="IMG", help="reference image for rewards that take one (face_id); repeat for several")
     p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
                    help="reward load option, e.g. model=ViT-B-32 or clip.pretrained=/path.pt (REWARD.KEY targets one reward); repeatable")
-    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16; fewer when they are large)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="JSON output")
@@ -109,7 +116,11 @@ def read_prompts(path: str) -> tuple[Optional[list[str]], Optional[dict[str, str
     p = Path(path)
     if not p.is_file():
         raise UserError(f"--prompts: no such file {p}")
-    lines = [ln.rstrip("\n").rstrip("\r") for ln in p.read_text(encoding="utf-8").splitlines()]
+    try:
+        text = p.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark is not part of line 1
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--prompts: cannot read {p} as UTF-8 text ({e})") from None
+    lines = [ln.rstrip("\n").rstrip("\r") for ln in text.splitlines()]
     nonblank = [ln for ln in lines if ln.strip()]
     if nonblank and all(ln.lstrip().startswith("{") for ln in nonblank):
         mapping: dict[str, str] = {}
@@ -179,8 +190,11 @@ def run(args) -> int:
         raise UserError("--reward: give at least one reward name (`vfeedback rewards` lists them)")
     if len(set(names)) != len(names):
         raise UserError(f"--reward: a name is repeated in {args.reward!r}")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not 1 <= args.batch_size <= 4096:
+        raise UserError(f"--batch-size must be between 1 and 4096, got {args.batch_size}")
+    from ..checks import check_device
+
+    check_device(args.device, "--device")
     known = {i.name for i in rewards.available()}
     unknown = [n for n in names if n not in known]
     if unknown:
@@ -199,6 +213,10 @@ def run(args) -> int:
         raise UserError("no images given: pass files, folders or globs (or a JSONL --prompts file naming them)")
     if not paths:
         raise UserError(f"no image files matched {' '.join(args.paths)}")
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise UserError(f"no such file: {shown}; check the path(s) (nothing was scored)")
     prompts: Optional[list[str]] = None
     if fixed_prompt is not None:
         prompts = [fixed_prompt] * len(paths)
@@ -244,8 +262,7 @@ def run(args) -> int:
 
     bar = tqdm(total=len(paths), unit="img", file=sys.stderr, disable=len(paths) <= args.batch_size or not sys.stderr.isatty())
     try:
-        for start in range(0, len(paths), args.batch_size):
-            chunk = list(range(start, min(start + args.batch_size, len(paths))))
+        for chunk in _chunks(paths, args.batch_size, MAX_BATCH_PIXELS):
             ok_idx, tensors = [], []
             for i in chunk:
                 try:
@@ -267,6 +284,23 @@ def run(args) -> int:
 
     _write(args, names, results, failed, prompts is not None)
     return 1 if failed else 0
+
+
+def _chunks(paths: list[Path], max_count: int, max_pixels: int):
+    """Consecutive index lists of at most ``max_count`` images and ``max_pixels`` pixels (from
+    the file headers); an image over ``max_pixels`` forms a chunk of its own."""
+    from rewards.images import image_pixels
+
+    chunk, pixels = [], 0
+    for i, p in enumerate(paths):
+        n = image_pixels(p)
+        if chunk and (len(chunk) >= max_count or pixels + n > max_pixels):
+            yield chunk
+            chunk, pixels = [], 0
+        chunk.append(i)
+        pixels += n
+    if chunk:
+        yield chunk
 
 
 def _write(args, names, results, failed, with_prompt: bool) -> None:

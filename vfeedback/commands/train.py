@@ -15,6 +15,8 @@ def add_parser(sub):
     p.add_argument("config", help="YAML run config (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override config fields, e.g. train.max_steps=10")
     p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its newest whole checkpoint")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check everything and load the model up to the first step, then stop; writes nothing")
     p.add_argument("--num-processes", type=int, default=1, metavar="N",
                    help="launch N processes through `accelerate launch` (multi-GPU, or gloo on CPU)")
     p.set_defaults(func=run)
@@ -27,6 +29,8 @@ def run(args) -> int:
     cfg = load_config(args.config, args.overrides)  # validate before anything is launched
     if args.num_processes < 1:
         raise UserError(f"--num-processes must be >= 1, got {args.num_processes}")
+    if args.dry_run:
+        return _dry_run(cfg, args)
     if args.num_processes > 1 and "LOCAL_RANK" not in os.environ:
         rest = ["-m", "vfeedback", "train", args.config, *args.overrides] + (["--resume"] if args.resume else [])
         if cfg.train.device == "cpu" or not _cuda():
@@ -52,6 +56,26 @@ def run(args) -> int:
         b, a = summary.get("eval_reward_before"), summary.get("eval_reward_after")
         print(f"done: {summary['steps']} steps in {summary['wall_time_s']:.0f}s; eval reward {_fmt(b)} -> {_fmt(a)}")
         print(f"run folder: {cfg.output_dir} (summary.json, samples/before_after.png, lora/)")
+    return 0
+
+
+def _dry_run(cfg, args) -> int:
+    """Everything `train` does before its first step (the checks `validate` runs, the model
+    loaded, the LoRA and the optimizer built), in this process, writing nothing."""
+    from ..algorithms import get_method
+
+    method = get_method(cfg.algorithm)
+    if hasattr(method, "run_standalone"):
+        from ..algorithms.zo_ranksgd_diffusion import load_model_for
+        from ..checks import check_run
+
+        check_run(cfg, resume=args.resume)
+        load_model_for(cfg)
+    else:
+        from ..engine import Trainer
+
+        Trainer(cfg, resume=args.resume, config_source=args.config).setup(dry_run=True)
+    print(f"{args.config}: dry run OK ({cfg.algorithm}, {cfg.model.path} loaded; nothing written to {cfg.output_dir})")
     return 0
 
 

@@ -8,11 +8,13 @@ def add_parser(sub):
     p.add_argument("config", nargs="?", help="YAML run config")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--help-config", action="store_true", help="list every config field with its default and meaning")
+    p.add_argument("--resume", action="store_true", help="check it as `train --resume` would: the run in output_dir is the same run")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from ..config import describe_fields, load_config, read_prompts
+    from ..checks import check_run
+    from ..config import describe_fields, load_config
     from ..errors import UserError
 
     if args.help_config:
@@ -21,19 +23,10 @@ def run(args) -> int:
     if not args.config:
         raise UserError("validate: give a config file (or --help-config)")
     cfg = load_config(args.config, args.overrides)
-    n_train = len(read_prompts(cfg.prompts.train, "prompts.train"))
-    n_eval = len(read_prompts(cfg.prompts.eval, "prompts.eval")) if cfg.prompts.eval else min(4, n_train)
-    import rewards
-
-    names = {i.name: i for i in rewards.available()}
-    for i, spec in enumerate(cfg.reward.rewards):
-        if spec.name not in names:
-            raise UserError(f"reward.rewards.{i}.name: unknown reward {spec.name!r}; available: {', '.join(sorted(names))}")
-        info = names[spec.name]
-        if not info.installed:
-            from .rewards_list import install_hint
-
-            raise UserError(f"reward.rewards.{i}.name: {spec.name!r} is not installed: {install_hint(info)}")
+    # the checks `train` runs before it creates anything (vfeedback/checks.py), so validate
+    # accepts exactly what train accepts; no diffusion weights load
+    checked = check_run(cfg, resume=args.resume)
+    n_train, n_eval = len(checked.train_prompts), len(checked.eval_prompts)
     section = getattr(cfg, cfg.algorithm, None)
     if hasattr(section, "rounds"):
         budget = f"{section.rounds} rounds"

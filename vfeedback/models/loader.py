@@ -190,6 +190,34 @@ def _detect_family(folder: Path) -> Optional[str]:
     return "sdxl" if "XL" in cls else "sd15"
 
 
+def model_source(family: str, path: str) -> str:
+    """Where ``path`` loads from (a tiny model's folder, a local folder or file, or a hub id),
+    after the checks that need no weights: family known and matching, folder a pipeline, hub id
+    shaped owner/name. Raises :class:`UserError`. ``validate`` and ``load_model`` both call it."""
+    from .tiny import tiny_path
+
+    if family not in FAMILIES:
+        raise UserError(f"model.family: {family!r} is not one of {', '.join(FAMILIES)}")
+    src = path
+    if path.startswith("tiny:"):
+        name = path.split(":", 1)[1]
+        src = str(tiny_path(name))
+        tiny_family = "sdxl" if name.startswith("sdxl") else "sd15"
+        if tiny_family != family:
+            raise UserError(f"model.family is {family!r} but model.path {path!r} is an {tiny_family} model; set model.family: {tiny_family}")
+    p = Path(src)
+    if p.is_dir():
+        found = _detect_family(p)
+        if found is None:
+            raise UserError(f"model.path: {src} is a folder without model_index.json; give a diffusers pipeline folder (save_pretrained)")
+        if found != family:
+            raise UserError(f"model.family is {family!r} but {src} holds an {found} pipeline; set model.family: {found}")
+    elif not p.is_file() and (p.exists() or "/" not in src or src.startswith(("/", "./", "../", "~"))
+                              or len([x for x in src.split("/") if x]) != 2):
+        raise UserError(f"model.path: {src!r}: no such folder or file, and not a hub id (owner/name) nor tiny:sd15 / tiny:sdxl")
+    return src
+
+
 def load_model(
     family: str,
     path: str,
@@ -213,24 +241,8 @@ def load_model(
     import diffusers
     from diffusers import DDIMScheduler
 
-    from .tiny import tiny_path
-
-    if family not in FAMILIES:
-        raise UserError(f"model.family: {family!r} is not one of {', '.join(FAMILIES)}")
-    src = path
-    if path.startswith("tiny:"):
-        name = path.split(":", 1)[1]
-        src = str(tiny_path(name))
-        tiny_family = "sdxl" if name.startswith("sdxl") else "sd15"
-        if tiny_family != family:
-            raise UserError(f"model.family is {family!r} but model.path {path!r} is an {tiny_family} model; set model.family: {tiny_family}")
+    src = model_source(family, path)
     p = Path(src)
-    if p.is_dir():
-        found = _detect_family(p)
-        if found is None:
-            raise UserError(f"model.path: {src} is a folder without model_index.json; give a diffusers pipeline folder (save_pretrained)")
-        if found != family:
-            raise UserError(f"model.family is {family!r} but {src} holds an {found} pipeline; set model.family: {found}")
     pipe_cls = getattr(diffusers, PIPELINE_CLASS[family])
     kwargs = dict(dtype=dtype)
     if family == "sd15":
@@ -238,10 +250,8 @@ def load_model(
     try:
         if p.is_file():
             pipe = pipe_cls.from_single_file(str(p), **kwargs)
-        elif p.exists() or "/" in src:
-            pipe = pipe_cls.from_pretrained(src, revision=revision, variant=variant, **kwargs)
         else:
-            raise UserError(f"model.path: {src!r} is neither a folder, a file nor a hub id (owner/name) nor tiny:sd15 / tiny:sdxl")
+            pipe = pipe_cls.from_pretrained(src, revision=revision, variant=variant, **kwargs)
     except UserError:
         raise
     except (OSError, EnvironmentError, ValueError) as e:
