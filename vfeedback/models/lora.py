@@ -3,6 +3,16 @@
 ``save_lora`` writes ``pytorch_lora_weights.safetensors`` with the LoRA config as metadata, via
 the pipeline class's own ``save_lora_weights``, so ``pipe.load_lora_weights(folder)`` of
 diffusers restores it (alpha included).
+
+Every tensor is written under its peft name (``unet.<module>.lora_A.weight``,
+``text_encoder.<module>.lora_B.weight``, ``text_encoder_2.…``), one key style for the whole
+file. We do not pass the state through ``diffusers.utils.convert_state_dict_to_diffusers``:
+that renames only the attention projections (``to_q.lora_A`` -> ``to_q.lora.down``, its
+``PEFT_TO_DIFFUSERS`` table) and leaves every other target (convs, feed-forward, time
+embedding) in peft style, and diffusers' ``load_lora_adapter`` decides from the *first* key
+alone whether to convert, so one of the two halves of such a mixed file is silently dropped.
+A file of peft keys is taken as is by the UNet loader (its first key holds ``lora_A``) and by
+the text-encoder loader (whose diffusers -> peft conversion leaves peft keys unchanged).
 """
 from __future__ import annotations
 
@@ -63,26 +73,36 @@ def lora_state_dict(model, text_encoder: bool = False) -> dict[str, torch.Tensor
 
 
 def save_lora(model, folder, text_encoder: bool = False, unwrap=lambda m: m) -> Path:
-    """Write ``folder/pytorch_lora_weights.safetensors`` in diffusers' LoRA format."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-
+    """Write ``folder/pytorch_lora_weights.safetensors`` in diffusers' LoRA format (peft keys,
+    see the module docstring), with each model's ``LoraConfig`` (rank, alpha, targets) as
+    metadata; a stock ``pipe.load_lora_weights(folder)`` restores every tensor."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     unet = unwrap(model.unet)
     kwargs = dict(
-        unet_lora_layers=convert_state_dict_to_diffusers(_peft_state(unet)),
+        unet_lora_layers=_export_state(unet),
         unet_lora_adapter_metadata=unet.peft_config[ADAPTER].to_dict(),
         safe_serialization=True,
     )
     if text_encoder:
         encs = [unwrap(e) for e in model.text_encoders]
-        kwargs["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(_peft_state(encs[0]))
+        kwargs["text_encoder_lora_layers"] = _export_state(encs[0])
         kwargs["text_encoder_lora_adapter_metadata"] = encs[0].peft_config[ADAPTER].to_dict()
         if len(encs) > 1:
-            kwargs["text_encoder_2_lora_layers"] = convert_state_dict_to_diffusers(_peft_state(encs[1]))
+            kwargs["text_encoder_2_lora_layers"] = _export_state(encs[1])
             kwargs["text_encoder_2_lora_adapter_metadata"] = encs[1].peft_config[ADAPTER].to_dict()
     type(model.pipe).save_lora_weights(folder, **kwargs)
     return folder / "pytorch_lora_weights.safetensors"
+
+
+def _export_state(module) -> dict[str, torch.Tensor]:
+    """peft-named LoRA tensors of one model, detached, contiguous, on CPU (safetensors needs all
+    three); every key holds ``lora_A`` or ``lora_B`` (checked: a mixed file is what broke)."""
+    sd = {k: v.detach().cpu().contiguous() for k, v in _peft_state(module).items()}
+    odd = [k for k in sd if ".lora_A." not in k and ".lora_B." not in k]
+    if odd:
+        raise RuntimeError(f"save_lora: unexpected LoRA tensor names {odd[:3]} (expected peft lora_A / lora_B)")
+    return sd
 
 
 def load_lora_into(model, folder) -> None:
