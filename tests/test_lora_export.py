@@ -122,3 +122,17 @@ def test_stock_pipeline_renders_the_trainers_image(exported):
     # fp32, the same modules and operations on both sides: equal up to summation order
     assert (mine - theirs).abs().max().item() < 1e-5
     assert (mine - base).abs().max().item() > 0.05  # the LoRA matters, so the equality above does too
+
+
+def test_shipped_tiny_shapes_loads_with_a_stock_call():
+    """``from_pretrained(folder)`` with no dtype or variant argument gives a pipeline that runs
+    on CPU: every component fp32 (fp16 weights under the default names failed with 'mat1 and
+    mat2 must have the same dtype')."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_path("shapes")))
+    pipe.set_progress_bar_config(disable=True)
+    for name in ("unet", "vae", "text_encoder"):
+        assert getattr(pipe, name).dtype == torch.float32, name
+    img = pipe(PROMPT, num_inference_steps=1, output_type="pt").images
+    assert img.shape == (1, 3, 32, 32) and torch.isfinite(img).all()
