@@ -136,3 +136,61 @@ def test_shipped_tiny_shapes_loads_with_a_stock_call():
         assert getattr(pipe, name).dtype == torch.float32, name
     img = pipe(PROMPT, num_inference_steps=1, output_type="pt").images
     assert img.shape == (1, 3, 32, 32) and torch.isfinite(img).all()
+
+
+# ------------------------------------------------------------------ the run checks its own export
+RUN = {
+    "algorithm": "refl",
+    "seed": 0,
+    "model": {"family": "sd15", "path": "tiny:sd15", "resolution": 32, "gradient_checkpointing": False,
+              "lora": {"rank": 4, "alpha": 8, "text_encoder": True, "target_modules": MIXED}},
+    "reward": [{"name": "color"}],
+    "eval_rewards": [{"name": "brightness"}],
+    "prompts": {"train": ["a red apple", "a blue lake", "a green field"], "eval": ["a red apple", "a blue lake"], "eval_seeds": [0]},
+    "sampling": {"steps": 6, "guidance_scale": 4.0},
+    "refl": {"stop_range": [3, 5], "grad_scale": 1.0},
+    "train": {"max_steps": 3, "batch_size": 2, "lr": 3e-2, "weight_decay": 0.0},
+    "log": {"trackers": [], "checkpoint_every": 0},
+}
+
+
+def _run(tmp_path, name):
+    import json
+
+    import yaml
+
+    from vfeedback.cli import main
+
+    cfg = json.loads(json.dumps(RUN))
+    cfg["output_dir"] = str(tmp_path / name)
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    rc = main(["train", str(p)])
+    return rc, json.loads((tmp_path / name / "summary.json").read_text())
+
+
+def test_run_reloads_its_export_and_reports_the_same_eval_reward(tmp_path):
+    rc, s = _run(tmp_path, "ok")
+    assert rc == 0
+    # training moved the eval reward well beyond the tolerance, so agreeing below means something
+    assert abs(s["eval_reward_after"] - s["eval_reward_before"]) > 1e-2
+    assert s["eval_reward_exported"] == pytest.approx(s["eval_reward_after"], abs=1e-5)
+    assert s["eval_brightness_exported"] == pytest.approx(s["eval_brightness_after"], abs=1e-5)
+
+
+def test_an_export_that_loses_weights_fails_the_run(tmp_path, monkeypatch, capsys):
+    """The old fault, re-created: the file lacks the non-attention LoRA tensors (a stock load
+    then keeps those layers at their untrained values); the run must not pass."""
+    from vfeedback.models import lora
+
+    real = lora._export_state
+
+    def lossy(module):
+        return {k: v for k, v in real(module).items() if ".attn" in k or "self_attn" in k}
+
+    monkeypatch.setattr(lora, "_export_state", lossy)
+    rc, s = _run(tmp_path, "lossy")
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "do not reproduce the trained model" in err and "eval_reward" in err
+    assert s["eval_reward_exported"] is not None and abs(s["eval_reward_exported"] - s["eval_reward_after"]) > 1e-3

@@ -1,0 +1,174 @@
+"""Measured figures of README.md and docs/, each rerun from its command and checked against the
+committed JSON it came from (``bench/results/figures/<name>.json``).
+
+    make reproduce                                   # = python bench/reproduce.py: rerun every figure, check
+    python bench/reproduce.py --only quickstart      # one figure
+    python bench/reproduce.py --only quickstart --update   # rerun and rewrite its committed JSON + the docs
+    python bench/reproduce.py --docs                 # rewrite the docs' figure blocks from the JSON files
+    python bench/reproduce.py --check-docs           # exit 1 if a doc's figure block is not what its JSON renders
+
+A figure's text in README.md / docs/ sits between ``<!-- figure:NAME -->`` and
+``<!-- /figure:NAME -->`` and is generated from its JSON (``--docs``), never typed; the test
+suite checks that every block matches its JSON. A rerun fails, naming the figure and the value,
+when a value falls outside the noise band the JSON (and the rendered text) states for it.
+
+The bands are our choice: a rerun with the same seed on the same software is bit-identical on
+one machine; another CPU (thread count, BLAS kernels) changes the last float bits, which 40
+training steps can carry into the eval grid's mean. Wall-clock times are reported, never checked.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "figures"
+
+
+def _f(v: float) -> str:
+    return f"{v:.3f}"
+
+
+def _render_quickstart(r: dict) -> str:
+    m, b = r["measured"], r["band"]
+    mins, secs = divmod(round(m["wall_time_s"]), 60)
+    return (
+        f"Measured (`{r['command']}`, {r['machine']}, training {mins} min {secs:02d} s): "
+        f"training judge {_f(m['eval_reward_before'])} → {_f(m['eval_reward_after'])}, held-out judge "
+        f"{_f(m['eval_shapes_judge_heldout_before'])} → {_f(m['eval_shapes_judge_heldout_after'])} on 8 held-out "
+        f"captions × 2 seeds; the exported LoRA, reloaded into a fresh pipeline by the run itself, scores "
+        f"{_f(m['eval_reward_exported'])} / {_f(m['eval_shapes_judge_heldout_exported'])}. "
+        f"`make reproduce` reruns it and fails outside ±{b['eval_reward_after']} on each score "
+        f"(source: `bench/results/figures/quickstart.json`)."
+    )
+
+
+#: name -> how to run it and what to keep. ``command`` runs from the repository root with
+#: ``{out}`` a fresh temp folder; ``read`` turns that folder into ``{value name: float}``;
+#: ``band`` is the allowed |rerun - committed| per checked value; ``docs`` lists the files whose
+#: figure block ``render`` writes.
+FIGURES: dict[str, dict] = {
+    "quickstart": {
+        "command": "vfeedback train configs/quickstart.yaml output_dir={out}",
+        "shown": "make quickstart",
+        "read": lambda out: json.loads((Path(out) / "summary.json").read_text()),
+        "keys": ["eval_reward_before", "eval_reward_after", "eval_reward_exported", "eval_shapes_judge_heldout_before",
+                 "eval_shapes_judge_heldout_after", "eval_shapes_judge_heldout_exported", "wall_time_s"],
+        "band": {k: 0.02 for k in ["eval_reward_before", "eval_reward_after", "eval_reward_exported",
+                                   "eval_shapes_judge_heldout_before", "eval_shapes_judge_heldout_after",
+                                   "eval_shapes_judge_heldout_exported"]},
+        "render": _render_quickstart,
+        "docs": ["README.md"],
+    },
+}
+
+
+def machine() -> str:
+    n = os.cpu_count() or 0
+    return f"{n} CPU cores" if n else platform.machine()
+
+
+def run_figure(name: str) -> dict:
+    """Run the figure's command in a temp folder; return its record (command, measured, band)."""
+    spec = FIGURES[name]
+    with tempfile.TemporaryDirectory(prefix=f"reproduce-{name}-") as tmp:
+        out = Path(tmp) / "out"
+        cmd = spec["command"].format(out=out).split()
+        if cmd[0] == "vfeedback":
+            cmd = [sys.executable, "-m", "vfeedback", *cmd[1:]]
+        print(f"[{name}] +", " ".join(cmd), flush=True)
+        t0 = time.time()
+        proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        if proc.returncode != 0:
+            raise SystemExit(f"reproduce: figure {name!r}: the command exited {proc.returncode}: {' '.join(cmd)}")
+        got = spec["read"](out)
+    missing = [k for k in spec["keys"] if got.get(k) is None]
+    if missing:
+        raise SystemExit(f"reproduce: figure {name!r}: the run wrote no {', '.join(missing)}")
+    return {"figure": name, "command": spec["shown"], "machine": machine(), "elapsed_s": round(time.time() - t0, 1),
+            "measured": {k: got[k] for k in spec["keys"]}, "band": spec["band"]}
+
+
+def compare(name: str, committed: dict, rerun: dict) -> list[str]:
+    """The values outside their band, one line each (empty: the figure reproduces)."""
+    bad = []
+    for k, band in committed["band"].items():
+        a, b = committed["measured"][k], rerun["measured"][k]
+        if not abs(a - b) <= band:
+            bad.append(f"figure {name!r}: {k} = {b:.4f} on this rerun, {a:.4f} committed (band ±{band})")
+    return bad
+
+
+def block(name: str, text: str) -> str:
+    return f"<!-- figure:{name} -->\n{text}\n<!-- /figure:{name} -->"
+
+
+_BLOCK = re.compile(r"<!-- figure:(?P<name>[\w-]+) -->\n.*?\n<!-- /figure:(?P=name) -->", re.S)
+
+
+def rendered_docs() -> dict[Path, str]:
+    """Every doc with its figure blocks regenerated from the committed JSON files."""
+    out = {}
+    for name, spec in FIGURES.items():
+        rec = json.loads((RESULTS / f"{name}.json").read_text())
+        for doc in spec["docs"]:
+            p = ROOT / doc
+            text = out.get(p, p.read_text())
+            if f"<!-- figure:{name} -->" not in text:
+                raise SystemExit(f"reproduce: {doc} has no <!-- figure:{name} --> block")
+            out[p] = _BLOCK.sub(lambda m: block(name, spec["render"](rec)) if m["name"] == name else m[0], text)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", default="", help=f"comma-separated figures (of {', '.join(FIGURES)}); default all")
+    ap.add_argument("--update", action="store_true", help="write the rerun's values as the committed JSON, then the docs")
+    ap.add_argument("--docs", action="store_true", help="rewrite the docs' figure blocks from the JSON; run nothing")
+    ap.add_argument("--check-docs", action="store_true", help="exit 1 if a figure block differs from its JSON; run nothing")
+    args = ap.parse_args(argv)
+    names = [n for n in args.only.split(",") if n] or list(FIGURES)
+    unknown = [n for n in names if n not in FIGURES]
+    if unknown:
+        print(f"reproduce: --only: unknown figure(s) {', '.join(unknown)}; choose from {', '.join(FIGURES)}", file=sys.stderr)
+        return 2
+    if args.docs or args.check_docs:
+        stale = [p for p, t in rendered_docs().items() if p.read_text() != t]
+        if args.check_docs:
+            for p in stale:
+                print(f"reproduce: {p.relative_to(ROOT)}: a figure block differs from its JSON (python bench/reproduce.py --docs)", file=sys.stderr)
+            return 1 if stale else 0
+        for p, t in rendered_docs().items():
+            p.write_text(t)
+        return 0
+    failures = []
+    for name in names:
+        rerun = run_figure(name)
+        if args.update:
+            RESULTS.mkdir(parents=True, exist_ok=True)
+            (RESULTS / f"{name}.json").write_text(json.dumps(rerun, indent=1) + "\n")
+            print(f"[{name}] wrote {RESULTS / f'{name}.json'}")
+            continue
+        committed = json.loads((RESULTS / f"{name}.json").read_text())
+        bad = compare(name, committed, rerun)
+        print(f"[{name}] " + ("reproduces" if not bad else "OUT OF BAND"), flush=True)
+        failures += bad
+    if args.update:
+        for p, t in rendered_docs().items():
+            p.write_text(t)
+    for line in failures:
+        print("reproduce:", line, file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
