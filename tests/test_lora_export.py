@@ -179,14 +179,16 @@ def test_run_reloads_its_export_and_reports_the_same_eval_reward(tmp_path):
 
 
 def test_an_export_that_loses_weights_fails_the_run(tmp_path, monkeypatch, capsys):
-    """The old fault, re-created: the file lacks the non-attention LoRA tensors (a stock load
-    then keeps those layers at their untrained values); the run must not pass."""
+    """The old fault, re-created: the reloaded model lacks the trained ResNet / time-embedding
+    LoRA (here their B matrices are written as zeros, so the file still has every key and only
+    the rendered grid can tell); the run must not pass."""
     from vfeedback.models import lora
 
     real = lora._export_state
 
     def lossy(module):
-        return {k: v for k, v in real(module).items() if ".attn" in k or "self_attn" in k}
+        return {k: (torch.zeros_like(v) if "lora_B" in k and ("resnets" in k or "time_emb" in k) else v)
+                for k, v in real(module).items()}
 
     monkeypatch.setattr(lora, "_export_state", lossy)
     rc, s = _run(tmp_path, "lossy")
@@ -194,3 +196,48 @@ def test_an_export_that_loses_weights_fails_the_run(tmp_path, monkeypatch, capsy
     err = capsys.readouterr().err
     assert "do not reproduce the trained model" in err and "eval_reward" in err
     assert s["eval_reward_exported"] is not None and abs(s["eval_reward_exported"] - s["eval_reward_after"]) > 1e-3
+
+
+def test_an_old_mixed_style_file_loads_whole(exported, tmp_path):
+    """A file as vfeedback wrote it before the fix (attention renamed by diffusers'
+    convert_state_dict_to_diffusers, the rest in peft names) loads whole through load_lora_into
+    (what `vfeedback sample --lora`, the IterComp gallery and bench/world_compare.py use)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    from vfeedback.models import load_lora_into
+
+    family, trained, f = exported
+    kw = dict(unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(trained.unet)),
+              unet_lora_adapter_metadata=trained.unet.peft_config["default"].to_dict())
+    names = ["text_encoder", "text_encoder_2"][: len(trained.text_encoders)]
+    for name, enc in zip(names, trained.text_encoders):
+        kw[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(enc))
+        kw[f"{name}_lora_adapter_metadata"] = enc.peft_config["default"].to_dict()
+    type(trained.pipe).save_lora_weights(tmp_path / "old", **kw)
+    fresh = load_model(family, f"tiny:{family}")
+    load_lora_into(fresh, tmp_path / "old")
+    latents = torch.randn((1, *trained.latent_shape), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (_render(fresh.pipe, latents) - _render(trained.pipe, latents)).abs().max().item() < 1e-5
+
+
+def test_load_lora_into_refuses_a_partial_load(exported, tmp_path):
+    """A file the pipeline cannot hold whole (here: tensors for modules the model lacks) is a
+    clear error, not a silently partial model."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from vfeedback.errors import UserError
+    from vfeedback.models import load_lora_into
+
+    family, trained, f = exported
+    with safe_open(str(f), "pt") as sf:  # the LoRA config (metadata) kept: only the extra tensor is wrong
+        sd, meta = {k: sf.get_tensor(k) for k in sf.keys()}, sf.metadata()
+    k = next(k for k in sd if k.startswith("unet.") and "to_q.lora_A" in k)
+    sd[k.replace("to_q", "to_nowhere")] = sd[k].clone()
+    (tmp_path / "bad").mkdir()
+    save_file(sd, str(tmp_path / "bad" / "pytorch_lora_weights.safetensors"), metadata=meta)
+    fresh = load_model(family, f"tiny:{family}")
+    with pytest.raises(UserError, match=r"LoRA tensors\) the sd15 pipeline holds|LoRA tensors\) the sdxl pipeline holds"):
+        load_lora_into(fresh, tmp_path / "bad")

@@ -585,8 +585,12 @@ class Trainer:
         for mod in [fresh.unet, fresh.vae, *fresh.text_encoders]:
             mod.to(dtype=wdtype)
         if cfg.model.finetune == "lora":
-            load_lora_into(fresh, self.run.lora)
             where = self.run.lora / "pytorch_lora_weights.safetensors"
+            try:
+                load_lora_into(fresh, self.run.lora)
+            except UserError as e:  # our own file for our own model: a fault of the export, not of input
+                return {"eval_reward_exported": None,
+                        "mismatch": f"the exported LoRA does not load back into a fresh pipeline: {e}. The last checkpoint is in {self.run.checkpoints}."}
         else:
             from diffusers import UNet2DConditionModel
 
@@ -599,6 +603,9 @@ class Trainer:
             rows = [self._eval_row(j, seed) for j, seed in enumerate(cfg.prompts.eval_seeds)]
         finally:
             self.model = trained
+            del fresh  # a second pipeline: free it before the summary (GPU memory)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         res = {"eval_reward_exported": _mean([v for r in rows for v in r["scores"]])}
         pairs = [("eval_reward", ref["eval_reward"], res["eval_reward_exported"])]
         for name in self.eval_rewards:

@@ -16,6 +16,7 @@ the text-encoder loader (whose diffusers -> peft conversion leaves peft keys unc
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -24,6 +25,7 @@ import torch
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 ADAPTER = "default"
+log = logging.getLogger(__name__)
 
 
 def add_lora(model, rank: int = 4, alpha: Optional[float] = None, target_modules: Optional[Sequence[str]] = None,
@@ -105,19 +107,70 @@ def _export_state(module) -> dict[str, torch.Tensor]:
     return sd
 
 
-def load_lora_into(model, folder) -> None:
-    """Load a saved LoRA folder into ``model.pipe`` with diffusers' ``load_lora_weights``.
+#: the two diffusers-style names an old vfeedback export (before one key style) mixed with peft's
+_OLD_STYLE = {".lora.down.": ".lora_A.", ".lora.up.": ".lora_B.",
+              ".lora_linear_layer.down.": ".lora_A.", ".lora_linear_layer.up.": ".lora_B."}
 
-    A LoRA made for another architecture raises a clear ``UserError``.
+
+def _adapters(pipe) -> dict:
+    """{component name: set of adapter names} of the pipeline's LoRA-capable models."""
+    out = {}
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        mod = getattr(pipe, name, None)
+        if mod is not None:
+            out[name] = set(getattr(mod, "peft_config", {}) or {})
+    return out
+
+
+def load_lora_into(model, folder) -> None:
+    """Load a saved LoRA folder into ``model.pipe`` with diffusers' ``load_lora_weights``, and
+    check the pipeline took every tensor of the file.
+
+    A file written by vfeedback before its export used one key style (attention projections
+    renamed ``lora.down/up``, the rest ``lora_A/B``: diffusers silently skipped one half) is
+    renamed to peft's names in a temp copy, metadata (alpha) kept, and loaded whole.
+    A LoRA made for another architecture, or one the pipeline cannot hold whole, raises a
+    clear ``UserError``.
     """
+    import tempfile
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
     from ..errors import UserError
 
     folder = Path(folder)
     f = folder / "pytorch_lora_weights.safetensors" if folder.is_dir() else folder
     if not f.exists():
         raise UserError(f"--lora: {f} does not exist (expected a folder holding pytorch_lora_weights.safetensors)")
-    try:
-        model.pipe.load_lora_weights(str(f.parent), weight_name=f.name)
-    except (ValueError, RuntimeError, KeyError) as e:
-        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise UserError(f"--lora: {f} does not fit this {model.family} model ({msg}); was it trained on another architecture?") from None
+    with safe_open(str(f), "pt") as sf:
+        keys, meta = list(sf.keys()), sf.metadata()
+        old = [k for k in keys if any(o in k for o in _OLD_STYLE)]
+        sd = {k: sf.get_tensor(k) for k in keys} if old else None
+    before = _adapters(model.pipe)
+    with tempfile.TemporaryDirectory(prefix="vf-lora-") as tmp:
+        src = f
+        if old:
+            log.warning("--lora: %s mixes two key styles (a vfeedback export from before the fix); loading a copy with "
+                        "peft names so that all %d tensors load", f, len(keys))
+            ren = {}
+            for k, v in sd.items():
+                for o, n in _OLD_STYLE.items():
+                    k = k.replace(o, n)
+                ren[k] = v
+            src = Path(tmp) / f.name
+            save_file(ren, str(src), metadata=meta)
+        try:
+            model.pipe.load_lora_weights(str(src.parent), weight_name=src.name)
+        except (ValueError, RuntimeError, KeyError) as e:
+            msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise UserError(f"--lora: {f} does not fit this {model.family} model ({msg}); was it trained on another architecture?") from None
+    from peft.utils import get_peft_model_state_dict
+
+    held = 0
+    for name, names in _adapters(model.pipe).items():
+        for new in names - before.get(name, set()):
+            held += len(get_peft_model_state_dict(getattr(model.pipe, name), adapter_name=new))
+    if held != len(keys):
+        raise UserError(f"--lora: after loading {f} ({len(keys)} LoRA tensors) the {model.family} pipeline holds {held}; "
+                        f"the file does not match this model (another architecture or target modules?)")
