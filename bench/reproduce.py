@@ -26,7 +26,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -73,7 +72,7 @@ FIGURES: dict[str, dict] = {
 
 
 def machine() -> str:
-    n = os.cpu_count() or 0
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 0)
     return f"{n} CPU cores" if n else platform.machine()
 
 
@@ -86,15 +85,20 @@ def run_figure(name: str) -> dict:
         if cmd[0] == "vfeedback":
             cmd = [sys.executable, "-m", "vfeedback", *cmd[1:]]
         print(f"[{name}] +", " ".join(cmd), flush=True)
-        t0 = time.time()
         proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
         if proc.returncode != 0:
             raise SystemExit(f"reproduce: figure {name!r}: the command exited {proc.returncode}: {' '.join(cmd)}")
-        got = spec["read"](out)
+        return record(name, out)
+
+
+def record(name: str, out: Path) -> dict:
+    """The figure's record from a finished output folder of its command."""
+    spec = FIGURES[name]
+    got = spec["read"](out)
     missing = [k for k in spec["keys"] if got.get(k) is None]
     if missing:
-        raise SystemExit(f"reproduce: figure {name!r}: the run wrote no {', '.join(missing)}")
-    return {"figure": name, "command": spec["shown"], "machine": machine(), "elapsed_s": round(time.time() - t0, 1),
+        raise SystemExit(f"reproduce: figure {name!r}: {out} holds no {', '.join(missing)}")
+    return {"figure": name, "command": spec["shown"], "machine": machine(),
             "measured": {k: got[k] for k in spec["keys"]}, "band": spec["band"]}
 
 
@@ -133,6 +137,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", default="", help=f"comma-separated figures (of {', '.join(FIGURES)}); default all")
     ap.add_argument("--update", action="store_true", help="write the rerun's values as the committed JSON, then the docs")
+    ap.add_argument("--from-run", default="", help="with --update and one --only figure: record an output folder its command "
+                    "already wrote instead of rerunning")
+    ap.add_argument("--machine", default="", help="with --update: how to describe the machine (default: its CPU count)")
     ap.add_argument("--docs", action="store_true", help="rewrite the docs' figure blocks from the JSON; run nothing")
     ap.add_argument("--check-docs", action="store_true", help="exit 1 if a figure block differs from its JSON; run nothing")
     args = ap.parse_args(argv)
@@ -151,9 +158,14 @@ def main(argv=None) -> int:
             p.write_text(t)
         return 0
     failures = []
+    if args.from_run and not (args.update and len(names) == 1):
+        print("reproduce: --from-run needs --update and exactly one --only figure", file=sys.stderr)
+        return 2
     for name in names:
-        rerun = run_figure(name)
+        rerun = record(name, Path(args.from_run)) if args.from_run else run_figure(name)
         if args.update:
+            if args.machine:
+                rerun["machine"] = args.machine
             RESULTS.mkdir(parents=True, exist_ok=True)
             (RESULTS / f"{name}.json").write_text(json.dumps(rerun, indent=1) + "\n")
             print(f"[{name}] wrote {RESULTS / f'{name}.json'}")
