@@ -54,3 +54,10 @@ world: $(STAMP)
 .PHONY: demo
 demo: $(STAMP)
 	$(BIN)/vfeedback rank configs/rank/tiny-zo.yaml
+
+# The measured figures of README.md / docs/ that are cheap on CPU, rerun from their commands and
+# checked against the committed JSON under bench/results/figures/ (bench/reproduce.py); fails,
+# naming the figure and the value, when one falls outside the noise band stated with it.
+.PHONY: reproduce
+reproduce: $(STAMP)
+	PYTHONPATH=. $(BIN)/python bench/reproduce.py

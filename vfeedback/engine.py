@@ -573,6 +573,9 @@ class Trainer:
         self.save_checkpoint(final)
         with self.ema_weights():
             self.export()
+        # a fresh pipeline loads the exported file: compared with the final eval, which ran on the
+        # same (EMA, when on) weights
+        self._export_check = self.check_export(final)
         self._replicas_identical = self.replicas_identical()
         with self.ema_weights():  # a method's own summary figures (D3PO's win rate) on the exported weights
             summary = self.write_summary(final)
@@ -580,6 +583,9 @@ class Trainer:
             self._log_to_trackers(final, {}, {"curves/reward_curve": self.run.samples / "reward_curve.png",
                                               "eval/before_after": self.run.samples / "before_after.png"})
         self._end_training()
+        bad = self._export_check.get("mismatch") if self._export_check else None
+        if bad:
+            raise RunError(bad)
         return summary
 
     def _sync_outside_grads(self) -> None:
@@ -670,6 +676,88 @@ class Trainer:
         fsync_dir(root)
         self.acc.wait_for_everyone()
 
+    #: how far the exported weights' eval reward may stray from the trainer's own (float noise):
+    #: ``atol * (1 + |reward|)``. Our choice. fp32: the same tensors in the same operations (the
+    #: quickstart reloads to the same mean to all printed digits); bf16 / fp16: the reloaded LoRA
+    #: is stored in the half dtype where the trainer keeps fp32 masters, an allowance not measured
+    #: on a GPU yet. The broken export this guards against moved the quickstart's reward by ~0.1.
+    EXPORT_ATOL = {"no": 1e-3, "bf16": 2e-2, "fp16": 2e-2, "fp8": 2e-2}
+
+    @torch.no_grad()
+    def check_export(self, final: int) -> Optional[dict]:
+        """Reload what :meth:`export` wrote, the way a user would (a fresh pipeline from
+        ``model.path``, then diffusers' ``load_lora_weights`` of OUT/lora, or OUT/unet), render the
+        same eval grid (prompts, seeds, sampler) and score it with the same rewards.
+
+        Returns ``eval_reward_exported`` (and ``eval_<name>_exported`` per held-out reward) and,
+        when a score differs from the trainer's own final eval beyond :attr:`EXPORT_ATOL`, a
+        ``mismatch`` message (``fit`` then fails the run after writing summary.json). Runs on the
+        main process; the result is shared with the others.
+        """
+        res: Optional[dict] = None
+        if self.acc.is_main_process:
+            res = self._check_export_main(final)
+        if self.acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            box = [res]
+            broadcast_object_list(box, from_process=0)
+            res = box[0]
+        return res
+
+    def _check_export_main(self, final: int) -> Optional[dict]:
+        cfg = self.cfg
+        ref = next((e for e in self.evals if e["step"] == final), None)
+        if ref is None:
+            return None
+        from .models import load_lora_into, load_model
+
+        wdtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.acc.mixed_precision, torch.float32)
+        fresh = load_model(cfg.model.family, cfg.model.path, resolution=cfg.model.resolution, dtype=torch.float32,
+                           revision=cfg.model.revision, variant=cfg.model.variant, attention=cfg.model.attention,
+                           device=self.acc.device, ip_adapter=cfg.model.ip_adapter)
+        for mod in [fresh.unet, fresh.vae, *fresh.text_encoders]:
+            mod.to(dtype=wdtype)
+        if cfg.model.finetune == "lora":
+            where = self.run.lora / "pytorch_lora_weights.safetensors"
+            try:
+                load_lora_into(fresh, self.run.lora)
+            except UserError as e:  # our own file for our own model: a fault of the export, not of input
+                return {"eval_reward_exported": None,
+                        "mismatch": f"the exported LoRA does not load back into a fresh pipeline: {e}. The last checkpoint is in {self.run.checkpoints}."}
+        else:
+            from diffusers import UNet2DConditionModel
+
+            where = self.run.root / "unet"
+            # into the fresh pipeline's own UNet (which keeps its attention / IP-Adapter processors)
+            fresh.unet.load_state_dict(UNet2DConditionModel.from_pretrained(where).state_dict(), strict=False)
+            fresh.unet.to(self.acc.device, wdtype)
+        trained, self.model = self.model, fresh
+        try:
+            rows = [self._eval_row(j, seed) for j, seed in enumerate(cfg.prompts.eval_seeds)]
+        finally:
+            self.model = trained
+            del fresh  # a second pipeline: free it before the summary (GPU memory)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        res = {"eval_reward_exported": _mean([v for r in rows for v in r["scores"]])}
+        pairs = [("eval_reward", ref["eval_reward"], res["eval_reward_exported"])]
+        for name in self.eval_rewards:
+            res[f"eval_{name}_exported"] = _mean([v for r in rows for v in r["extra"][name]])
+            pairs.append((f"eval_{name}", ref.get(f"eval/{name}"), res[f"eval_{name}_exported"]))
+        atol = self.EXPORT_ATOL.get(self.acc.mixed_precision, 2e-2)
+        bad = [(k, a, b) for k, a, b in pairs if a is not None and not _close(a, b, atol)]
+        log.info("exported weights reloaded from %s: eval reward %.4f (trainer's own: %.4f)", where,
+                 res["eval_reward_exported"], ref["eval_reward"])
+        if bad:
+            res["mismatch"] = (
+                f"the exported weights ({where}), reloaded into a fresh pipeline, do not reproduce the trained model: "
+                + "; ".join(f"{k} {b:.4f} after reload vs {a:.4f} in training" for k, a, b in bad)
+                + f" (allowed: {atol:g} x (1 + |reward|)). The export is kept for inspection; the last checkpoint is in "
+                f"{self.run.checkpoints}. Please report this with the config."
+            )
+        return res
+
     def write_summary(self, final: int) -> dict:
         records = self.run.read_metrics() if self.acc.is_main_process else []
         evals = sorted(self.evals, key=lambda e: e["step"])
@@ -684,6 +772,8 @@ class Trainer:
             "wall_time_s": round(self.wall_time(), 2),
             "eval_reward_before": before,
             "eval_reward_after": after,
+            # the same eval grid from the exported weights, reloaded into a fresh pipeline
+            "eval_reward_exported": (getattr(self, "_export_check", None) or {}).get("eval_reward_exported"),
             "eval_history": evals,
             "train_reward_first": train_r[0] if train_r else None,
             "train_reward_last": train_r[-1] if train_r else None,
@@ -697,6 +787,7 @@ class Trainer:
         for name in self.eval_rewards:
             summary[f"eval_{name}_before"] = first.get(f"eval/{name}")
             summary[f"eval_{name}_after"] = last.get(f"eval/{name}")
+            summary[f"eval_{name}_exported"] = (getattr(self, "_export_check", None) or {}).get(f"eval_{name}_exported")
         summary.update(getattr(self.method, "summary_extra", lambda: {})())
         if self.acc.is_main_process:
             self.run.write_summary(summary)
@@ -740,6 +831,13 @@ def _peft(module) -> dict:
     from peft.utils import get_peft_model_state_dict
 
     return get_peft_model_state_dict(module, adapter_name="default")
+
+
+def _close(a: float, b: float, atol: float) -> bool:
+    """|a - b| <= atol * (1 + |a|); two NaNs (no image scored) count as equal."""
+    if math.isnan(a) or math.isnan(b):
+        return math.isnan(a) and math.isnan(b)
+    return abs(a - b) <= atol * (1 + abs(a))
 
 
 def _mean(v: list[float]) -> float:

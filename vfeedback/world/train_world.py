@@ -277,12 +277,14 @@ def train_unet(vae_dir: Path, minutes: float, batch: int, seed: int, out: Path, 
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     tmp = out.parent / f".{out.name}-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+    # fp32 under the default names: a stock from_pretrained(folder) with no dtype argument must
+    # run on CPU (fp16 weights there fail with "mat1 and mat2 must have the same dtype")
+    pipe.to(torch.float32).save_pretrained(tmp, safe_serialization=True)
     info = {
         "unet_steps": total, "batch": batch, "lr": lr, "seconds": round(time.time() - t0, 1),
         "final_loss": float(np.mean(losses[-200:])), "threads": torch.get_num_threads(),
         "vae": json.loads((vae_dir / "train_info.json").read_text()) if (vae_dir / "train_info.json").exists() else None,
-        "weights_dtype": "float16", "seed": seed, "pool": pool, "pool_seed": pool_seed,
+        "weights_dtype": "float32", "seed": seed, "pool": pool, "pool_seed": pool_seed,
     }
     if resume:
         info = dict(prev_info or {}, continued={k: info[k] for k in ("unet_steps", "batch", "lr", "seconds", "final_loss", "pool", "pool_seed")})
