@@ -379,7 +379,6 @@ class RewardFunction:
             log.warning("%s: renderer failed: %s", self.__name__, e)
             items = [Rendered(error=f"render: {type(e).__name__}: {e}") for _ in range(n)]
         scores = self._score(items)
-        self.last_errors = [it.error for it in items]
         out: list[Optional[float]] = []
         for it, s in zip(items, scores):
             if s is None or not math.isfinite(s):
@@ -391,6 +390,7 @@ class RewardFunction:
             else:
                 self.scored += 1
                 out.append(self.weight * s)
+        self.last_errors = [it.error for it in items]  # after the loop: includes "score: not finite"
         if callable(log_metric) and n:
             try:
                 log_metric(f"{self.__name__}/failed_frac", sum(v is None for v in out) / n)
