@@ -1,0 +1,371 @@
+"""Exact values for the simulated judges (vfeedback/feedback/oracles.py), IterComp's ranking ->
+pairs and tie levels (vfeedback/itercomp/ranking.py) and the integrations' reward formulas:
+TRL's reward composition (vfeedback/integrations/trl.py) and gymnasium's VLM-RM reward,
+wrapper reward, preference labeler and Bradley-Terry model (vfeedback/integrations/gym.py).
+Hand-computed cases; see `make mutants`."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from rewards.analytic import Brightness
+from rewards.base import Reward, RewardError
+from vfeedback.feedback.oracles import (
+    FunctionRankingOracle,
+    ParetoPreferenceOracle,
+    RewardPreferenceOracle,
+    RewardRankingOracle,
+    _check_top_k,
+    _compare_scalar,
+    order_scores,
+)
+from vfeedback.itercomp.ranking import Group, rank_by_scores, tie_levels
+
+NAN = float("nan")
+
+
+def _solid(v, n=1, h=2, w=2):
+    return torch.full((n, 3, h, w), float(v))
+
+
+# ------------------------------------------------------------------ oracles
+
+
+def test_order_scores():
+    s = [0.5, NAN, 2.0, 0.5, -1.0]
+    assert order_scores(s) == [2, 0, 3, 4, 1]
+    assert order_scores(s, higher_is_better=False) == [4, 0, 3, 2, 1]
+    assert order_scores(s, top_k=2) == [2, 0]
+    assert order_scores(s, top_k=1, higher_is_better=False) == [4]
+    assert order_scores([NAN, NAN]) == [0, 1]
+
+
+def test_check_top_k():
+    assert _check_top_k(None) is None and _check_top_k(1) == 1 and _check_top_k(3) == 3
+    for bad in (0, -1, True, 1.5, "2"):
+        with pytest.raises(ValueError, match="top_k"):
+            _check_top_k(bad)
+
+
+def test_function_ranking_oracle_minimises_by_default():
+    cands = torch.tensor([[1.0, 1.0], [0.0, -1.0], [3.0, 0.0]])
+    o = FunctionRankingOracle(lambda x: float(x.sum()))
+    assert o.rank(cands) == [1, 0, 2] and o.last_values == [2.0, -1.0, 3.0] and o.n_queries == 3
+    assert FunctionRankingOracle(lambda x: float(x.sum()), minimize=False)(cands) == [2, 0, 1]
+    b = FunctionRankingOracle(lambda x: x.sum(-1), batched=True, top_k=2)
+    assert b.rank(cands) == [1, 0] and b.n_queries == 3
+    assert b.rank(list(cands)) == [1, 0] and b.n_queries == 6
+
+
+def test_function_ranking_oracle_noise():
+    vals = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
+    cands = torch.tensor(vals)[:, None]
+    o = FunctionRankingOracle(lambda x: float(x), noise=0.5, seed=7)
+    eps = torch.randn(6, generator=torch.Generator().manual_seed(7), dtype=torch.float64).tolist()
+    want = order_scores([v + 0.5 * e for v, e in zip(vals, eps)], higher_is_better=False)
+    assert want != [0, 1, 2, 3, 4, 5]
+    assert o.rank(cands) == want
+    assert o.last_values == pytest.approx(vals)  # noise-free values recorded
+    assert FunctionRankingOracle(lambda x: float(x), noise=0.0)(cands) == [0, 1, 2, 3, 4, 5]
+
+
+def test_reward_ranking_oracle():
+    imgs = torch.cat([_solid(0.2), _solid(0.9), _solid(0.5)])
+    o = RewardRankingOracle(Brightness())
+    assert o.rank(imgs) == [1, 2, 0] and o.n_queries == 3
+    assert o.last_scores == pytest.approx([0.2, 0.9, 0.5], abs=1e-6)
+    assert RewardRankingOracle(Brightness(), top_k=1)(imgs) == [1]
+    # a plain callable on a batch, and per-candidate prompts
+    seen = {}
+
+    def f(x, prompts):
+        seen["p"] = prompts
+        return -x.mean(dim=(1, 2, 3))
+
+    assert RewardRankingOracle(f, prompts="p").rank(imgs) == [0, 2, 1] and seen["p"] == ["p"] * 3
+    with pytest.raises(ValueError, match="2 prompts for 3 candidates"):
+        RewardRankingOracle(f, prompts=["a", "b"]).rank(imgs)
+
+
+def test_compare_scalar():
+    assert _compare_scalar(2.0, 1.0, 0.0) == 0
+    assert _compare_scalar(1.0, 2.0, 0.0) == 1
+    assert _compare_scalar(1.0, 1.0, 0.0) is None
+    assert _compare_scalar(1.0, 1.5, 0.5) is None  # |diff| == tol is a tie
+    assert _compare_scalar(1.0, 1.75, 0.5) == 1
+    assert _compare_scalar(NAN, NAN, 0.0) is None
+    assert _compare_scalar(NAN, -5.0, 0.0) == 1
+    assert _compare_scalar(-5.0, NAN, 0.0) == 0
+
+
+def test_reward_preference_oracle():
+    o = RewardPreferenceOracle(Brightness(), tol=0.25)
+    assert o.compare(_solid(0.75)[0], _solid(0.25)[0]) == 0
+    assert o.last_scores == pytest.approx([0.75, 0.25], abs=1e-6) and o.n_queries == 2
+    assert o(_solid(0.25)[0], _solid(0.75)[0]) == 1
+    assert o(_solid(0.5)[0], _solid(0.75)[0]) is None  # diff 0.25 == tol
+    assert RewardPreferenceOracle(Brightness(), tol=0)(_solid(0.5)[0], _solid(0.5)[0]) is None
+    with pytest.raises(ValueError, match="tol"):
+        RewardPreferenceOracle(Brightness(), tol=-0.1)
+
+
+def test_pareto_oracle():
+    f = lambda x: x  # each candidate is its own objective vector
+    t = lambda *v: torch.tensor(v, dtype=torch.float64)
+    o = ParetoPreferenceOracle(f)
+    assert o.compare(t(1.0, 2.0), t(1.0, 1.0)) == 0
+    assert o.compare(t(1.0, 1.0), t(1.0, 2.0)) == 1
+    assert o.compare(t(1.0, 2.0), t(2.0, 1.0)) is None
+    assert o.compare(t(1.0, 1.0), t(1.0, 1.0)) is None
+    assert o.n_queries == 8 and o.last_scores.shape == (2, 2)
+    q = ParetoPreferenceOracle(f, tol=0.5)
+    assert q.compare(t(1.0, 3.0), t(1.5, 1.0)) == 0  # worse by exactly tol on one, better by more on another
+    assert q.compare(t(1.5, 1.0), t(1.0, 3.0)) == 1
+    assert q.compare(t(1.0, 1.5), t(1.0, 1.0)) is None  # better by exactly tol: not better
+    assert q.compare(t(1.0, 1.0), t(1.0, 1.5)) is None
+    assert q.compare(t(1.0, 1.75), t(1.0, 1.0)) == 0
+    # NaN counts as worse than any number; NaN on both sides is a tie on that objective
+    assert o.compare(t(NAN, 1.0), t(0.0, 0.0)) is None
+    assert o.compare(t(NAN, 1.0), t(NAN, 0.0)) == 0
+    assert o.compare(t(0.0, 1.0), t(NAN, 1.0)) == 0
+    # a list of rewards, one objective each
+    r = ParetoPreferenceOracle([Brightness(), Brightness(target=0.5)])
+    assert r.compare(_solid(0.5)[0], _solid(0.25)[0]) == 0
+    assert r.compare(_solid(0.75)[0], _solid(0.5)[0]) is None  # brighter, further from 0.5
+    with pytest.raises(ValueError, match="tol"):
+        ParetoPreferenceOracle(f, tol=-1)
+    with pytest.raises(ValueError, match="at least one objective"):
+        ParetoPreferenceOracle([])
+
+
+# ------------------------------------------------------------------ IterComp: ranking -> pairs
+
+
+def test_group_pairs_from_ranking_and_ties():
+    g = Group("p", "spatial", ["a", "b", "c"], ranking=[2, 0])
+    assert g.pairs() == [(2, 0), (2, 1), (0, 1)]
+    g = Group("p", "spatial", ["a", "b", "c"], ranking=[2, 0], ties=[1, 2, 1])
+    assert g.pairs() == [(0, 1), (2, 1)]
+    assert Group("p", "spatial", ["a", "b"]).pairs() == []
+    assert Group("p", "spatial", ["a", "b", "c"], ties=[3, 1, 2]).pairs() == [(1, 0), (1, 2), (2, 0)]
+
+
+def test_tie_levels():
+    assert rank_by_scores([0.1, NAN, 0.9]) == [2, 0, 1]
+    assert tie_levels([0.9, 0.5, 0.48, NAN, 0.1], 0.05) == [1, 2, 2, 4, 3]
+    assert tie_levels([1.0, 0.75, 0.5], 0.25) == [1, 1, 1]  # within tol of the one above (chained)
+    assert tie_levels([1.0, 0.75, 0.5], 0.125) == [1, 2, 3]
+    assert tie_levels([NAN, 1.0, NAN], 0.1) == [2, 1, 2]
+    assert tie_levels([NAN, NAN], 0.1) == [1, 1]
+    assert tie_levels([0.5, 0.5], 0.0) == [1, 1]
+
+
+# ------------------------------------------------------------------ TRL reward composition
+
+
+class _Render:
+    name = "fake"
+
+    def __init__(self, items):
+        self.items = items
+
+    def __call__(self, requests, completions, columns):
+        from vfeedback.integrations.trl import Rendered
+
+        return [Rendered(**it) for it in self.items]
+
+
+def test_trl_reward_function_weights_scores_and_fails_closed():
+    from vfeedback.integrations.trl import reward_function
+
+    items = [{"image": _solid(0.25)[0]}, {"image": _solid(0.75)[0]}, {"error": "render: boom"}, {}]
+    fn = reward_function(Brightness(), _Render(items), weight=2.0, name="b")
+    out = fn(["r"] * 4, ["c"] * 4)
+    assert out[:2] == pytest.approx([0.5, 1.5], abs=1e-6) and out[2:] == [None, None]
+    assert fn.scored == 2 and fn.failed == 2 and fn.calls == 1
+    assert fn.failures["render"] == 2 and fn.last_errors[3] == "render: no image"
+    assert fn.__name__ == "b"
+    neg = reward_function(Brightness(), _Render(items[:2]), weight=-1.0)
+    assert neg(["r", "r"], ["c", "c"]) == pytest.approx([-0.25, -0.75], abs=1e-6)
+
+
+def test_trl_reward_function_nan_and_missing_prompt():
+    from vfeedback.integrations.trl import reward_function
+    from rewards.analytic import ColorMatch
+
+    red = torch.tensor([0.9, 0.1, 0.1])[:, None, None].expand(3, 2, 2).clone()
+    items = [{"image": red, "prompt": "a red box"}, {"image": red, "prompt": "a box"}, {"image": red}]
+    fn = reward_function(ColorMatch(), _Render(items))
+    out = fn(["r"] * 3, ["c"] * 3)
+    assert out[0] == pytest.approx(1.0, abs=1e-6) and out[1:] == [None, None]
+    assert fn.last_errors[1] == "score: not finite" and fn.last_errors[2] == "score: no text to score against"
+
+
+def test_image_similarity_pixels():
+    from vfeedback.integrations.trl import ImageSimilarity
+
+    s = ImageSimilarity()
+    x = torch.cat([_solid(0.25), _solid(1.0)])
+    # reference (1, 3, 4, 4) of 0.75, resized to 2x2 and broadcast: 1 - |x - 0.75|
+    got = s(x, reference=_solid(0.75, h=4, w=4))
+    assert got.tolist() == pytest.approx([0.5, 0.75], abs=1e-6)
+    with pytest.raises(RewardError, match="reference"):
+        s(x)
+
+
+# ------------------------------------------------------------------ gymnasium: VLM-RM, labeler, Bradley-Terry
+
+
+gym_mod = pytest.importorskip("vfeedback.integrations.gym")
+
+
+def test_projection_and_vlm_rm_reward():
+    g, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    assert torch.equal(gym_mod.projection(g, None, 0.0), torch.eye(2))
+    with pytest.raises(RewardError, match="baseline"):
+        gym_mod.projection(g, None, 0.5)
+    P = gym_mod.projection(g, b, 0.5)
+    assert P.flatten().tolist() == pytest.approx([0.75, -0.25, -0.25, 0.75], abs=1e-6)
+    x = torch.tensor([[3.0, 4.0]])  # normalised to (0.6, 0.8)
+    assert gym_mod.vlm_rm_reward(x, g).tolist() == pytest.approx([1 - 0.5 * (0.16 + 0.64)], abs=1e-6)
+    # alpha = 1: only the goal-baseline direction counts: P (x - g) = (-0.6, 0.6)
+    assert gym_mod.vlm_rm_reward(x, g, b, alpha=1.0).tolist() == pytest.approx([1 - 0.5 * 0.72], abs=1e-6)
+
+
+class _FakeClip(Reward):
+    """A CLIP-type scorer: the image embedding is the normalised (R, G) mean, text from a table."""
+
+    name = "fakeclip"
+    TEXT = {"up": [1.0, 0.0], "down": [0.0, 1.0], "mid": [0.6, 0.8]}
+
+    def image_embeddings(self, images):
+        e = images[:, :2].mean(dim=(2, 3))
+        return e / e.norm(dim=-1, keepdim=True)
+
+    def text_embeddings(self, prompts):
+        return torch.tensor([self.TEXT[p] for p in prompts])
+
+    def forward(self, images, prompts=None, **context):
+        return self.image_embeddings(images)[:, 0]
+
+
+def _rg(r, g):
+    x = torch.zeros(1, 3, 2, 2)
+    x[:, 0], x[:, 1] = r, g
+    return x
+
+
+def test_frame_scorer_is_the_vlm_rm_formula():
+    fs = gym_mod.FrameScorer(_FakeClip(), goal="up", baseline="down", alpha=0.5)
+    assert fs.vlm_rm
+    x = torch.cat([_rg(3.0, 4.0), _rg(1.0, 0.0)])
+    want = gym_mod.vlm_rm_reward(torch.tensor([[3.0, 4.0], [1.0, 0.0]]), torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), 0.5)
+    assert fs(x).tolist() == pytest.approx(want.tolist(), abs=1e-6)
+    assert fs(x)[1] == pytest.approx(1.0)
+    # several goal prompts: their mean embedding
+    fs2 = gym_mod.FrameScorer(_FakeClip(), goal=["up", "mid"])
+    assert torch.allclose(fs2.g, torch.tensor([0.8, 0.4]))
+    for a in (1.0, 0.0):
+        gym_mod.FrameScorer(_FakeClip(), goal="up", baseline="down", alpha=a)
+    for a in (1.01, -0.01):
+        with pytest.raises(RewardError, match="alpha"):
+            gym_mod.FrameScorer(_FakeClip(), goal="up", baseline="down", alpha=a)
+    plain = gym_mod.FrameScorer(Brightness())
+    assert not plain.vlm_rm and plain(_solid(0.5)).tolist() == pytest.approx([0.5])
+
+
+class _Env:
+    pass
+
+
+def _env(reward=1.0):
+    gym = gym_mod.gym
+
+    class E(gym.Env):
+        metadata = {"render_modes": ["rgb_array"]}
+        render_mode = "rgb_array"
+        observation_space = gym.spaces.Box(0, 1, (1,))
+        action_space = gym.spaces.Discrete(2)
+
+        def reset(self, seed=None, options=None):
+            return np.zeros(1, dtype=np.float32), {}
+
+        def step(self, action):
+            return np.zeros(1, dtype=np.float32), reward, False, False, {}
+
+        def render(self):
+            return np.full((4, 4, 3), 51, dtype=np.uint8)  # 0.2 everywhere
+
+    return E()
+
+
+def test_wrapper_reward_replace_and_add():
+    w = gym_mod.VLMRewardWrapper(_env(1.0), Brightness(), mode="replace", scale=2.0)
+    w.reset()
+    _, r, _, _, info = w.step(0)
+    assert r == pytest.approx(0.4, abs=1e-6) and info["vlm_reward"] == pytest.approx(0.2, abs=1e-6) and info["env_reward"] == 1.0
+    w = gym_mod.VLMRewardWrapper(_env(1.0), Brightness(), mode="add", scale=2.0)
+    w.reset()
+    assert w.step(0)[1] == pytest.approx(1.4, abs=1e-6)
+    with pytest.raises(RewardError, match="mode"):
+        gym_mod.VLMRewardWrapper(_env(), Brightness(), mode="sum")
+
+
+def test_labeler_with_a_scorer_and_margin():
+    a, b = _solid(0.75)[0], _solid(0.25)[0]
+    lab = gym_mod.VLMPreferenceLabeler(Brightness())
+    assert lab.label([(a, b), (b, a), (a, a)]) == [0, 1, -1]
+    assert lab.queries == 3
+    assert gym_mod.VLMPreferenceLabeler(Brightness(), margin=0.5).label([(a, b)]) == [-1]  # diff == margin
+    assert gym_mod.VLMPreferenceLabeler(Brightness(), margin=0.4).label([(a, b)]) == [0]
+    # clips: the mean of their frames' scores (0.5 vs 0.45)
+    clip_a = torch.cat([_solid(0.25), _solid(0.75)])
+    clip_b = torch.cat([_solid(0.45), _solid(0.45), _solid(0.45)])
+    assert lab.label([(clip_a, clip_b), (clip_b, clip_a)]) == [0, 1]
+
+
+def test_labeler_with_a_judge_callable():
+    calls = []
+
+    def judge(a, b, goal):
+        calls.append(goal)
+        v = float(a.mean() - b.mean())
+        if v == 0:
+            raise RuntimeError("cannot judge")
+        return 0 if v > 0 else (1 if v < -0.4 else None)
+
+    a, b, c = _solid(0.9)[0], _solid(0.1)[0], _solid(0.8)[0]
+    lab = gym_mod.VLMPreferenceLabeler(judge, goal=["stand", "other"])
+    assert lab.label([(a, b), (b, a), (c, a), (a, a)]) == [0, 1, -1, -1]
+    assert calls == ["stand"] * 4
+
+
+def test_bradley_terry_fit_orders_pairs_the_labelled_way():
+    torch.manual_seed(0)
+    e = torch.randn(40, 3)
+    pairs = [(e[i], e[i + 1]) for i in range(0, 40, 2)]
+    # label 1 ("b preferred") when b has the larger first feature
+    labels = [1 if float(bb[0]) > float(aa[0]) else 0 for aa, bb in pairs]
+    assert 0 < sum(labels) < len(labels)
+    m = gym_mod.PreferenceRewardModel(dim=3, hidden=8, seed=0)
+    assert m.accuracy(pairs, labels + [-1]) < 1.0
+    losses = m.fit(pairs + [(e[0], e[1])], labels + [-1], epochs=100, lr=0.05, batch_size=32)
+    assert losses[-1] < losses[0] - 0.3
+    assert m.accuracy(pairs, labels) == 1.0
+    first = m.fit(pairs, labels, epochs=1, lr=1e-3, batch_size=64)
+    assert len(first) == 1
+    scores = m(torch.stack([p[0] for p in pairs])), m(torch.stack([p[1] for p in pairs]))
+    for i, l in enumerate(labels):
+        assert (float(scores[1][i]) > float(scores[0][i])) == (l == 1)
+    with pytest.raises(RewardError, match="no usable"):
+        m.fit(pairs[:2], [-1, -1])
+
+
+def test_bradley_terry_one_step_moves_the_loss_down():
+    m = gym_mod.PreferenceRewardModel(dim=2, hidden=4, seed=1)
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    pairs, labels = [(a, b), (b, a)], [1, 0]  # b-like preferred both times
+    before = [m.fit(pairs, labels, epochs=1, lr=0.0, batch_size=2)[0]]
+    after = m.fit(pairs, labels, epochs=2, lr=0.01, batch_size=2)
+    assert after[1] < after[0] == pytest.approx(before[0], abs=1e-6)
