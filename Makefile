@@ -46,3 +46,9 @@ world: $(STAMP)
 .PHONY: demo
 demo: $(STAMP)
 	$(BIN)/vfeedback rank configs/rank/tiny-zo.yaml
+
+# Mutation testing of the core math against its fast tests (mutmut; scope in tests/mutants.py,
+# settings in pyproject.toml [tool.mutmut]); prints every survivor and the kill rate.
+.PHONY: mutants
+mutants: $(STAMP)
+	$(BIN)/python tests/mutants.py

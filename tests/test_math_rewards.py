@@ -65,6 +65,17 @@ def test_weighted_sum_plain_skips_nan_terms():
     assert ws.name == "a+b" and ws.weights == [2.0, -1.0]
 
 
+class _Ctx(Reward):
+    def forward(self, images, prompts=None, offset=0.0, **context):
+        return images.mean(dim=(1, 2, 3)) + torch.tensor([float(len(p)) for p in prompts]) + offset
+
+
+def test_weighted_sum_passes_images_prompts_and_context():
+    x = torch.stack([torch.full((3, 2, 2), 0.5), torch.full((3, 2, 2), 0.25)])
+    ws = WeightedSum([_Ctx(), analytic.Brightness()], [1.0, 2.0])
+    _same(ws(x, ["ab", "abcd"], offset=10.0), [0.5 + 2 + 10 + 1.0, 0.25 + 4 + 10 + 0.5])
+
+
 def test_weighted_sum_flags_and_errors():
     ws = WeightedSum([Fixed([1.0], name="p"), Fixed([1.0], differentiable=False, needs_prompt=True, name="q")], [1, 1])
     assert ws.differentiable is False and ws.needs_prompt is True and ws.names == ["p", "q"]
@@ -100,6 +111,14 @@ def test_running_norm_welford():
     n2 = RunningNorm()
     n2.update(torch.tensor([2.0, 2.0]))
     assert float(n2.std()) == pytest.approx(1e-6)
+
+
+def test_weighted_sum_running_divides_by_the_std_in_float32():
+    ws = WeightedSum([Fixed([1.0, 3.0, 5.0])], [1], normalize="running")
+    ws.update_stats = True
+    out = ws(IMGS)
+    _same(out, [-1.0, 0.0, 1.0])  # mean 3, std 2
+    assert out.dtype == torch.float32
 
 
 def test_weighted_sum_running_updates_only_when_told():
@@ -141,6 +160,7 @@ def test_colour_parsing():
     assert analytic.colour_from_prompt("a reddish car") is None
     assert analytic._parse_colour("#ff8000") == pytest.approx((1.0, 128 / 255, 0.0))
     assert analytic._parse_colour("00ff00") == pytest.approx((0.0, 1.0, 0.0))
+    assert analytic._parse_colour("#0a0B0c") == pytest.approx((10 / 255, 11 / 255, 12 / 255))
     assert analytic._parse_colour("Blue") == analytic.COLORS["blue"]
     assert analytic._parse_colour([0, 0.5, 1]) == (0.0, 0.5, 1.0)
     assert analytic._parse_colour(None) is None
@@ -158,6 +178,8 @@ def test_color_match_values():
     half = _solid(0, 0, 0, w=2)
     half[..., 1] = 1.0  # one column white: d^2 = 3
     _same(r(half), [(1 + math.exp(-3 / 0.5)) / 2])
+    # default sharpness 0.25: exp(-0.75 / (2 * 0.0625)) = exp(-6)
+    _same(analytic.ColorMatch(color=(0, 0, 0))(_solid(0.5, 0.5, 0.5)), [math.exp(-6.0)])
     p = analytic.ColorMatch()
     assert p.needs_prompt is True
     red = _solid(*analytic.COLORS["red"])

@@ -76,7 +76,7 @@ def projection(goal: torch.Tensor, baseline: Optional[torch.Tensor], alpha: floa
     Without a baseline only ``alpha = 0`` (P = I) is defined.
     """
     goal = goal.reshape(-1).float()
-    eye = torch.eye(goal.numel(), device=goal.device)
+    eye = torch.eye(goal.numel(), device=goal.device)  # pragma: no mutate: placement (equivalent on CPU); any other change here crashes
     if baseline is None:
         if alpha != 0:
             raise RewardError(f"alpha={alpha}: the goal-baseline projection needs a baseline prompt (baseline=...)")
