@@ -369,3 +369,79 @@ def test_bradley_terry_one_step_moves_the_loss_down():
     before = [m.fit(pairs, labels, epochs=1, lr=0.0, batch_size=2)[0]]
     after = m.fit(pairs, labels, epochs=2, lr=0.01, batch_size=2)
     assert after[1] < after[0] == pytest.approx(before[0], abs=1e-6)
+
+
+# ------------------------------------------------------------------ prompts, defaults and arguments reach the scorer
+
+
+def _colour(rgb, n=1):
+    return torch.tensor(rgb, dtype=torch.float32)[None, :, None, None].expand(n, 3, 2, 2).clone()
+
+
+RED, BLUE = (0.9, 0.1, 0.1), (0.1, 0.25, 0.9)
+
+
+def test_oracles_pass_prompts_to_the_reward():
+    from rewards.analytic import ColorMatch
+
+    imgs = torch.cat([_colour(RED), _colour(BLUE)])
+    assert RewardRankingOracle(ColorMatch(), prompts="a red kite").rank(imgs) == [0, 1]
+    o = RewardRankingOracle(ColorMatch(), prompts="a red kite")
+    assert o.rank(imgs, prompts="a blue kite") == [1, 0]  # a call's prompts override the oracle's
+    assert o.scores(imgs, prompts=["a blue kite", "a red kite"])[0] < 0.01
+    p = RewardPreferenceOracle(ColorMatch(), prompts="a red kite")
+    assert p.compare(imgs[0], imgs[1]) == 0 and p(imgs[0], imgs[1], prompts="a blue kite") == 1
+    assert p.compare(imgs[0], imgs[1][:, :1, :1], prompts="a red kite") == 0  # two sizes: scored as a list
+    q = ParetoPreferenceOracle([ColorMatch(), Brightness()], prompts="a blue kite")
+    assert q.compare(imgs[1], imgs[0]) is None  # bluer, darker
+    q2 = ParetoPreferenceOracle([ColorMatch()], prompts="a red kite")
+    assert q2.compare(imgs[0], imgs[1]) == 0 and q2.compare(imgs[0], imgs[1], prompts="a blue kite") == 1
+    assert q2.compare(imgs[0], imgs[1][:, :1, :1]) == 0
+    one = ParetoPreferenceOracle(ColorMatch(color="blue"))  # a single reward object
+    assert one.compare(imgs[1], imgs[0]) == 0 and one.last_scores.shape == (2, 1)
+
+
+def test_oracle_defaults():
+    assert RewardRankingOracle(Brightness()).batch_size == 16 and RewardRankingOracle(Brightness()).top_k is None
+    d = RewardPreferenceOracle(Brightness())
+    assert d.tol == 0.0 and d.batch_size == 16 and d.prompts is None
+    assert d(_solid(0.5)[0], _solid(0.45)[0]) == 0
+    e = ParetoPreferenceOracle(lambda x: x)
+    assert e.tol == 0.0 and e.batch_size == 16 and e.prompts is None
+    assert ParetoPreferenceOracle(lambda x: x, tol=0).compare(torch.tensor([1.0]), torch.tensor([1.01])) == 1
+    f = FunctionRankingOracle(lambda x: 0.0)
+    assert f.minimize and f.top_k is None and not f.batched and f.noise == 0.0
+
+
+def test_image_similarity_resize_arguments_and_backbone():
+    from vfeedback.integrations.trl import ImageSimilarity
+
+    ref = torch.zeros(1, 3, 6, 6)
+    ref[..., :, :2] = 1.0
+    ref[..., :3, :] += 0.5
+    x = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    r = torch.nn.functional.interpolate(ref, size=(4, 4), mode="bilinear", antialias=True, align_corners=False)
+    want = 1.0 - (x - r).abs().mean(dim=(1, 2, 3))
+    assert torch.allclose(ImageSimilarity()(x, reference=ref), want, atol=1e-6)
+    s = ImageSimilarity(backbone=_FakeClip())
+    a = torch.cat([_rg(3.0, 4.0), _rg(1.0, 0.0)])
+    assert s(a, reference=_rg(0.0, 2.0)).tolist() == pytest.approx([0.8, 0.0], abs=1e-6)
+    assert s(a, reference=torch.cat([_rg(0.0, 2.0), _rg(1.0, 1.0)])).tolist() == pytest.approx([0.8, 0.5**0.5], abs=1e-6)
+    assert s.differentiable is True
+    with pytest.raises(RewardError, match="image_embeddings"):
+        ImageSimilarity(backbone=Brightness())
+
+
+def test_labeler_unscorable_pairs_have_no_preference():
+    from rewards.analytic import ColorMatch
+
+    lab = gym_mod.VLMPreferenceLabeler(ColorMatch(), goal="a box")  # no colour named: NaN scores
+    assert lab.label([(_solid(0.2)[0], _solid(0.8)[0])]) == [-1]
+    red = gym_mod.VLMPreferenceLabeler(ColorMatch(), goal="a red box")
+    assert red.label([(_colour(BLUE)[0], _colour(RED)[0]), (_colour(RED)[0], _colour(BLUE)[0])]) == [1, 0]
+    # uint8 HxWx3 frames
+    f_red = np.zeros((2, 2, 3), dtype=np.uint8)
+    f_red[..., 0] = 230
+    f_red[..., 1:] = 25
+    f_dark = np.zeros((2, 2, 3), dtype=np.uint8)
+    assert red.label([(f_dark, f_red)]) == [1]
