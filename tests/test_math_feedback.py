@@ -389,6 +389,7 @@ def test_oracles_pass_prompts_to_the_reward():
     o = RewardRankingOracle(ColorMatch(), prompts="a red kite")
     assert o.rank(imgs, prompts="a blue kite") == [1, 0]  # a call's prompts override the oracle's
     assert o.scores(imgs, prompts=["a blue kite", "a red kite"])[0] < 0.01
+    assert o.n_queries == 4 and len(o.last_scores) == 2
     p = RewardPreferenceOracle(ColorMatch(), prompts="a red kite")
     assert p.compare(imgs[0], imgs[1]) == 0 and p(imgs[0], imgs[1], prompts="a blue kite") == 1
     assert p.compare(imgs[0], imgs[1][:, :1, :1], prompts="a red kite") == 0  # two sizes: scored as a list
@@ -430,6 +431,7 @@ def test_image_similarity_resize_arguments_and_backbone():
     assert s.differentiable is True
     with pytest.raises(RewardError, match="image_embeddings"):
         ImageSimilarity(backbone=Brightness())
+    assert ImageSimilarity()(x, reference=ref.double()).dtype == torch.float32
 
 
 def test_labeler_unscorable_pairs_have_no_preference():

@@ -139,7 +139,11 @@ class RewardRankingOracle:
         return s
 
     def rank(self, images, prompts=None) -> list[int]:
-        return order_scores(self.scores(images, prompts), higher_is_better=True, top_k=self.top_k)
+        return order_scores(
+            self.scores(images, prompts),
+            higher_is_better=True,  # pragma: no mutate: True is also the default, dropping it is equivalent
+            top_k=self.top_k,
+        )
 
     __call__ = rank
 
