@@ -428,4 +428,4 @@ class CompositionRewardModel(Reward):
             total = m - sum(self.weights[c] * F.relu(m - v) for c, v in comps.items())
         else:
             total = sum(self.weights[c] * v for c, v in comps.items())
-        return total.to(images.device)
+        return total.to(images.device)  # pragma: no mutate: placement, equivalent on CPU

@@ -73,6 +73,7 @@ def test_function_ranking_oracle_noise():
 def test_reward_ranking_oracle():
     imgs = torch.cat([_solid(0.2), _solid(0.9), _solid(0.5)])
     o = RewardRankingOracle(Brightness())
+    assert o.last_scores == [] and RewardPreferenceOracle(Brightness()).last_scores == []
     assert o.rank(imgs) == [1, 2, 0] and o.n_queries == 3
     assert o.last_scores == pytest.approx([0.2, 0.9, 0.5], abs=1e-6)
     assert RewardRankingOracle(Brightness(), top_k=1)(imgs) == [1]
@@ -104,6 +105,7 @@ def test_reward_preference_oracle():
     assert o.compare(_solid(0.75)[0], _solid(0.25)[0]) == 0
     assert o.last_scores == pytest.approx([0.75, 0.25], abs=1e-6) and o.n_queries == 2
     assert o(_solid(0.25)[0], _solid(0.75)[0]) == 1
+    assert o.n_queries == 4
     assert o(_solid(0.5)[0], _solid(0.75)[0]) is None  # diff 0.25 == tol
     assert RewardPreferenceOracle(Brightness(), tol=0)(_solid(0.5)[0], _solid(0.5)[0]) is None
     with pytest.raises(ValueError, match="tol"):
@@ -285,6 +287,7 @@ def _env(reward=1.0):
     class E(gym.Env):
         metadata = {"render_modes": ["rgb_array"]}
         render_mode = "rgb_array"
+        actions = []
         observation_space = gym.spaces.Box(0, 1, (1,))
         action_space = gym.spaces.Discrete(2)
 
@@ -292,6 +295,7 @@ def _env(reward=1.0):
             return np.zeros(1, dtype=np.float32), {}
 
         def step(self, action):
+            self.actions.append(action)
             return np.zeros(1, dtype=np.float32), reward, False, False, {}
 
         def render(self):
@@ -307,7 +311,8 @@ def test_wrapper_reward_replace_and_add():
     assert r == pytest.approx(0.4, abs=1e-6) and info["vlm_reward"] == pytest.approx(0.2, abs=1e-6) and info["env_reward"] == 1.0
     w = gym_mod.VLMRewardWrapper(_env(1.0), Brightness(), mode="add", scale=2.0)
     w.reset()
-    assert w.step(0)[1] == pytest.approx(1.4, abs=1e-6)
+    assert w.step(1)[1] == pytest.approx(1.4, abs=1e-6)
+    assert w.env.unwrapped.actions == [1]
     with pytest.raises(RewardError, match="mode"):
         gym_mod.VLMRewardWrapper(_env(), Brightness(), mode="sum")
 
@@ -317,6 +322,8 @@ def test_labeler_with_a_scorer_and_margin():
     lab = gym_mod.VLMPreferenceLabeler(Brightness())
     assert lab.label([(a, b), (b, a), (a, a)]) == [0, 1, -1]
     assert lab.queries == 3
+    lab.label([(a, b)])
+    assert lab.queries == 4
     assert gym_mod.VLMPreferenceLabeler(Brightness(), margin=0.5).label([(a, b)]) == [-1]  # diff == margin
     assert gym_mod.VLMPreferenceLabeler(Brightness(), margin=0.4).label([(a, b)]) == [0]
     # clips: the mean of their frames' scores (0.5 vs 0.45)
@@ -339,6 +346,9 @@ def test_labeler_with_a_judge_callable():
     lab = gym_mod.VLMPreferenceLabeler(judge, goal=["stand", "other"])
     assert lab.label([(a, b), (b, a), (c, a), (a, a)]) == [0, 1, -1, -1]
     assert calls == ["stand"] * 4
+    calls.clear()
+    assert gym_mod.VLMPreferenceLabeler(judge).label([(a, b)]) == [0] and calls == [None]
+    assert gym_mod.VLMPreferenceLabeler(judge, goal="up").label([(a, b)]) == [0] and calls == [None, "up"]
 
 
 def test_bradley_terry_fit_orders_pairs_the_labelled_way():

@@ -381,13 +381,17 @@ def _composition(weights, margin, comps):
     m = CompositionRewardModel.__new__(CompositionRewardModel)
     Reward.__init__(m)
     m.weights, m.hinge_margin, m.name = weights, margin, "itercomp_rm"
-    m.components = lambda images, prompts: {k: torch.tensor(v) for k, v in comps.items()}
+    # each aspect's score plus the images' mean plus 10 x the number of prompts seen
+    m.components = lambda images, prompts: {k: torch.tensor(v) + images.mean(dim=(1, 2, 3)) + 10.0 * (len(prompts) - 3)
+                                             for k, v in comps.items()}
     return m
 
 
 def test_composition_hinge_and_weighted_sum():
     comps = {"a": [0.5, 2.0, -1.0], "b": [-1.0, 3.0, 0.25]}
     x = torch.zeros(3, 3, 2, 2)
+    shifted = _composition({"a": 1.0, "b": 0.0}, None, comps)(x + 1.0, "p")
+    _same(shifted, [1.5, 3.0, 0.0])  # the images reach components (+1), the prompt is expanded to 3
     # m - sum_c w_c relu(m - r_c), m = 1, w = (1, 2)
     _same(_composition({"a": 1.0, "b": 2.0}, 1.0, comps)(x, "p"), [1 - 0.5 - 4.0, 1.0, 1 - 2.0 - 1.5])
     _same(_composition({"a": 1.0, "b": 2.0}, None, comps)(x, "p"), [0.5 - 2.0, 8.0, -0.5])

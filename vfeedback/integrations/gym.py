@@ -318,7 +318,8 @@ class VLMPreferenceLabeler:
                 k += len(a)
                 sb = scores[k : k + len(b)].mean().item()
                 k += len(b)
-                out.append(-1 if abs(sa - sb) <= self.margin or not np.isfinite(sa - sb) else (0 if sa > sb else 1))
+                # scores come from float32, so sa - sb and sa + sb are finite together; with margin >= 0, sa == sb is -1 before > vs >= matters
+                out.append(-1 if abs(sa - sb) <= self.margin or not np.isfinite(sa - sb) else (0 if sa > sb else 1))  # pragma: no mutate: see above
             return out
         goal = self.goal if isinstance(self.goal, str) or self.goal is None else _prompt_list(self.goal)[0]
         for a, b in clips:
@@ -326,7 +327,7 @@ class VLMPreferenceLabeler:
                 r = self.judge(a, b, goal)
             except Exception as e:  # a judge that fails on one pair labels it "no preference"
                 log.warning("preference judge failed: %s", e)
-                r = None
+                r = None  # pragma: no mutate: any value outside (0, 1) labels the pair -1
             out.append(int(r) if r in (0, 1) else -1)
         return out
 
