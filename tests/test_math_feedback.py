@@ -409,7 +409,12 @@ def test_oracles_pass_prompts_to_the_reward():
     assert q2.compare(imgs[0], imgs[1]) == 0 and q2.compare(imgs[0], imgs[1], prompts="a blue kite") == 1
     assert q2.compare(imgs[0], imgs[1][:, :1, :1]) == 0
     one = ParetoPreferenceOracle(ColorMatch(color="blue"))  # a single reward object
+    assert one.last_scores is None
     assert one.compare(imgs[1], imgs[0]) == 0 and one.last_scores.shape == (2, 1)
+    assert one.last_scores.dtype == torch.float64 and q.last_scores.dtype == torch.float64
+    f32 = ParetoPreferenceOracle(lambda x: x.float())
+    f32.compare(torch.tensor([1.0]), torch.tensor([2.0]))
+    assert f32.last_scores.dtype == torch.float64
 
 
 def test_oracle_defaults():

@@ -213,7 +213,8 @@ class ParetoPreferenceOracle:
     def scores(self, a, b, prompts=None) -> torch.Tensor:
         """``(2, K)`` float64 objective values of ``a`` and ``b``."""
         p = self.prompts if prompts is None else prompts
-        if callable(self.objectives) and not isinstance(self.objectives, (list, tuple)) and not hasattr(self.objectives, "score"):
+        # a Reward is callable too and scores the stacked pair the same way as through .score
+        if callable(self.objectives) and not isinstance(self.objectives, (list, tuple)) and not hasattr(self.objectives, "score"):  # pragma: no mutate: see above
             x = torch.stack([torch.as_tensor(a), torch.as_tensor(b)])
             s = torch.as_tensor(self.objectives(x), dtype=torch.float64).reshape(2, -1)
         else:
