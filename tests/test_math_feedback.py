@@ -56,6 +56,7 @@ def test_function_ranking_oracle_minimises_by_default():
     b = FunctionRankingOracle(lambda x: x.sum(-1), batched=True, top_k=2)
     assert b.rank(cands) == [1, 0] and b.n_queries == 3
     assert b.rank(list(cands)) == [1, 0] and b.n_queries == 6
+    assert o.rank(list(cands)) == [1, 0, 2]
 
 
 def test_function_ranking_oracle_noise():
@@ -85,6 +86,15 @@ def test_reward_ranking_oracle():
         return -x.mean(dim=(1, 2, 3))
 
     assert RewardRankingOracle(f, prompts="p").rank(imgs) == [0, 2, 1] and seen["p"] == ["p"] * 3
+    # context reaches the reward, through .score and when called directly; a list of images is stacked
+    class Ctx(Reward):
+        def forward(self, images, prompts=None, offset=0.0, **context):
+            return images.mean(dim=(1, 2, 3)) * offset
+
+    assert RewardRankingOracle(Ctx(), offset=-1.0).rank(imgs) == [0, 2, 1]
+    g = lambda x, prompts, sign=1.0: sign * x.mean(dim=(1, 2, 3))
+    assert RewardRankingOracle(g, sign=-1.0).rank(list(imgs)) == [0, 2, 1]
+    assert RewardRankingOracle(g).rank(list(imgs)) == [1, 2, 0]
     with pytest.raises(ValueError, match="2 prompts for 3 candidates"):
         RewardRankingOracle(f, prompts=["a", "b"]).rank(imgs)
 
@@ -233,6 +243,16 @@ def test_projection_and_vlm_rm_reward():
     assert gym_mod.vlm_rm_reward(x, g).tolist() == pytest.approx([1 - 0.5 * (0.16 + 0.64)], abs=1e-6)
     # alpha = 1: only the goal-baseline direction counts: P (x - g) = (-0.6, 0.6)
     assert gym_mod.vlm_rm_reward(x, g, b, alpha=1.0).tolist() == pytest.approx([1 - 0.5 * 0.72], abs=1e-6)
+    # an embedding shorter than 1 is normalised too; the formula runs over the last dimension
+    out = gym_mod.vlm_rm_reward(torch.tensor([[[0.3, 0.4]]]), g)
+    assert out.shape == (1, 1) and out.flatten().tolist() == pytest.approx([1 - 0.5 * (0.16 + 0.64)], abs=1e-6)
+    # a short goal-baseline difference: P = alpha d d^T / |d|^2 exactly (no clamp above 1e-12)
+    P = gym_mod.projection(g, torch.tensor([0.9, 0.0]), 1.0)
+    assert P.flatten().tolist() == pytest.approx([1.0, 0.0, 0.0, 0.0], abs=1e-6)
+    P = gym_mod.projection(torch.tensor([0.5, 0.0]), torch.tensor([0.0, 0.25]), 0.5)
+    d = torch.tensor([0.5, -0.25])
+    want = 0.5 * torch.outer(d, d) / (d @ d) + 0.5 * torch.eye(2)
+    assert torch.allclose(P, want, atol=1e-6)
 
 
 class _FakeClip(Reward):
@@ -273,6 +293,29 @@ def test_frame_scorer_is_the_vlm_rm_formula():
     for a in (1.01, -0.01):
         with pytest.raises(RewardError, match="alpha"):
             gym_mod.FrameScorer(_FakeClip(), goal="up", baseline="down", alpha=a)
+    assert fs.batch_size == 64
+    # two baselines: their mean embedding
+    fs3 = gym_mod.FrameScorer(_FakeClip(), goal="up", baseline=["down", "mid"], alpha=0.5)
+    assert torch.allclose(fs3.b, torch.tensor([0.3, 0.9]))
+    # VLM-RM only for a CLIP-type reward with a goal, unless told
+    off = gym_mod.FrameScorer(_FakeClip(), goal="up", vlm_rm=False)
+    assert not off.vlm_rm and off(x).tolist() == pytest.approx([0.6, 1.0], abs=1e-6)
+    assert not gym_mod.FrameScorer(Brightness(), goal="anything").vlm_rm
+
+    class ImageOnly(Brightness):
+        def image_embeddings(self, images):
+            return images.mean(dim=(2, 3))
+
+    assert not gym_mod.FrameScorer(ImageOnly(), goal="up").vlm_rm
+    from rewards.analytic import ColorMatch
+
+    red = gym_mod.FrameScorer(ColorMatch(), goal="a red box")
+    assert red(_colour(RED)).tolist() == pytest.approx([1.0], abs=1e-6)
+    with pytest.raises(RewardError, match="needs a goal"):
+        gym_mod.FrameScorer(ColorMatch())
+    with pytest.raises(RewardError, match="VLM-RM only"):
+        gym_mod.FrameScorer(Brightness(), baseline="down")
+    assert gym_mod.FrameScorer("brightness")(_solid(0.25)).tolist() == pytest.approx([0.25])
     plain = gym_mod.FrameScorer(Brightness())
     assert not plain.vlm_rm and plain(_solid(0.5)).tolist() == pytest.approx([0.5])
 

