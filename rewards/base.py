@@ -284,7 +284,7 @@ def combine(specs: Sequence[dict], normalize: str = "none") -> Reward:
         spec = dict(spec)
         name = spec.pop("name")
         weight = spec.pop("weight", 1.0)
-        opts = spec.pop("options", {}) or {}
+        opts = spec.pop("options", {}) or {}  # pragma: no mutate: a missing "options" gives {} through "or {}" whatever the default
         opts.update(spec)
         rewards.append(load(name, **opts))
         weights.append(weight)

@@ -26,6 +26,7 @@ def test_num_edges_counts_ranked_pairs_plus_ranked_to_unranked():
     assert num_edges(3, 1) == 2
     assert num_edges(6, 3) == 3 + 9
     assert num_edges(4, 0) == 0
+    assert isinstance(num_edges(5, 3), int)
 
 
 def test_validate_ranking_bounds_and_faults():
@@ -91,6 +92,7 @@ def test_reference_direction_is_scaled_by_the_smoothing():
     want = 0.5 * (3 * u[0] + 1 * u[2] - 1 * u[1]) / 3
     assert d.dtype == torch.float32
     assert torch.allclose(d, want, atol=1e-7)
+    assert torch.allclose(rank_direction(u, [0, 2, 1], "reference"), 2 * want, atol=1e-7)  # default smoothing 1
     # the paper estimator ignores the smoothing (its direction is in units of u)
     assert torch.allclose(rank_direction(u, [0, 2, 1], "paper", smoothing=0.5), (2 * u[0] - 2 * u[1]) / 3, atol=1e-7)
 
@@ -111,6 +113,7 @@ def test_config_bounds():
     assert ZORankSGDConfig(num_candidates=2, line_search=True, line_search_points=1).ls_points == 1
     with pytest.raises(ValueError, match="line_search"):
         ZORankSGDConfig(num_candidates=4, line_search=True, line_search_points=0)
+    assert ZORankSGDConfig(estimator="reference").estimator == "reference"
     c = ZORankSGDConfig(smoothing=1, step_size=2)
     assert isinstance(c.smoothing, float) and isinstance(c.step_size, float)
 
@@ -134,12 +137,23 @@ def test_one_algorithm1_step_by_hand():
     assert torch.allclose(opt.current(), x0 + 0.2 * d, atol=1e-6)
     assert torch.allclose(opt.direction, d, atol=1e-6)
     assert entry["event"] == "step" and entry["ranking"] == [0, 1, 2] and entry["queries"] == 3
+    assert entry["round"] == 0 and entry["mode"] == "gradient" and opt.history == [entry]
     assert opt.round == 1 and opt.n_queries == 3 and opt.mode == "gradient"
     # "cannot tell": nothing moves, queries still count
     x1 = opt.current().clone()
     opt.ask()
     e = opt.tell([])
     assert e["event"] == "skipped" and torch.equal(opt.current(), x1) and opt.n_queries == 6 and opt.round == 2
+
+
+def test_one_reference_estimator_step_is_in_units_of_mu_u():
+    x0 = torch.tensor([0.0, 1.0])
+    opt = ZORankSGD(x0, num_candidates=3, smoothing=0.5, step_size=0.2, estimator="reference", shuffle=False, seed=4)
+    u = (opt.ask() - x0) / 0.5
+    opt.tell([2, 0, 1])
+    # weights (m - 2p) / |E| = (3, 1, -1) / 3 on u2, u0, u1, times mu
+    want = x0 + 0.2 * 0.5 * (3 * u[2] + u[0] - u[1]) / 3
+    assert torch.allclose(opt.current(), want, atol=1e-6)
 
 
 def test_shuffled_answers_map_back_through_the_permutation():
@@ -199,8 +213,10 @@ def test_line_search_round_offers_halving_steps_previous_best_and_current():
     assert torch.allclose(cands[1], x0 + 0.5 * d, atol=1e-6)
     assert torch.equal(cands[2], pts[1])
     assert torch.equal(cands[3], x0)
+    assert opt.state_dict()["meta"]["pending"]["mode"] == "line_search"
     e = opt.tell([1])
     assert e["event"] == "moved" and e["pick"] == "step eta*2^-1"
+    assert e["mode"] == "line_search" and e["round"] == 1 and opt.history[-1] is e
     assert torch.allclose(opt.current(), x0 + 0.5 * d, atol=1e-6)
     assert float(opt.direction.abs().sum()) == 0.0 and opt.n_averaged == 0
     assert opt.mode == "gradient" and opt.prev_best is None
