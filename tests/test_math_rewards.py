@@ -101,6 +101,7 @@ def test_weighted_sum_batch_zscore():
 
 def test_running_norm_welford():
     n = RunningNorm()
+    assert {b.dtype for b in (n.count, n.mean, n.m2)} == {torch.float64}  # statistics of all history in float64
     assert float(n.std()) == 1.0  # fewer than 2 values
     n.update(torch.tensor([5.0]))
     assert float(n.count) == 1 and float(n.mean) == 5.0 and float(n.std()) == 1.0
