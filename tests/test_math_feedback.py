@@ -415,6 +415,24 @@ def test_bradley_terry_fit_orders_pairs_the_labelled_way():
         m.fit(pairs[:2], [-1, -1])
 
 
+def test_bradley_terry_defaults_lazy_build_and_clips():
+    torch.manual_seed(1)
+    e = torch.randn(140, 2, 3)  # 70 pairs of two-frame clips: two batches of the default 64
+    pairs = [(e[i], e[i + 1]) for i in range(0, 140, 2)]
+    labels = [int(float(b[:, 0].sum()) > float(a[:, 0].sum())) for a, b in pairs]
+    m1 = gym_mod.PreferenceRewardModel(dim=3, hidden=4, seed=2)
+    m2 = gym_mod.PreferenceRewardModel(dim=3, hidden=4, seed=2)
+    l1 = m1.fit(pairs, labels, epochs=3)
+    l2 = m2.fit(pairs, labels, epochs=3, lr=1e-2, weight_decay=1e-4, batch_size=64, seed=0)
+    assert l1 == l2
+    m3 = gym_mod.PreferenceRewardModel(dim=3, hidden=4, seed=2)
+    assert m3.fit(pairs, labels, epochs=3, seed=1) != l1
+    assert len(m3.fit(pairs[:2], [0, 1])) == 100  # default epochs
+    lazy = gym_mod.PreferenceRewardModel(hidden=4)
+    out = lazy(torch.zeros(1, 2, 3))
+    assert lazy.dim == 3 and out.shape == (1, 2)
+
+
 def test_bradley_terry_one_step_moves_the_loss_down():
     m = gym_mod.PreferenceRewardModel(dim=2, hidden=4, seed=1)
     a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])

@@ -277,15 +277,19 @@ def test_spec_terms_and_match_prob():
 def test_shapes_judge_forward_is_the_terms_of_its_reading():
     j = rewards.load("shapes_judge")
     x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    caps = ["a red circle left of a blue square", "two green crosses", "not a caption"]
+    caps = ["not a caption", "a red circle left of a blue square", "two green crosses"]
     counts, coords = j.read(x)
-    want = [float(shapes.match_prob(shapes.spec_terms(counts[i], coords[i], shapes.parse(c)))) for i, c in enumerate(caps[:2])]
-    _same(j(x, caps), want + [NAN], tol=1e-6)
-    _same(rewards.load("shapes_judge", log=True)(x, caps), [math.log(max(v, 1e-6)) for v in want] + [NAN], tol=1e-5)
-    sp = rewards.load("shapes_spatial")(x, caps)
-    assert math.isnan(float(sp[1]))
-    want_sp = float(shapes.spec_terms(counts[0], coords[0], shapes.parse(caps[0]))["spatial"])
-    assert float(sp[0]) == pytest.approx(want_sp, abs=1e-6)
+    want = [float(shapes.match_prob(shapes.spec_terms(counts[i], coords[i], shapes.parse(c)))) for i, c in enumerate(caps) if i]
+    _same(j(x, caps), [NAN] + want, tol=1e-6)
+    _same(rewards.load("shapes_judge", log=True)(x, caps), [NAN] + [math.log(max(v, 1e-6)) for v in want], tol=1e-5)
+    sp = rewards.load("shapes_spatial", tau=0.1)(x, caps)
+    assert math.isnan(float(sp[2]))
+    want_sp = float(shapes.spec_terms(counts[1], coords[1], shapes.parse(caps[1]), tau=0.1)["spatial"])
+    assert float(sp[1]) == pytest.approx(want_sp, abs=1e-6)
+    # one prompt for the whole batch
+    one = j(x, caps[1])
+    want_one = [float(shapes.match_prob(shapes.spec_terms(counts[i], coords[i], shapes.parse(caps[1])))) for i in range(3)]
+    _same(one, want_one, tol=1e-6)
     with pytest.raises(RewardError, match="part"):
         shapes.ShapesJudge(part="colour")
     with pytest.raises(RewardError, match="tau"):

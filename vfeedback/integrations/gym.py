@@ -377,7 +377,8 @@ class PreferenceRewardModel(Reward):
         e = self.features(images)
         if self.head is None:
             self._build(e.shape[-1])
-        return self.head(e.to(next(self.head.parameters()).device)).squeeze(-1)
+        e = e.to(next(self.head.parameters()).device)  # pragma: no mutate: placement, equivalent on CPU
+        return self.head(e).squeeze(-1)
 
     def fit(self, pairs: Sequence[tuple], labels: Sequence[int], epochs: int = 100, lr: float = 1e-2,
             weight_decay: float = 1e-4, batch_size: int = 64, seed: int = 0) -> list[float]:
