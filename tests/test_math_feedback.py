@@ -523,3 +523,40 @@ def test_labeler_unscorable_pairs_have_no_preference():
     f_red[..., 1:] = 25
     f_dark = np.zeros((2, 2, 3), dtype=np.uint8)
     assert red.label([(f_dark, f_red)]) == [1]
+
+
+def test_bradley_terry_epoch_loss_is_the_bce_of_reward_differences():
+    m = gym_mod.PreferenceRewardModel(dim=2, hidden=3, seed=4)
+    a = [torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0], [1.0, 1.0]]), torch.tensor([[0.5, -1.0]])]
+    b = [torch.tensor([[0.0, 2.0], [1.0, 0.0]]), torch.tensor([[2.0, 0.0]]), torch.tensor([[-1.0, 0.5]])]
+    labels = [1, 0, 1]
+    with torch.no_grad():
+        ra = torch.stack([m.head(x).sum() for x in a])  # a clip's reward: the sum over its frames
+        rb = torch.stack([m.head(x).sum() for x in b])
+    want = float(torch.nn.functional.binary_cross_entropy_with_logits(rb - ra, torch.tensor([1.0, 0.0, 1.0])))
+    got = m.fit(list(zip(a, b)), labels, epochs=1, lr=0.0, weight_decay=0.0, batch_size=2)
+    assert got[0] == pytest.approx(want, abs=1e-6)  # clips of several lengths: one by one
+    assert m.accuracy(list(zip(a, b)), labels) == pytest.approx(float(((rb > ra) == torch.tensor([True, False, True])).float().mean()))
+    fresh = gym_mod.PreferenceRewardModel(hidden=3, seed=4)
+    fresh.fit(list(zip(a, b)), labels, epochs=1, lr=0.0)
+    assert fresh.dim == 2
+
+
+def test_trl_reward_function_plumbing():
+    from vfeedback.integrations.trl import Rendered, reward_function
+
+    seen = {}
+
+    def render(requests, completions, columns):
+        seen["requests"], seen["columns"] = requests, dict(columns)
+        return [Rendered(image=_solid(0.5)[0]), Rendered(error="render: x")]
+
+    metrics = []
+    fn = reward_function(Brightness(), render, name="b")
+    out = fn(["p1", "p2"], ["c1", "c2"], log_metric=lambda k, v: metrics.append((k, v)), completion_ids=[1, 2],
+             trainer_state=object(), log_extra=None, environments=None, target=["t1", "t2"])
+    assert out == [pytest.approx(0.5), None]
+    assert seen["requests"] == ["p1", "p2"] and seen["columns"] == {"target": ["t1", "t2"]}
+    assert metrics == [("b/failed_frac", 0.5)]
+    fn(None, ["c1", "c2"])
+    assert seen["requests"] == ["", ""] and fn.calls == 2
