@@ -312,6 +312,8 @@ def test_pairwise_loss_and_accuracy():
     assert per.tolist() == pytest.approx([math.log1p(math.exp(-1)), math.log1p(math.exp(2))], abs=1e-6)
     assert float(pairwise_ranking_loss(rb, rw)) == pytest.approx((math.log1p(math.exp(-1)) + math.log1p(math.exp(2))) / 2, abs=1e-6)
     assert pair_accuracy(torch.tensor([1.0, 0.0, -1.0, 2.0]), torch.zeros(4)) == 0.625
+    assert pair_accuracy(torch.tensor([1.0, 2.0, 3.0, 1.0]), torch.tensor([0.0, 2.0, 4.0, 0.0])) == 0.625
+    assert pair_accuracy(torch.tensor([1.0]), torch.tensor([0.0])) == 1.0
     assert math.isnan(pair_accuracy(torch.zeros(0), torch.zeros(0)))
 
 
