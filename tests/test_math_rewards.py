@@ -411,3 +411,37 @@ def test_composition_hinge_and_weighted_sum():
     assert set(m.last_components) == {"a", "b"}
     with pytest.raises(RewardError, match="prompt"):
         m(x)
+
+
+def test_train_pairwise_head_batches_seed_weight_decay_and_history():
+    feats = torch.randn(10, 2, generator=torch.Generator().manual_seed(3))
+
+    def run(seed=0, wd=0.0, epochs=2, batch_size=4):
+        head = nn.Linear(2, 1)
+        with torch.no_grad():
+            head.weight.fill_(0.3)
+            head.bias.zero_()
+        seen = []
+
+        def score(idx):
+            seen.append(idx.tolist())
+            return head(feats[idx]).squeeze(-1), head(-feats[idx]).squeeze(-1)
+
+        ev = lambda: (0.0, 1.0)
+        _, hist = train_pairwise_head(head, score, 10, ev, None, epochs=epochs, batch_size=batch_size, lr=0.1,
+                                      weight_decay=wd, seed=seed)
+        return head.weight.detach().clone(), seen, hist
+
+    w0, seen, hist = run()
+    # each epoch visits the 10 pairs once, in batches of 4, 4, 2
+    assert [len(s) for s in seen] == [4, 4, 2, 4, 4, 2]
+    assert sorted(sum(seen[:3], [])) == list(range(10)) and sorted(sum(seen[3:], [])) == list(range(10))
+    torch.randn(5)  # the global generator plays no part
+    w1, seen1, _ = run()
+    assert torch.equal(w0, w1) and seen1 == seen
+    assert run(seed=1)[1] != seen
+    assert not torch.equal(run(wd=0.5)[0], w0)
+    assert set(hist[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc"}
+    assert math.isnan(hist[0]["val_loss"]) and math.isnan(hist[0]["val_acc"]) and hist[0]["train_acc"] == 1.0
+    assert [h["epoch"] for h in run(epochs=25, batch_size=10)[2]] == [1, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 25]
+    assert [h["epoch"] for h in run(epochs=5, batch_size=10)[2]] == [1, 2, 3, 4, 5]
