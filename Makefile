@@ -61,3 +61,9 @@ demo: $(STAMP)
 .PHONY: reproduce
 reproduce: $(STAMP)
 	PYTHONPATH=. $(BIN)/python bench/reproduce.py
+
+# Mutation testing of the core math against its fast tests (mutmut; scope in tests/mutants.py,
+# settings in pyproject.toml [tool.mutmut]); prints every survivor and the kill rate.
+.PHONY: mutants
+mutants: $(STAMP)
+	$(BIN)/python tests/mutants.py

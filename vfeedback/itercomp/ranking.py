@@ -138,7 +138,7 @@ def tie_levels(scores: Sequence[float], tol: float) -> list[int]:
     ``tol`` of the one above it shares its level, so only pairs the scorer clearly separates
     are trained (two near-zero composition scores are not a preference). NaN: the last level."""
     order = rank_by_scores(scores)
-    levels = [0] * len(scores)
+    levels = [0] * len(scores)  # pragma: no mutate: every entry is assigned below, the initial value is never read
     level, prev = 1, None
     for i in order:
         s = scores[i]
@@ -146,7 +146,7 @@ def tie_levels(scores: Sequence[float], tol: float) -> list[int]:
             if prev is None or math.isfinite(prev):
                 level += prev is not None
             levels[i] = level
-            prev = s
+            prev = s  # pragma: no mutate: only NaN follow a NaN (they sort last), and prev None or NaN both keep the level
             continue
         if prev is not None and (prev - s) > tol:
             level += 1
@@ -159,4 +159,7 @@ def rank_by_scores(scores: Sequence[float]) -> list[int]:
     """Indices best first (higher score better, NaN last, ties by index)."""
     from ..feedback.oracles import order_scores
 
-    return order_scores(scores, higher_is_better=True)
+    return order_scores(
+        scores,
+        higher_is_better=True,  # pragma: no mutate: True is also the default, dropping it is equivalent
+    )
