@@ -96,6 +96,13 @@ class RewardInfo:
     extra: Optional[str]  # pip extra that installs its dependencies, e.g. "face"
     description: str
     requires: tuple[str, ...] = ()  # importable modules it needs
+    install: Optional[str] = None  # how to install them, where no extra does (or why none can)
+
+    def install_hint(self) -> str:
+        """How to install this scorer's dependencies (or why it cannot be, next to vfeedback's pins)."""
+        if self.install:
+            return self.install
+        return f"pip install 'vfeedback[{self.extra}]'" if self.extra else f"pip install {' '.join(self.requires)}"
 
     @property
     def installed(self) -> bool:
@@ -107,11 +114,12 @@ _CACHE: dict[tuple, Reward] = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def register(name: str, *, differentiable: bool, description: str, extra: Optional[str] = None, requires: Sequence[str] = ()):
+def register(name: str, *, differentiable: bool, description: str, extra: Optional[str] = None, requires: Sequence[str] = (),
+             install: Optional[str] = None):
     """Decorator registering a Reward class or factory under ``name``."""
 
     def deco(factory):
-        _REGISTRY[name] = RewardInfo(name, factory, differentiable, extra, description, tuple(requires))
+        _REGISTRY[name] = RewardInfo(name, factory, differentiable, extra, description, tuple(requires), install)
         return factory
 
     return deco
@@ -143,8 +151,7 @@ def load(name: str, cache: bool = True, **options) -> Reward:
     info = _REGISTRY[name]
     missing = [m for m in info.requires if importlib.util.find_spec(m) is None]
     if missing:
-        hint = f"pip install 'vfeedback[{info.extra}]'" if info.extra else f"pip install {' '.join(missing)}"
-        raise RewardError(f"reward {name!r} needs the package(s) {', '.join(missing)}: {hint}")
+        raise RewardError(f"reward {name!r} needs the package(s) {', '.join(missing)}: {info.install_hint()}")
     sig = inspect.signature(info.factory)
     accepts_kwargs = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
     if not accepts_kwargs:

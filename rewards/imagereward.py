@@ -26,6 +26,11 @@ from .preprocess import OPENAI_MEAN, OPENAI_STD, PreprocessSpec, TorchPreprocess
     "imagereward",
     differentiable=True,
     requires=("ImageReward",),
+    # why no extra installs it, and how to get it elsewhere (`vfeedback rewards`, validate and train say this)
+    install=("image-reward 1.5 (the latest) pins timm==0.6.13 while open_clip_torch 3.x needs timm>=1.0.17, "
+             "imports transformers.modeling_utils.apply_chunking_to_forward (removed in transformers 5), and imports the "
+             "OpenAI `clip` package it does not declare; so it is not in any extra. In a separate environment with "
+             "transformers<5: pip install image-reward git+https://github.com/openai/CLIP.git"),
     description="ImageReward v1.0 (BLIP + MLP human-preference model, image-reward package; not installable beside "
                 "transformers 5 / open_clip 3, see `vfeedback rewards`), ~-2..2",
 )

@@ -344,6 +344,17 @@ def test_gallery_member_sampler_settings(tmp_path, monkeypatch):
     assert [e.name for e in es] == ["base", "a", "b", "c"] and es[3].lora == "runs/quickstart/lora"
     assert (es[1].guidance_scale, es[1].steps) == (1.5, None) and (es[2].steps, es[2].guidance_scale) == (8, None)
     assert es[1].to_dict()["guidance_scale"] == 1.5 and "steps" not in es[1].to_dict()
+    # the base (and, below, each refined model) renders its gallery images at
+    # itercomp.gallery_guidance_scale; unset, at the ReFL sampler's sampling.guidance_scale
+    assert es[0].guidance_scale is None
+    cfg = load_config(str(ROOT / "configs/itercomp/shapes.yaml"),
+                      [f"output_dir={tmp_path / 'run'}", "itercomp.gallery_guidance_scale=5.0"])
+    assert entries_from_config(cfg)[0].guidance_scale == 5.0
+    from vfeedback.algorithms.itercomp import IterCompRun
+
+    ic = IterCompRun.__new__(IterCompRun)  # gallery_entries needs only cfg, entries and root
+    ic.cfg, ic.entries, ic.root = cfg, entries_from_config(cfg), tmp_path / "run"
+    assert [(e.name, e.guidance_scale) for e in ic.gallery_entries(2)[-2:]] == [("itercomp-iter0", 5.0), ("itercomp-iter1", 5.0)]
 
 
 def test_auto_ranking_tie_levels(tmp_path):

@@ -278,6 +278,9 @@ class IterCompSection(Section):
     max_prompts: Optional[int] = Field(None, ge=1, description="use at most this many prompts per category (the first ones)")
     seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1, description="seeds shared by every gallery model; one ranked group per prompt x seed")
     gallery_batch_size: int = Field(8, ge=1, description="images rendered per UNet call")
+    gallery_guidance_scale: Optional[float] = Field(
+        None, ge=0, description="CFG scale of the base and each refined model's gallery renders (the images that are ranked); "
+        "default sampling.guidance_scale, which is the ReFL sampler's (1.0 = no CFG in the reference recipes)")
     ranker: IterCompRankerConfig = Field(default_factory=IterCompRankerConfig)
     reward_model: IterCompRewardModelConfig = Field(default_factory=IterCompRewardModelConfig)
     refl_steps: int = Field(100, ge=1, description="ReFL optimizer steps per iteration (train.max_steps of each iteration's inner ReFL run)")

@@ -185,7 +185,8 @@ class IterCompRun:
 
         out = list(self.entries)
         for j in range(k):
-            out.append(GalleryEntry(f"itercomp-iter{j}", self.cfg.model.path, self.cfg.model.family, str(self.root / f"iter-{j}" / "lora")))
+            out.append(GalleryEntry(f"itercomp-iter{j}", self.cfg.model.path, self.cfg.model.family, str(self.root / f"iter-{j}" / "lora"),
+                                    guidance_scale=self.cfg.itercomp.gallery_guidance_scale))
         return out
 
     def items(self) -> list[tuple[str, int, str]]:
@@ -254,7 +255,8 @@ class IterCompRun:
         # 4. ReFL (the engine's Trainer on every process)
         refl_summary = self.refl(k, d)
         # 5. expand: render the refined model (next iteration's gallery member; this one's "after")
-        new = GalleryEntry(f"itercomp-iter{k}", self.cfg.model.path, self.cfg.model.family, str(d / "lora"))
+        new = GalleryEntry(f"itercomp-iter{k}", self.cfg.model.path, self.cfg.model.family, str(d / "lora"),
+                           guidance_scale=self.cfg.itercomp.gallery_guidance_scale)
         folder = self.ensure_render(new, d)
         return self.on_main(lambda: self._after(k, d, entries, renders, new, folder, pre, refl_summary))
 

@@ -29,7 +29,7 @@ def run(args) -> int:
                 "installed": i.installed,
                 "weights": weights_present(i),
                 "extra": i.extra,
-                "install": None if i.installed else install_hint(i),
+                "install": None if i.installed else i.install_hint(),
                 "requires": list(i.requires),
                 "description": i.description,
             }
@@ -43,26 +43,8 @@ def run(args) -> int:
     sys.stdout.write(format_table(["name", "differentiable", "installed", "weights", "extra", "description"], rows, max_width=100) + "\n")
     missing = [i for i in infos if not i.installed]
     if missing:
-        sys.stdout.write("\nnot installed: " + "; ".join(f"{i.name}: {install_hint(i)}" for i in missing) + "\n")
+        sys.stdout.write("\nnot installed: " + "; ".join(f"{i.name}: {i.install_hint()}" for i in missing) + "\n")
     return 0
-
-
-#: scorers whose package cannot be installed beside vfeedback's pins, and exactly why
-NOT_INSTALLABLE = {
-    "imagereward": (
-        "image-reward 1.5 (the latest) pins timm==0.6.13 while open_clip_torch 3.x needs timm>=1.0.17, "
-        "imports transformers.modeling_utils.apply_chunking_to_forward (removed in transformers 5), and imports the "
-        "OpenAI `clip` package it does not declare; so it is not in any extra. In a separate environment with "
-        "transformers<5: pip install image-reward git+https://github.com/openai/CLIP.git"
-    ),
-}
-
-
-def install_hint(info) -> str:
-    """How to install a scorer's dependencies (or why it cannot be, next to vfeedback's pins)."""
-    if info.name in NOT_INSTALLABLE:
-        return NOT_INSTALLABLE[info.name]
-    return f"pip install 'vfeedback[{info.extra}]'" if info.extra else f"pip install {' '.join(info.requires)}"
 
 
 def weights_present(info) -> str:

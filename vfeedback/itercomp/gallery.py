@@ -50,7 +50,7 @@ def safe_name(s: str) -> str:
 
 def entries_from_config(cfg) -> list[GalleryEntry]:
     """The base model (``base``) followed by ``itercomp.gallery``; names made unique."""
-    out = [GalleryEntry("base", cfg.model.path, cfg.model.family)]
+    out = [GalleryEntry("base", cfg.model.path, cfg.model.family, guidance_scale=cfg.itercomp.gallery_guidance_scale)]
     for i, g in enumerate(cfg.itercomp.gallery):
         steps = guidance = None
         if isinstance(g, str):
