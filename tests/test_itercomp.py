@@ -369,3 +369,26 @@ def test_auto_ranking_tie_levels(tmp_path):
     write_groups(tmp_path / "r.jsonl", [g])
     (back,) = read_groups(tmp_path / "r.jsonl", {"a red ball": "spatial"})
     assert back.ties == g.ties and sorted(back.pairs()) == sorted(g.pairs())
+
+
+@pytest.mark.parametrize("override,words", [
+    ("itercomp.gallery=[]", "itercomp.gallery: list at least one model"),
+    ("itercomp.ranker.kind=human", None),  # valid: rankings are asked for at run time
+    ("itercomp.ranker.scorers.spatial.name=no_such_scorer", "itercomp.ranker.scorers.spatial.name: unknown reward"),
+])
+def test_validate_and_dry_run_refuse_the_same_itercomp_inputs(tmp_path, capsys, monkeypatch, override, words):
+    """IterComp's own input checks run in `validate` as in `train` (vfeedback/checks.py calls
+    IterComp.check_config): both exit 2 with the same message, and nothing is created."""
+    from vfeedback.cli import main
+
+    monkeypatch.chdir(ROOT)
+    args = [str(ROOT / "configs/itercomp/tiny.yaml"), f"output_dir={tmp_path / 'run'}", override]
+    rc_v = main(["validate", *args])
+    err_v = capsys.readouterr().err
+    rc_d = main(["train", *args, "--dry-run"])
+    err_d = capsys.readouterr().err
+    if words is None:
+        assert (rc_v, rc_d) == (0, 0), err_v + err_d
+    else:
+        assert (rc_v, rc_d) == (2, 2) and words in err_v and words in err_d and "Traceback" not in err_v + err_d
+    assert not (tmp_path / "run").exists()

@@ -56,6 +56,23 @@ class IterComp:
     def run_standalone(cls, cfg: RunConfig, resume: bool = False) -> dict:
         return IterCompRun(cfg, resume).run()
 
+    @staticmethod
+    def check_config(cfg: RunConfig) -> None:
+        """The checks that load no model, run by `validate` and by `train` before anything is
+        created (vfeedback/checks.py), so validate accepts exactly what train accepts."""
+        run = IterCompRun(cfg, resume=False)
+        run.check_static()
+        import rewards
+
+        if cfg.itercomp.ranker.kind == "auto":
+            info = {i.name: i for i in rewards.available()}
+            for c in cfg.itercomp.categories:
+                name = cfg.itercomp.ranker.scorers[c].name
+                if name not in info:
+                    raise UserError(f"itercomp.ranker.scorers.{c}.name: unknown reward {name!r}; available: {', '.join(sorted(info))}")
+                if not info[name].installed:
+                    raise UserError(f"itercomp.ranker.scorers.{c}.name: {name!r} is not installed: {info[name].install_hint()}")
+
 
 def _mean(xs) -> Optional[float]:
     f = [x for x in xs if x is not None and math.isfinite(x)]
@@ -83,6 +100,13 @@ class IterCompRun:
         return out
 
     def check_inputs(self) -> None:
+        self.check_static()
+        if getattr(self, "main", True):  # only the main process scores, ranks and trains reward models
+            self.load_scorers()
+
+    def check_static(self) -> None:
+        """Finetune mode, the human ranking file, the gallery and the category prompts (no model,
+        no scorer weights)."""
         cfg = self.cfg
         if cfg.model.finetune != "lora":
             raise UserError("model.finetune: itercomp adds each iteration's refined model to the gallery as base + LoRA; use finetune: lora")
@@ -95,8 +119,6 @@ class IterCompRun:
             raise UserError("itercomp.gallery: list at least one model besides the base model (model.path); a ranking needs two images")
         self.category_prompts = self.prompts()
         self.by_prompt = {p: c for c, ps in self.category_prompts.items() for p in ps}
-        if getattr(self, "main", True):  # only the main process scores, ranks and trains reward models
-            self.load_scorers()
 
     def load_scorers(self) -> None:
         import rewards
