@@ -131,6 +131,23 @@ def _column(columns: dict[str, list], key: Optional[str], i: int):
     return values[i] if isinstance(values, (list, tuple)) and i < len(values) else values
 
 
+def _from_render(r, i: int, requests: list[str], columns: dict[str, list], target_column: Optional[str],
+                 target_image_column: Optional[str]) -> Rendered:
+    """Completion ``i``'s sandboxed render result (``sandbox.RenderResult``) as a :class:`Rendered`:
+    scored against its ``target_column`` text (else the request), with the reference image of
+    ``target_image_column`` when one is given (an unreadable one is the item's error)."""
+    target = _column(columns, target_column, i)
+    item = Rendered(image=r.image, prompt=str(target) if target is not None else requests[i], error=r.error,
+                    isolation=r.isolation, extra=getattr(r, "extra", None) or None)
+    ref = _column(columns, target_image_column, i)
+    if ref is not None and item.error is None:
+        try:
+            item.reference = _image(ref)
+        except Exception as e:
+            item.error = f"target image: {e}"
+    return item
+
+
 class PromptToImage(Renderer):
     """The completion is a text-to-image prompt; ``pipeline`` renders it.
 
@@ -244,21 +261,10 @@ class CodeToImage(Renderer):
     def __call__(self, requests, completions, columns):
         with ThreadPoolExecutor(self.workers) as pool:
             results = list(pool.map(self._one, completions))
-        out = []
-        for i, r in enumerate(results):
+        for r in results:
             if r.network_isolated is not None:
                 self.network_isolated = r.network_isolated
-            target = _column(columns, self.target_column, i)
-            item = Rendered(image=r.image, prompt=str(target) if target is not None else requests[i], error=r.error,
-                            isolation=r.isolation)
-            ref = _column(columns, self.target_image_column, i)
-            if ref is not None and item.error is None:
-                try:
-                    item.reference = _image(ref)
-                except Exception as e:
-                    item.error = f"target image: {e}"
-            out.append(item)
-        return out
+        return [_from_render(r, i, requests, columns, self.target_column, self.target_image_column) for i, r in enumerate(results)]
 
 
 class Caption(Renderer):

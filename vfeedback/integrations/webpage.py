@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional, Sequence, Union
 
 from . import sandbox as _sandbox
-from .trl import Rendered, Renderer, _column, _image, completion_text
+from .trl import Renderer, _column, _from_render, completion_text
 
 log = logging.getLogger(__name__)
 
@@ -170,19 +170,8 @@ class WebPage(Renderer):
             return list(pool.map(lambda a: self.render_one(*a), [(c, s, k) for c, (s, k) in zip(completions, scripts)]))
 
     def __call__(self, requests, completions, columns):
-        out = []
-        for i, r in enumerate(self.results(completions, columns)):
-            target = _column(columns, self.target_column, i)
-            item = Rendered(image=r.image, prompt=str(target) if target is not None else requests[i], error=r.error,
-                            isolation=r.isolation, extra=r.extra)
-            ref = _column(columns, self.target_image_column, i)
-            if ref is not None and item.error is None:
-                try:
-                    item.reference = _image(ref)
-                except Exception as e:
-                    item.error = f"target image: {e}"
-            out.append(item)
-        return out
+        return [_from_render(r, i, requests, columns, self.target_column, self.target_image_column)
+                for i, r in enumerate(self.results(completions, columns))]
 
 
 def _validate_script(steps: list, checks: list, where: str) -> None:
