@@ -244,3 +244,32 @@ def test_disk_full_while_checkpointing_is_named_and_the_previous_checkpoint_surv
     rc, err = run_cli(capsys, ["train", cfg_file(tmp_path, out, **{"log.checkpoint_every": 1, "train.max_steps": 2}), "--resume"])
     assert rc == 0, err
     assert json.loads((out / "summary.json").read_text())["steps"] == 2
+
+
+def test_fingerprint_of_a_data_folder_is_its_contents_not_its_path(tmp_path):
+    """refl.pretrain.data as a folder: the same files elsewhere fingerprint alike; an edited,
+    added or renamed file does not."""
+    from vfeedback.config import load_config
+    from vfeedback.rundir import fingerprint
+
+    def fp(folder):
+        cfg = load_config(cfg_file(tmp_path, tmp_path / "run", f"c-{folder.name}.yaml", **{"refl.pretrain.data": str(folder)}))
+        return fingerprint(cfg)["refl.pretrain.data.contents"]
+
+    a = tmp_path / "data-a"
+    (a / "sub").mkdir(parents=True)
+    (a / "x.png").write_bytes(b"\x89PNG one")
+    (a / "sub" / "x.txt").write_text("a red apple")
+    b = tmp_path / "data-b"
+    shutil.copytree(a, b)
+    assert fp(a) == fp(b) and fp(a).startswith("sha256:")
+    (b / "sub" / "x.txt").write_text("a red apple!")
+    edited = fp(b)
+    assert edited != fp(a)
+    (b / "sub" / "x.txt").write_text("a red apple")
+    assert fp(b) == fp(a)
+    (b / "sub" / "x.txt").rename(b / "sub" / "y.txt")
+    assert fp(b) != fp(a)
+    (b / "sub" / "y.txt").rename(b / "sub" / "x.txt")
+    (b / "extra.txt").write_text("")
+    assert fp(b) != fp(a)

@@ -278,6 +278,13 @@ def _sha256_file(path: Path) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def _sha256_tree(folder: Path) -> str:
+    """One digest of a folder: every file's path relative to it and its contents (hidden files
+    included; a renamed, added, removed or edited file changes it, the folder's own path not)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return _sha256_json([[p.relative_to(folder).as_posix(), _sha256_file(p)] for p in files])
+
+
 def _sha256_json(obj) -> str:
     return "sha256:" + hashlib.sha256(json.dumps(obj, ensure_ascii=False).encode()).hexdigest()
 
@@ -285,8 +292,8 @@ def _sha256_json(obj) -> str:
 def fingerprint(cfg) -> dict:
     """What defines a run, as flat ``{dotted.field: value}``: the validated config without
     ``output_dir`` (a run folder may move), with every input file replaced by a digest of its
-    contents (prompt files: of the prompts read from them), so the same file reached by another
-    path matches and an edited file does not. Data folders (refl.pretrain.data) keep their path."""
+    contents (prompt files: of the prompts read from them; data folders: of every file's relative
+    name and contents), so the same file reached by another path matches and an edited one does not."""
     from .config import read_prompts
 
     data = json.loads(cfg.model_dump_json())
@@ -305,6 +312,8 @@ def fingerprint(cfg) -> dict:
     pre = (data.get("refl") or {}).get("pretrain") or {}
     if pre.get("data") and Path(pre["data"]).is_file():
         pre["data"] = {"contents": _sha256_file(Path(pre["data"]))}
+    elif pre.get("data") and Path(pre["data"]).is_dir():
+        pre["data"] = {"contents": _sha256_tree(Path(pre["data"]))}
     ip = (data.get("model") or {}).get("ip_adapter")
     if ip:
         ip["reference"] = [{"contents": _sha256_file(Path(r))} if Path(r).is_file() else r for r in ip["reference"]]
