@@ -98,6 +98,26 @@ def _render_itercomp_tiny_short(r: dict) -> str:
             f"rise: with random tiny models the gallery has no\n  member better than the base; see the doc).")
 
 
+def _read_d3po(out) -> dict:
+    s = json.loads((Path(out) / "summary.json").read_text())
+    w = s["d3po"]
+    return {k: s[k] for k in ("eval_reward_before", "eval_reward_after", "eval_reward_exported", "heldout_win_rate", "wall_time_s")} | {
+        "wins": w["wins"], "losses": w["losses"], "ties": w["ties"], "n": w["n"]}
+
+
+def _render_d3po_tiny(r: dict) -> str:
+    m, b = r["measured"], r["band"]
+    off = m["heldout_win_rate"] - 0.5
+    verdict = ("no measurable effect in this setting" if abs(off) <= b["heldout_win_rate"]
+               else "the oracle prefers the tuned model" if off > 0 else "the oracle prefers the base model")
+    return (f"* `configs/d3po/tiny.yaml`: held-out win rate of the tuned model over the base, judged by the\n"
+            f"  same oracle, {m['heldout_win_rate']:.3f} ({m['wins']} wins / {m['losses']} losses / {m['ties']} ties of {m['n']}); eval reward "
+            f"{m['eval_reward_before']:.4f} → {m['eval_reward_after']:.4f}\n  (exported LoRA {m['eval_reward_exported']:.4f}): "
+            f"{verdict} (`{r['command']}`, {round(m['wall_time_s'])} s;\n  "
+            f"`bench/results/figures/d3po_tiny.json`; `make reproduce` bands: win rate ±{b['heldout_win_rate']}, "
+            f"eval reward ±{b['eval_reward_after']}).")
+
+
 #: name -> how to run it and what to keep. ``command`` runs from the repository root with
 #: ``{out}`` a fresh temp folder; ``read`` turns that folder into ``{value name: float}``;
 #: ``band`` is the allowed |rerun - committed| per checked value; ``docs`` maps each file holding
@@ -127,6 +147,16 @@ FIGURES: dict[str, dict] = {
                  **{f"rm_val_iter{i}_{c}": 0.2 for i in (0, 1) for c in ITERCOMP_CATS},
                  **{f"refl_{w}_iter{i}": 0.5 for i in (0, 1) for w in ("before", "after")}},
         "docs": {"docs/itercomp.md": _render_itercomp_tiny, "README.md": _render_itercomp_tiny_short},
+    },
+    "d3po_tiny": {
+        "command": "vfeedback train configs/d3po/tiny.yaml output_dir={out}",
+        "shown": "vfeedback train configs/d3po/tiny.yaml",
+        "read": _read_d3po,
+        "keys": ["eval_reward_before", "eval_reward_after", "eval_reward_exported", "heldout_win_rate", "wins", "losses",
+                 "ties", "n", "wall_time_s"],
+        # 36 held-out comparisons: one flipped comparison moves the win rate by 1/36
+        "band": {"heldout_win_rate": 0.1, "eval_reward_before": 0.005, "eval_reward_after": 0.005, "eval_reward_exported": 0.005},
+        "docs": {"README.md": _render_d3po_tiny},
     },
 }
 
