@@ -118,6 +118,14 @@ def _render_d3po_tiny(r: dict) -> str:
             f"eval reward ±{b['eval_reward_after']}).")
 
 
+def _render_zo_tiny(r: dict) -> str:
+    m, b = r["measured"], r["band"]
+    return (f"* `configs/zo_ranksgd/tiny.yaml` (latent refinement, `color` reward as the oracle, line search):\n"
+            f"  reward {m['eval_reward_before']:.4f} → {m['eval_reward_after']:.4f} in {round(m['rounds'])} rounds, {round(m['moves'])} moves "
+            f"(`{r['command']}`, {round(m['wall_time_s'])} s;\n  `bench/results/figures/zo_ranksgd_tiny.json`; "
+            f"`make reproduce` band ±{b['eval_reward_after']}).")
+
+
 #: name -> how to run it and what to keep. ``command`` runs from the repository root with
 #: ``{out}`` a fresh temp folder; ``read`` turns that folder into ``{value name: float}``;
 #: ``band`` is the allowed |rerun - committed| per checked value; ``docs`` maps each file holding
@@ -147,6 +155,15 @@ FIGURES: dict[str, dict] = {
                  **{f"rm_val_iter{i}_{c}": 0.2 for i in (0, 1) for c in ITERCOMP_CATS},
                  **{f"refl_{w}_iter{i}": 0.5 for i in (0, 1) for w in ("before", "after")}},
         "docs": {"docs/itercomp.md": _render_itercomp_tiny, "README.md": _render_itercomp_tiny_short},
+    },
+    "zo_ranksgd_tiny": {
+        "command": "vfeedback train configs/zo_ranksgd/tiny.yaml output_dir={out}",
+        "shown": "vfeedback train configs/zo_ranksgd/tiny.yaml",
+        "read": lambda out: json.loads((Path(out) / "summary.json").read_text()),
+        "keys": ["eval_reward_before", "eval_reward_after", "rounds", "moves", "wall_time_s"],
+        # the rankings' order decides each move: a flipped comparison can change the path
+        "band": {"eval_reward_before": 0.002, "eval_reward_after": 0.01},
+        "docs": {"README.md": _render_zo_tiny},
     },
     "d3po_tiny": {
         "command": "vfeedback train configs/d3po/tiny.yaml output_dir={out}",
