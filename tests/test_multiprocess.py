@@ -111,6 +111,8 @@ def _same_eval(one, two, final):
     assert d.max() <= 1 and (d > 0).mean() < 1e-2
 
 
+# slow: CI's 15-minute budget keeps one 2-process test (ReFL, above); `pytest -m slow` runs the rest
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_two_process_text_encoder_lora_is_all_reduced(tmp_path, family):
     """model.lora.text_encoder: the text encoders' LoRA (not wrapped by DDP; SDXL has two) gets
@@ -135,6 +137,8 @@ def test_two_process_text_encoder_lora_is_all_reduced(tmp_path, family):
     assert s["replicas_identical"] is True  # every process ended with the same weights, bit for bit
 
 
+# slow: CI's 15-minute budget keeps one 2-process test (ReFL, above); `pytest -m slow` runs the rest
+@pytest.mark.slow
 def test_two_process_d3po_matches_one_process(tmp_path):
     from safetensors.torch import load_file
 
@@ -168,6 +172,8 @@ def test_two_process_d3po_matches_one_process(tmp_path):
 ZO_TINY = str(Path(__file__).resolve().parents[1] / "configs" / "zo_ranksgd" / "tiny.yaml")
 
 
+# slow: CI's 15-minute budget keeps one 2-process test (ReFL, above); `pytest -m slow` runs the rest
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["latent", "lora"])
 def test_two_process_zo_ranksgd_matches_one_process(tmp_path, target):
     """Each round's candidates are drawn in render chunks shared out over the processes and
@@ -205,6 +211,8 @@ def test_two_process_zo_ranksgd_matches_one_process(tmp_path, target):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+# slow: CI's 15-minute budget keeps one 2-process test (ReFL, above); `pytest -m slow` runs the rest
+@pytest.mark.slow
 def test_two_process_itercomp_matches_one_process(tmp_path):
     """IterComp's gallery renders are shared out (whole UNet batches per process, merged by the
     main process), ranking and reward models run on the main process, the inner ReFL is the
@@ -255,6 +263,8 @@ pathlib.Path(sys.argv[1], f"probe-{acc.process_index}.txt").write_text(f"PROBE {
 """
 
 
+# slow: CI's 15-minute budget keeps one 2-process test (ReFL, above); `pytest -m slow` runs the rest
+@pytest.mark.slow
 def test_accelerate_fsdp_is_not_available_on_cpu(tmp_path):
     """What the README says about FSDP: accelerate ignores an FSDP plugin on CPU/gloo and wraps
     with DDP. When a later accelerate changes this, this fails: then add a real 2-process FSDP run."""
