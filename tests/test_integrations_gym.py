@@ -14,6 +14,7 @@ gym = pytest.importorskip("gymnasium")
 pytest.importorskip("pygame")
 
 import rewards
+from rewards import RewardError
 from vfeedback.integrations.gym import (
     ClipEmbedder,
     PreferenceRewardModel,
@@ -216,3 +217,11 @@ def test_preference_model_env_passes_check_env():
     _, r, _, _, info = env.step(0)
     frame = torch.from_numpy(env.render().copy()).permute(2, 0, 1)[None].float() / 255
     assert r == pytest.approx(model(frame).item(), abs=1e-6) and info["env_reward"] == 1.0
+
+
+@pytest.mark.parametrize("margin", [-1e-6, -1.0, float("nan"), float("inf"), float("-inf")])
+def test_labeler_refuses_a_margin_that_is_negative_or_not_finite(margin):
+    with pytest.raises(RewardError, match=r"margin: .*finite number >= 0"):
+        VLMPreferenceLabeler(lambda a, b, goal: 0, margin=margin)
+    # the bound itself is allowed: 0 means only exact ties are "no preference"
+    assert VLMPreferenceLabeler(lambda a, b, goal: 0, margin=0.0).margin == 0.0

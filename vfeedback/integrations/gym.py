@@ -24,6 +24,7 @@ Bradley-Terry reward on frozen image embeddings from those labels; it is a
 from __future__ import annotations
 
 import logging
+import math
 import random
 from typing import Callable, Optional, Sequence, Union
 
@@ -315,6 +316,8 @@ class VLMPreferenceLabeler:
     def __init__(self, judge, goal: Optional[Prompts] = None, baseline: Optional[Prompts] = None, alpha: float = 0.0, margin: float = 0.0):
         self.goal = goal
         self.margin = float(margin)
+        if not (self.margin >= 0 and math.isfinite(self.margin)):
+            raise RewardError(f"margin: scores closer than the margin are 'no preference', so it must be a finite number >= 0, got {margin!r}")
         if isinstance(judge, (Reward, str)):
             self.scorer: Optional[FrameScorer] = FrameScorer(judge, goal, baseline, alpha)
             self.judge = None
