@@ -89,3 +89,40 @@ def test_kill_9_at_random_moments_then_resume_gives_the_uninterrupted_result(tmp
     steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5]
     assert not list(out.glob(".lora-*")) and not list((out / "checkpoints").glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("where", ["prune", "replace"])
+def test_a_kill_while_a_checkpoint_is_deleted_never_leaves_a_whole_looking_one_without_weights(tmp_path, monkeypatch, where):
+    """rmtree killed halfway (it removed the weights, not yet COMPLETE): the folder being deleted
+    must already be out of ``step-*``, so resume never picks a 'complete' checkpoint without weights."""
+    import shutil as _shutil
+
+    from vfeedback import rundir
+    from vfeedback.rundir import COMPLETE_MARKER, RunDir
+
+    rd = RunDir(tmp_path / "run")
+    rd.prepare(resume=False)
+    for step in (1, 2, 3):
+        ck = rd.checkpoints / f"step-{step:06d}"
+        ck.mkdir()
+        (ck / "trainable.safetensors").write_bytes(b"w")
+        (ck / COMPLETE_MARKER).write_text("")
+    real = _shutil.rmtree
+
+    def killed_halfway(path, *a, **k):
+        (Path(path) / "trainable.safetensors").unlink()
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(rundir.shutil, "rmtree", killed_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        if where == "prune":
+            rd.prune(keep=2)  # deletes step 1
+        else:
+            rd.discard_checkpoint(rd.checkpoints / "step-000003")  # a step redone after a resume
+    monkeypatch.setattr(rundir.shutil, "rmtree", real)
+    whole = rd.complete_checkpoints()
+    assert whole and all((p / "trainable.safetensors").exists() for p in whole), whole
+    assert [p.name for p in whole] == (["step-000002", "step-000003"] if where == "prune" else ["step-000001", "step-000002"])
+    # the next prune clears the half-deleted folder
+    rd.prune(keep=2)
+    assert sorted(p.name for p in rd.checkpoints.iterdir()) == sorted(p.name for p in whole)

@@ -275,7 +275,7 @@ class Trainer:
             atomic_write(tmp / COMPLETE_MARKER, "")
             fsync_dir(tmp)
             if final.exists():
-                shutil.rmtree(final)
+                self.run.discard_checkpoint(final)
             os.replace(tmp, final)
             fsync_dir(self.run.checkpoints)
             self.run.prune(self.cfg.log.keep_checkpoints)

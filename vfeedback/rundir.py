@@ -214,11 +214,20 @@ class RunDir:
         cks = self.complete_checkpoints()
         return cks[-1] if cks else None
 
+    def discard_checkpoint(self, p: Path) -> None:
+        """Remove a checkpoint folder so that a kill at any moment leaves it whole or gone: it
+        is first renamed to a ``.tmp-`` name (atomic), then deleted; ``shutil.rmtree`` in place,
+        killed halfway, could leave ``COMPLETE`` beside missing weights."""
+        trash = p.with_name(f".tmp-del-{p.name}-{os.getpid()}")
+        os.replace(p, trash)
+        fsync_dir(p.parent)
+        shutil.rmtree(trash, ignore_errors=True)
+
     def prune(self, keep: int) -> None:
         """Drop old whole checkpoints beyond ``keep`` and any half-written temp folders."""
         cks = self.complete_checkpoints()
         for p in cks[:-keep]:
-            shutil.rmtree(p, ignore_errors=True)
+            self.discard_checkpoint(p)
         for p in self.checkpoints.iterdir():
             if p.name.startswith(".tmp-"):
                 shutil.rmtree(p, ignore_errors=True)
