@@ -754,7 +754,7 @@ class _Run:
         atomic_write(tmp / COMPLETE_MARKER, "")
         fsync_dir(tmp)
         if final.exists():
-            shutil.rmtree(final)
+            rd.discard_checkpoint(final)
         os.replace(tmp, final)
         fsync_dir(rd.checkpoints)
         rd.prune(self.cfg.log.keep_checkpoints)
