@@ -99,9 +99,66 @@ class RewardSpec(Section):
         return v
 
 
+# --- reward guards (ensembles, shaping, cost constraint: docs/raft_and_guards.md) ---
+class EnsembleConfig(Section):
+    """Coste et al. 2023, "Reward Model Ensembles Help Mitigate Overoptimization": reward.rewards
+    are the members, combined per image by the mode (rewards/base.py ``Ensemble``)."""
+
+    mode: Literal["mean", "wco", "uwo"] = Field(..., description="mean: average of the members; wco: worst case (min over members); "
+                                                "uwo: mean - uwo_lambda * (population) variance over members")
+    uwo_lambda: float = Field(0.5, ge=0, description="uwo: weight of the intra-ensemble variance (our default; the paper reports UWO robust to it)")
+
+
+class WinRateConfig(Section):
+    judge: Literal["reward", "pareto"] = Field("reward", description="comparator of two samples of a group: reward (the scalar reward, "
+                                               "closer than tie_tol is a tie) or pareto (each reward/ensemble member an objective; "
+                                               "neither dominating is a tie)")
+    tie_tol: float = Field(0.0, ge=0, description="scores closer than this tie (a tie counts 1/2)")
+
+
+class CostConfig(Section):
+    """A cost kept under a budget by a Lagrange multiplier (Safe RLHF-V's Lagrangian form):
+    maximise reward - lambda * (cost - budget), lambda >= 0 raised by dual ascent while the mean
+    cost exceeds the budget (vfeedback/reward_shaping.py)."""
+
+    name: str = Field(..., description="registered scorer giving the cost of an image (higher = worse), e.g. a detector")
+    options: dict[str, Any] = Field(default_factory=dict, description="options passed to rewards.load")
+    budget: float = Field(..., ge=0, description="d: the allowed mean cost per image")
+    lr_lambda: float = Field(0.05, ge=0, description="dual step size: lambda <- max(0, lambda + lr_lambda * (mean cost - budget)) per batch (0: a fixed penalty)")
+    lambda_init: float = Field(0.0, ge=0, description="lambda at step 0")
+
+    @field_validator("options")
+    @classmethod
+    def _finite_options(cls, v):
+        def walk(x, where):
+            if isinstance(x, float) and not math.isfinite(x):
+                raise ValueError(f"{where} is {x}; give a finite number")
+            for k, y in (x.items() if isinstance(x, dict) else enumerate(x) if isinstance(x, (list, tuple)) else ()):
+                walk(y, f"{where}.{k}")
+        walk(v, "option")
+        return v
+
+
 class RewardConfig(Section):
-    rewards: list[RewardSpec] = Field(..., min_length=1, description="one or more rewards, combined as a weighted sum")
+    rewards: list[RewardSpec] = Field(..., min_length=1, description="one or more rewards, combined as a weighted sum (or an ensemble: reward.ensemble)")
     normalize: Literal["none", "batch", "running"] = Field("none", description="per-reward normalisation before weighting")
+    ensemble: Optional[EnsembleConfig] = Field(None, description="combine reward.rewards as an ensemble (mean / wco / uwo) instead of a weighted sum; every weight must be 1")
+    shaping: Literal["none", "par", "win_rate"] = Field(
+        "none", description="par: sigmoid(r - r_ref), r_ref the reward of the frozen base model's image for the same prompt and seed "
+        "(Fu et al. 2025); win_rate: each sample's share of the other samples of its group it beats (Swamy et al. 2024, SPO); "
+        "computed over the global batch")
+    win_rate: WinRateConfig = Field(default_factory=WinRateConfig, description="shaping: win_rate settings")
+
+    @model_validator(mode="after")
+    def _ensemble_checks(self):
+        if self.ensemble is not None:
+            if len(self.rewards) < 2:
+                raise ValueError(f"ensemble needs at least 2 members under reward.rewards, got {len(self.rewards)}")
+            bad = [i for i, r in enumerate(self.rewards) if r.weight != 1.0]
+            if bad:
+                raise ValueError(f"ensemble: members are combined by the mode, not weighted; reward.rewards.{bad[0]}.weight must be 1 "
+                                 f"(got {self.rewards[bad[0]].weight})")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -347,6 +404,7 @@ class RunConfig(Section):
     zo_ranksgd: ZORankSGDSection = Field(default_factory=ZORankSGDSection, description="ZO-RankSGD settings (algorithm: zo_ranksgd)")
     d3po: D3POConfig = Field(default_factory=D3POConfig, description="D3PO settings (algorithm: d3po)")
     itercomp: IterCompSection = Field(default_factory=IterCompSection, description="IterComp settings (algorithm: itercomp)")
+    cost: Optional[CostConfig] = Field(None, description="a cost kept under a budget by a Lagrange multiplier (reward - lambda * (cost - budget))")
     rank: RankConfig = Field(default_factory=RankConfig, description="the ranking app (vfeedback rank)")
 
     @model_validator(mode="after")
