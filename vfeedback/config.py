@@ -360,6 +360,36 @@ class IterCompSection(Section):
         return self
 
 
+# --- raft ---
+class RaftConfig(Section):
+    """RAFT: Reward rAnked FineTuning (Dong et al. 2023, TMLR). Each round samples num_samples images
+    per prompt, keeps the best by reward and fine-tunes on them with the denoising loss. Defaults
+    are the reference's diffusion example (OptimalScale/LMFlow experimental/RAFT-diffusion); see
+    docs/raft_and_guards.md and vfeedback/algorithms/raft.py."""
+
+    mode: Literal["online", "offline"] = Field("online", description="online: fresh samples from the current model every round; "
+                                               "offline: select once from raft.data (a JSONL or folder of images) and fine-tune on the kept ones")
+    num_samples: int = Field(10, ge=1, le=256, description="K: images sampled per prompt each round (the reference's num_images_per_prompt 10)")
+    prompts_per_round: int = Field(10, ge=1, description="prompts sampled per round over all processes (the reference: its 10 CIFAR-10 class prompts)")
+    selection: Literal["best_of_k", "quantile"] = Field(
+        "best_of_k", description="best_of_k: the best of each prompt's K images, then the keep_fraction best of those over the round "
+        "(the reference's diffusion example); quantile: the keep_fraction best of all the round's images (LMFlow's 'top' strategy)")
+    keep_fraction: float = Field(0.8, gt=0, le=1, description="best_of_k: share of the prompts' best images kept (reference: top 8 of 10); "
+                                 "quantile: share of all images kept; floor(n * keep_fraction), at least 1")
+    steps_per_round: int = Field(80, ge=1, description="optimizer steps on one round's kept images before the next round is sampled (reference: 80)")
+    sample_batch_size: int = Field(8, ge=1, description="images rendered per UNet call while sampling a round")
+    data: Optional[str] = Field(None, description="offline: a JSONL file of {\"image\": path, \"prompt\": text, \"score\": number (optional)} "
+                                "(paths relative to the file) or a folder of images with same-name .txt prompts")
+    offline_scores: Literal["reward", "file"] = Field("reward", description="offline: score the images with the run's reward (with ensemble / "
+                                                      "shaping / cost) or take each row's \"score\" from raft.data")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.mode == "offline" and not self.data:
+            raise ValueError("mode: offline needs raft.data (a JSONL file or a folder of scored images)")
+        return self
+
+
 class TrainConfig(Section):
     max_steps: int = Field(100, ge=1, description="optimizer steps")
     batch_size: int = Field(2, ge=1, description="prompts per step per process")
@@ -390,7 +420,7 @@ class LogConfig(Section):
 
 
 class RunConfig(Section):
-    algorithm: Literal["refl", "zo_ranksgd", "d3po", "itercomp"] = Field(..., description="method: refl, zo_ranksgd, d3po, itercomp")
+    algorithm: Literal["refl", "zo_ranksgd", "d3po", "itercomp", "raft"] = Field(..., description="method: refl, zo_ranksgd, d3po, itercomp, raft")
     output_dir: NonEmptyStr = Field(..., description="run folder (new, empty, or an earlier run's with --resume)")
     seed: Seed = Field(0, description="global seed in [0, 2**32); every step's randomness derives from (seed, step)")
     model: ModelConfig
@@ -404,6 +434,7 @@ class RunConfig(Section):
     zo_ranksgd: ZORankSGDSection = Field(default_factory=ZORankSGDSection, description="ZO-RankSGD settings (algorithm: zo_ranksgd)")
     d3po: D3POConfig = Field(default_factory=D3POConfig, description="D3PO settings (algorithm: d3po)")
     itercomp: IterCompSection = Field(default_factory=IterCompSection, description="IterComp settings (algorithm: itercomp)")
+    raft: RaftConfig = Field(default_factory=RaftConfig, description="RAFT settings (algorithm: raft)")
     cost: Optional[CostConfig] = Field(None, description="a cost kept under a budget by a Lagrange multiplier (reward - lambda * (cost - budget))")
     rank: RankConfig = Field(default_factory=RankConfig, description="the ranking app (vfeedback rank)")
 
@@ -437,6 +468,17 @@ class RunConfig(Section):
         if self.algorithm == "d3po" and self.sampling.eta <= 0:
             raise ValueError(f"sampling.eta is {self.sampling.eta}: d3po's policy is the stochastic DDIM transition, whose log-prob "
                              "needs eta > 0 (the reference uses 1.0)")
+        return self
+
+    @model_validator(mode="after")
+    def _raft_checks(self):
+        if self.algorithm == "raft" and self.raft.mode == "offline" and self.reward.shaping == "par":
+            raise ValueError("reward.shaping: par compares each image with the base model's image for the same prompt and seed; "
+                             "raft.mode: offline images have no seed to re-render; use shaping none or win_rate")
+        if self.algorithm == "raft" and self.raft.mode == "offline" and self.raft.offline_scores == "file" and (
+                self.reward.shaping != "none" or self.cost is not None or self.reward.ensemble is not None):
+            raise ValueError("raft.offline_scores: file takes the scores as given; reward.ensemble / reward.shaping / cost apply to scores "
+                             "the run computes (set raft.offline_scores: reward)")
         return self
 
 

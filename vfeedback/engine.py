@@ -531,6 +531,7 @@ class Trainer:
                 prompts = [self.train_prompts[idx[j]] for j in mine]
                 gens = [generator(cfg.seed, "item", step, micro, j) for j in mine]
                 step_gen = generator(cfg.seed, "step", step, micro)
+                self.current_step, self.current_micro = step, micro  # for methods that work in rounds (RAFT)
                 with acc.accumulate(self.model.denoiser):
                     with acc.autocast():
                         loss, mets = self.method.train_step(prompts, gens, step_gen)
