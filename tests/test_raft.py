@@ -256,3 +256,19 @@ def test_two_process_raft_matches_one_process(tmp_path):
         for key in ("raft/kept", "raft/kept_score_mean", "lambda", "lambda_next", "cost_mean", "reward_raw_mean"):
             assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-7), (x["step"], key)
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["replicas_identical"] is True
+
+
+@pytest.mark.parametrize("name", ["tiny", "shapes", "sd15", "sdxl"])
+def test_shipped_configs_validate(name):
+    """The schema and the method's own checks (the reward weights of the GPU configs are not
+    downloaded here; `vfeedback validate` checks them where they are)."""
+    from vfeedback.algorithms.raft import RAFT
+    from vfeedback.config import load_config
+    from vfeedback.reward_shaping import check_config
+
+    path = Path(__file__).resolve().parent.parent / "configs" / "raft" / f"{name}.yaml"
+    assert "vfeedback train configs/raft/" in path.read_text()  # the header names the command
+    cfg = load_config(path)
+    RAFT.check_config(cfg)
+    check_config(cfg, RAFT)
+    assert cfg.algorithm == "raft"
