@@ -193,6 +193,36 @@ def test_online_par_and_cost_resume_restores_lambda_exactly(tmp_path):
     assert s["algorithm"] == "raft" and s["eval_reward_exported"] == pytest.approx(s["eval_reward_after"], abs=1e-3)
 
 
+def test_offline_collection_scored_by_the_reward_in_chunks(tmp_path):
+    """_collect_offline without a model: the run's reward (through ScalarReward, with a cost)
+    scores prompts_per_round prompts at a time, the best of each prompt is kept and re-read."""
+    from types import SimpleNamespace
+
+    import rewards
+    from vfeedback.algorithms.raft import RAFT
+    from vfeedback.config import RunConfig
+    from vfeedback.reward_shaping import ScalarReward
+
+    for i, rgb in enumerate([(250, 0, 0), (0, 0, 250), (0, 250, 0), (0, 0, 250)]):
+        _png(tmp_path / f"{i}.png", rgb, size=8)
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(json.dumps({"image": f"{i}.png", "prompt": p}) + "\n"
+                         for i, p in enumerate(["a red apple", "a red apple", "a blue lake", "a blue lake"])))
+    c = json.loads(json.dumps(BASE))
+    c.update(output_dir=str(tmp_path / "o"), raft={"mode": "offline", "data": str(f), "prompts_per_round": 1, "keep_fraction": 1.0},
+             cost={"name": "brightness", "budget": 0.0, "lr_lambda": 1.0})
+    cfg = RunConfig.model_validate(c)
+    tr = SimpleNamespace(acc=SimpleNamespace(num_processes=1, process_index=0), config_source=None,
+                         model=SimpleNamespace(resolution=8, device=torch.device("cpu")))
+    tr.scalar_reward = ScalarReward(cfg, rewards.load("color"), None, cost=rewards.load("brightness"))
+    k = RAFT(cfg, tr)._collect_offline()
+    # red beats blue for "a red apple", blue beats green for "a blue lake"
+    assert k.prompts == ["a red apple", "a blue lake"]
+    assert k.images[0, :, 0, 0].tolist() == [250, 0, 0] and k.images[1, :, 0, 0].tolist() == [0, 0, 250]
+    assert tr.scalar_reward.updates == 2  # one scoring batch (and multiplier step) per prompt
+
+
+@pytest.mark.slow
 def test_offline_from_scored_jsonl(tmp_path):
     from safetensors import safe_open
 
