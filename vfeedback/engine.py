@@ -39,7 +39,6 @@ TRAINABLE_FILE = "trainable.safetensors"
 STATE_FILE = "trainer_state.json"
 REWARD_STATE_FILE = "reward_state.safetensors"
 EMA_FILE = "ema.safetensors"
-METHOD_STATE_FILE = "method_state.json"
 
 
 def derive_seed(*parts) -> int:
@@ -273,9 +272,6 @@ class Trainer:
                 from safetensors.torch import save_file
 
                 save_file(rstate, str(tmp / REWARD_STATE_FILE))
-            mstate = getattr(self.method, "state_dict", None)
-            if mstate is not None and mstate():  # a method's own state (DDPO's per-prompt reward buffers)
-                atomic_write(tmp / METHOD_STATE_FILE, json.dumps(mstate()))
             atomic_write(tmp / COMPLETE_MARKER, "")
             fsync_dir(tmp)
             if final.exists():
@@ -305,9 +301,6 @@ class Trainer:
             from safetensors.torch import load_file
 
             self.reward.load_state_dict(load_file(str(rfile)), strict=False)
-        mfile = ck / METHOD_STATE_FILE
-        if mfile.exists() and hasattr(self.method, "load_state_dict"):
-            self.method.load_state_dict(json.loads(mfile.read_text()))
         self.nan_streak, self.nan_total = state["nan_streak"], state["nan_total"]
         self.evals = state.get("evals", [])
         self._time_offset = state.get("wall_time_s", 0.0)
