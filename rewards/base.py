@@ -257,6 +257,19 @@ class WeightedSum(Reward):
         # running statistics with the same global batch a single process would see
         self.stats_gather = None
 
+    def _normed(self, v: torch.Tensor, norm: RunningNorm) -> torch.Tensor:
+        """One member's scores ``v`` (B,) after ``normalize`` (none / batch / running)."""
+        if self.normalize == "batch":
+            finite = torch.isfinite(v)
+            mu = v[finite].mean() if finite.any() else v.new_zeros(())  # pragma: no mutate: an all-NaN column gives NaN terms either way
+            sd = v[finite].std() if finite.sum() > 1 else v.new_ones(())
+            v = (v - mu) / sd.clamp_min(1e-6)
+        elif self.normalize == "running":
+            if self.update_stats:
+                norm.update(self.stats_gather(v.detach()) if self.stats_gather is not None else v)
+            v = (v - norm.mean.to(v)) / norm.std().to(v)
+        return v
+
     def forward(self, images, prompts=None, **context):
         total = None
         all_nan = None
@@ -264,15 +277,7 @@ class WeightedSum(Reward):
         for name, r, w, norm in zip(self.names, self.rewards, self.weights, self.norms):
             v = r(images, prompts, **context).float()
             self.last_components[name] = v.detach()
-            if self.normalize == "batch":
-                finite = torch.isfinite(v)
-                mu = v[finite].mean() if finite.any() else v.new_zeros(())  # pragma: no mutate: an all-NaN column gives NaN terms either way
-                sd = v[finite].std() if finite.sum() > 1 else v.new_ones(())
-                v = (v - mu) / sd.clamp_min(1e-6)
-            elif self.normalize == "running":
-                if self.update_stats:
-                    norm.update(self.stats_gather(v.detach()) if self.stats_gather is not None else v)
-                v = (v - norm.mean.to(v)) / norm.std().to(v)
+            v = self._normed(v, norm)
             term = w * v
             nan = ~torch.isfinite(term)
             all_nan = nan if all_nan is None else (all_nan & nan)
@@ -281,10 +286,74 @@ class WeightedSum(Reward):
         return torch.where(all_nan, torch.full_like(total, float("nan")), total)  # pragma: no mutate: float("NAN") is the same NaN
 
 
-def combine(specs: Sequence[dict], normalize: str = "none") -> Reward:
+ENSEMBLE_MODES = ("mean", "wco", "uwo")
+
+
+class Ensemble(WeightedSum):
+    """An ensemble of scorers combined conservatively (Coste et al. 2023, "Reward Model Ensembles
+    Help Mitigate Overoptimization", ICLR 2024, Sec. 3, the three ensemble objectives), for
+    members ``R_1..R_k`` of one image (after ``normalize``, as :class:`WeightedSum`):
+
+    * ``mean``: ``R = (1/k) sum_i R_i``;
+    * ``wco`` (worst-case optimisation): ``R = min_i R_i``;
+    * ``uwo`` (uncertainty-weighted optimisation): ``R = (1/k) sum_i R_i - lambda * Var_i(R_i)``
+      with the intra-ensemble variance ``Var = (1/k) sum_i (R_i - mean)^2``: the population
+      variance (divisor k), as the paper defines it; ``lambda`` (``uwo_lambda``) >= 0.
+
+    Differentiable wherever every member is (min and variance are torch ops; min passes the
+    gradient to the smallest member). A member that returns NaN for an image is left out of that
+    image's combination (the TRL convention WeightedSum follows); an image no member scores is NaN.
+    """
+
+    def __init__(self, rewards: Sequence[Reward], mode: str = "mean", uwo_lambda: float = 0.5, normalize: str = "none",
+                 names: Optional[Sequence[str]] = None):
+        if mode not in ENSEMBLE_MODES:
+            raise RewardError(f"ensemble mode must be one of {', '.join(ENSEMBLE_MODES)}, got {mode!r}")
+        if len(rewards) < 2:
+            raise RewardError(f"an ensemble needs at least 2 members, got {len(rewards)}")
+        if not (isinstance(uwo_lambda, (int, float)) and math.isfinite(uwo_lambda) and uwo_lambda >= 0):
+            raise RewardError(f"uwo_lambda must be a finite number >= 0, got {uwo_lambda!r}")
+        super().__init__(rewards, [1.0] * len(rewards), normalize=normalize, names=names)
+        self.mode = mode
+        self.uwo_lambda = float(uwo_lambda)
+        self.name = f"{mode}(" + ",".join(self.names) + ")"
+
+    def forward(self, images, prompts=None, **context):
+        self.last_components = {}
+        cols = []
+        for name, r, norm in zip(self.names, self.rewards, self.norms):
+            v = r(images, prompts, **context).float()
+            self.last_components[name] = v.detach()
+            cols.append(self._normed(v, norm))
+        return ensemble_combine(torch.stack(cols, dim=1), self.mode, self.uwo_lambda)
+
+
+def ensemble_combine(r: torch.Tensor, mode: str, uwo_lambda: float = 0.5) -> torch.Tensor:
+    """Combine member scores ``r`` (B, k) into (B,) by ``mode`` (see :class:`Ensemble`); NaN
+    members of a row are ignored, an all-NaN row gives NaN."""
+    ok = torch.isfinite(r)
+    n = ok.sum(dim=1)
+    z = torch.where(ok, r, torch.zeros_like(r))
+    mean = z.sum(dim=1) / n.clamp_min(1)
+    if mode == "mean":
+        out = mean
+    elif mode == "wco":
+        out = torch.where(ok, r, torch.full_like(r, math.inf)).min(dim=1).values
+    elif mode == "uwo":
+        dev = torch.where(ok, r - mean[:, None], torch.zeros_like(r))
+        var = (dev * dev).sum(dim=1) / n.clamp_min(1)  # population variance: divisor k (Coste et al.)
+        out = mean - uwo_lambda * var
+    else:
+        raise RewardError(f"ensemble mode must be one of {', '.join(ENSEMBLE_MODES)}, got {mode!r}")
+    return torch.where(n > 0, out, torch.full_like(out, float("nan")))
+
+
+def combine(specs: Sequence[dict], normalize: str = "none", ensemble: Optional[str] = None, uwo_lambda: float = 0.5) -> Reward:
     """Build one reward from ``[{"name": ..., "weight": ..., **options}, ...]``.
 
-    A single spec with weight 1 and no normalisation returns the plain reward.
+    A single spec with weight 1 and no normalisation returns the plain reward. ``ensemble``
+    (``mean`` / ``wco`` / ``uwo``): the specs are the members of an :class:`Ensemble` instead of
+    a weighted sum (weights must then be 1).
     """
     rewards, weights, names = [], [], []
     for spec in specs:
@@ -296,6 +365,12 @@ def combine(specs: Sequence[dict], normalize: str = "none") -> Reward:
         rewards.append(load(name, **opts))
         weights.append(weight)
         names.append(name)
+    if ensemble is not None:
+        # members of one scorer with different options (seeds, checkpoints) are told apart by position
+        names = [n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names)]
+        if any(w != 1.0 for w in weights):
+            raise RewardError(f"ensemble members are combined by the mode ({ensemble}), not weighted; give every weight 1, got {weights}")
+        return Ensemble(rewards, ensemble, uwo_lambda, normalize=normalize, names=names)
     if len(rewards) == 1 and weights[0] == 1.0 and normalize == "none":
         return rewards[0]
     return WeightedSum(rewards, weights, normalize=normalize, names=names)

@@ -256,6 +256,38 @@ def test_inner_updates_are_made_by_the_method_and_the_last_left_to_the_engine(fr
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)  # the last update's, for the engine
 
 
+@pytest.mark.parametrize("shaping", ["win_rate", "par"])
+def test_a_grpo_step_trains_on_the_shaped_reward(fresh_sd15, shaping):
+    """Rewards go through trainer.scalar_reward (vfeedback/reward_shaping.py) with a prompt's
+    images as one group. win_rate: a group of 3 gets 0, 1/2, 1 in the raw reward's order; par
+    with the policy equal to the base (LoRA B = 0): sigmoid(r - r_ref) = sigmoid(0) = 1/2 for
+    every image (the base re-renders the same seeds), so every advantage is 0."""
+    import rewards
+
+    from vfeedback.models import add_lora
+    from vfeedback.reward_shaping import ScalarReward
+
+    add_lora(fresh_sd15, 4, None, LORA_TARGETS)
+    cfg = RunConfig.model_validate({**_cfg("grpo", group_size=3).model_dump(), "reward": {"rewards": [{"name": "color"}], "shaping": shaping}})
+    method = _method(fresh_sd15, cfg)
+    method.trainer.scalar_reward = ScalarReward(cfg, method.trainer.reward, None)
+    smp = method.sample_micro(["a red apple"], [torch.Generator().manual_seed(3)], 0)
+    with torch.no_grad():
+        raw = rewards.load("color")(fresh_sd15.decode(smp.traj[:, -1]).float(), smp.prompts).double()
+    assert len(set(raw.tolist())) == 3  # three different raw rewards
+    adv, _ = method.global_advantages(smp)
+    mets = method._score_metrics[-1]  # the guards' metrics of this sampling batch (train_step logs their mean)
+    assert mets["reward_raw_mean"] == pytest.approx(float(raw.mean()), rel=1e-5)
+    if shaping == "win_rate":
+        want = torch.argsort(torch.argsort(raw)).double() / 2  # rank 0, 1, 2 -> 0, 1/2, 1
+        assert smp.rewards.double().tolist() == pytest.approx(want.tolist(), abs=1e-12)
+        assert (adv.argsort() == raw.argsort()).all()
+    else:
+        assert smp.rewards.tolist() == pytest.approx([0.5] * 3, abs=1e-6)
+        assert mets["reward_ref_mean"] == pytest.approx(float(raw.mean()), rel=1e-5)
+        assert adv.abs().max() < 1e-2  # (0.5 - 0.5) / (0 + 1e-4), up to float noise in r - r_ref
+
+
 # ----------------------------------------------------------------------------- config
 def test_config_defaults_and_checks():
     c = RunConfig.model_validate({"algorithm": "ddpo", "output_dir": "x", "model": {"family": "sd15", "path": "tiny:sd15"},
@@ -336,13 +368,16 @@ def test_two_process_matches_one_process(tmp_path, algorithm):
 @pytest.mark.slow
 def test_ddpo_resume_restores_the_stat_tracker(tmp_path):
     """A run stopped after epoch 1 and resumed equals an uninterrupted one: the per-prompt
-    buffers (method_state.json in the checkpoint) carry over."""
+    buffers (the checkpoint's method_state.safetensors) carry over."""
     common = ["configs/ddpo/tiny.yaml", "sampling.steps=4", "ddpo.min_count=1", "ddpo.updates_per_epoch=1",
               "train.adam_eps=1e-4", "log.checkpoint_every=1"]
     full, part = tmp_path / "full", tmp_path / "part"
     _train(common + [f"output_dir={full}", "train.max_steps=2"])
     _train(common + [f"output_dir={part}", "train.max_steps=1"])
-    st = json.loads((part / "checkpoints" / "step-000001" / "method_state.json").read_text())
+    from safetensors import safe_open
+
+    with safe_open(str(part / "checkpoints" / "step-000001" / "method_state.safetensors"), framework="pt") as h:
+        st = json.loads(h.metadata()["json"])
     assert sum(len(v) for v in st["tracker"]["stats"].values()) == 4  # 2 batches x 2 prompts scored in epoch 1
     _train(common + [f"output_dir={part}", "train.max_steps=2", "--resume"])
     a, b = _lora(full), _lora(part)

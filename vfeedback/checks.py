@@ -24,6 +24,7 @@ RESUMABLE = {
     "itercomp": ("itercomp.iterations", "log"),
     "ddpo": ("train.max_steps", "log"),
     "grpo": ("train.max_steps", "log"),
+    "raft": ("train.max_steps", "log"),
 }
 
 
@@ -87,6 +88,7 @@ class Checked:
     reward: object = None
     eval_rewards: dict = field(default_factory=dict)
     model_source: Optional[str] = None
+    cost: object = None  # the cost scorer of cfg.cost (vfeedback/reward_shaping.py)
 
 
 def check_run(cfg: RunConfig, resume: bool = False, main_process: bool = True) -> Checked:
@@ -104,10 +106,21 @@ def check_run(cfg: RunConfig, resume: bool = False, main_process: bool = True) -
     eval_p = read_prompts(cfg.prompts.eval, "prompts.eval") if cfg.prompts.eval else train_p[:4]
     method = get_method(cfg.algorithm)
     specs = [dict(name=r.name, weight=r.weight, **r.options) for r in cfg.reward.rewards]
+    ens = cfg.reward.ensemble
     try:
-        reward = rewards.combine(specs, normalize=cfg.reward.normalize)
+        reward = rewards.combine(specs, normalize=cfg.reward.normalize, ensemble=ens.mode if ens else None,
+                                 uwo_lambda=ens.uwo_lambda if ens else 0.5)
     except rewards.RewardError as e:
         raise UserError(f"reward: {e}") from None
+    from .reward_shaping import check_config as check_guards
+
+    check_guards(cfg, method)
+    cost = None
+    if cfg.cost is not None:
+        try:
+            cost = rewards.load(cfg.cost.name, **cfg.cost.options)
+        except rewards.RewardError as e:
+            raise UserError(f"cost: {e}") from None
     names = [s.name for s in cfg.eval_rewards]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -151,4 +164,4 @@ def check_run(cfg: RunConfig, resume: bool = False, main_process: bool = True) -
                 if cfg.train.max_steps < done:
                     raise UserError(f"--resume: train.max_steps={cfg.train.max_steps} is below the step of the run's newest checkpoint "
                                     f"({ck.name}, step {done}); give train.max_steps >= {done}, or start a new output_dir")
-    return Checked(train_p, eval_p, reward, eval_rewards, src)
+    return Checked(train_p, eval_p, reward, eval_rewards, src, cost)

@@ -99,9 +99,66 @@ class RewardSpec(Section):
         return v
 
 
+# --- reward guards (ensembles, shaping, cost constraint: docs/raft_and_guards.md) ---
+class EnsembleConfig(Section):
+    """Coste et al. 2023, "Reward Model Ensembles Help Mitigate Overoptimization": reward.rewards
+    are the members, combined per image by the mode (rewards/base.py ``Ensemble``)."""
+
+    mode: Literal["mean", "wco", "uwo"] = Field(..., description="mean: average of the members; wco: worst case (min over members); "
+                                                "uwo: mean - uwo_lambda * (population) variance over members")
+    uwo_lambda: float = Field(0.5, ge=0, description="uwo: weight of the intra-ensemble variance (our default; the paper reports UWO robust to it)")
+
+
+class WinRateConfig(Section):
+    judge: Literal["reward", "pareto"] = Field("reward", description="comparator of two samples of a group: reward (the scalar reward, "
+                                               "closer than tie_tol is a tie) or pareto (each reward/ensemble member an objective; "
+                                               "neither dominating is a tie)")
+    tie_tol: float = Field(0.0, ge=0, description="scores closer than this tie (a tie counts 1/2)")
+
+
+class CostConfig(Section):
+    """A cost kept under a budget by a Lagrange multiplier (Safe RLHF-V's Lagrangian form):
+    maximise reward - lambda * (cost - budget), lambda >= 0 raised by dual ascent while the mean
+    cost exceeds the budget (vfeedback/reward_shaping.py)."""
+
+    name: str = Field(..., description="registered scorer giving the cost of an image (higher = worse), e.g. a detector")
+    options: dict[str, Any] = Field(default_factory=dict, description="options passed to rewards.load")
+    budget: float = Field(..., ge=0, description="d: the allowed mean cost per image")
+    lr_lambda: float = Field(0.05, ge=0, description="dual step size: lambda <- max(0, lambda + lr_lambda * (mean cost - budget)) per batch (0: a fixed penalty)")
+    lambda_init: float = Field(0.0, ge=0, description="lambda at step 0")
+
+    @field_validator("options")
+    @classmethod
+    def _finite_options(cls, v):
+        def walk(x, where):
+            if isinstance(x, float) and not math.isfinite(x):
+                raise ValueError(f"{where} is {x}; give a finite number")
+            for k, y in (x.items() if isinstance(x, dict) else enumerate(x) if isinstance(x, (list, tuple)) else ()):
+                walk(y, f"{where}.{k}")
+        walk(v, "option")
+        return v
+
+
 class RewardConfig(Section):
-    rewards: list[RewardSpec] = Field(..., min_length=1, description="one or more rewards, combined as a weighted sum")
+    rewards: list[RewardSpec] = Field(..., min_length=1, description="one or more rewards, combined as a weighted sum (or an ensemble: reward.ensemble)")
     normalize: Literal["none", "batch", "running"] = Field("none", description="per-reward normalisation before weighting")
+    ensemble: Optional[EnsembleConfig] = Field(None, description="combine reward.rewards as an ensemble (mean / wco / uwo) instead of a weighted sum; every weight must be 1")
+    shaping: Literal["none", "par", "win_rate"] = Field(
+        "none", description="par: sigmoid(r - r_ref), r_ref the reward of the frozen base model's image for the same prompt and seed "
+        "(Fu et al. 2025); win_rate: each sample's share of the other samples of its group it beats (Swamy et al. 2024, SPO); "
+        "computed over the global batch")
+    win_rate: WinRateConfig = Field(default_factory=WinRateConfig, description="shaping: win_rate settings")
+
+    @model_validator(mode="after")
+    def _ensemble_checks(self):
+        if self.ensemble is not None:
+            if len(self.rewards) < 2:
+                raise ValueError(f"ensemble needs at least 2 members under reward.rewards, got {len(self.rewards)}")
+            bad = [i for i, r in enumerate(self.rewards) if r.weight != 1.0]
+            if bad:
+                raise ValueError(f"ensemble: members are combined by the mode, not weighted; reward.rewards.{bad[0]}.weight must be 1 "
+                                 f"(got {self.rewards[bad[0]].weight})")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -337,6 +394,34 @@ class GRPOConfig(PolicyGradientSection):
     group_size: int = Field(8, ge=2, le=256, description="G: images sampled per prompt; a prompt's images form its group (Flow-GRPO sample.num_image_per_prompt, DanceGRPO num_generations)")
     shared_noise: bool = Field(False, description="every image of a group starts from the same initial latent (DanceGRPO); false: independent x_T (Flow-GRPO)")
     global_std: bool = Field(False, description="divide by the std of the whole batch instead of the group's (Flow-GRPO sample.global_std)")
+# --- raft ---
+class RaftConfig(Section):
+    """RAFT: Reward rAnked FineTuning (Dong et al. 2023, TMLR). Each round samples num_samples images
+    per prompt, keeps the best by reward and fine-tunes on them with the denoising loss. Defaults
+    are the reference's diffusion example (OptimalScale/LMFlow experimental/RAFT-diffusion); see
+    docs/raft_and_guards.md and vfeedback/algorithms/raft.py."""
+
+    mode: Literal["online", "offline"] = Field("online", description="online: fresh samples from the current model every round; "
+                                               "offline: select once from raft.data (a JSONL or folder of images) and fine-tune on the kept ones")
+    num_samples: int = Field(10, ge=1, le=256, description="K: images sampled per prompt each round (the reference's num_images_per_prompt 10)")
+    prompts_per_round: int = Field(10, ge=1, description="prompts sampled per round over all processes (the reference: its 10 CIFAR-10 class prompts)")
+    selection: Literal["best_of_k", "quantile"] = Field(
+        "best_of_k", description="best_of_k: the best of each prompt's K images, then the keep_fraction best of those over the round "
+        "(the reference's diffusion example); quantile: the keep_fraction best of all the round's images (LMFlow's 'top' strategy)")
+    keep_fraction: float = Field(0.8, gt=0, le=1, description="best_of_k: share of the prompts' best images kept (reference: top 8 of 10); "
+                                 "quantile: share of all images kept; floor(n * keep_fraction), at least 1")
+    steps_per_round: int = Field(80, ge=1, description="optimizer steps on one round's kept images before the next round is sampled (reference: 80)")
+    sample_batch_size: int = Field(8, ge=1, description="images rendered per UNet call while sampling a round")
+    data: Optional[str] = Field(None, description="offline: a JSONL file of {\"image\": path, \"prompt\": text, \"score\": number (optional)} "
+                                "(paths relative to the file) or a folder of images with same-name .txt prompts")
+    offline_scores: Literal["reward", "file"] = Field("reward", description="offline: score the images with the run's reward (with ensemble / "
+                                                      "shaping / cost) or take each row's \"score\" from raft.data")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.mode == "offline" and not self.data:
+            raise ValueError("mode: offline needs raft.data (a JSONL file or a folder of scored images)")
+        return self
 
 
 class TrainConfig(Section):
@@ -369,7 +454,7 @@ class LogConfig(Section):
 
 
 class RunConfig(Section):
-    algorithm: Literal["refl", "zo_ranksgd", "d3po", "itercomp", "ddpo", "grpo"] = Field(..., description="method: refl, zo_ranksgd, d3po, itercomp, ddpo, grpo")
+    algorithm: Literal["refl", "zo_ranksgd", "d3po", "itercomp", "raft", "ddpo", "grpo"] = Field(..., description="method: refl, zo_ranksgd, d3po, itercomp, raft, ddpo, grpo")
     output_dir: NonEmptyStr = Field(..., description="run folder (new, empty, or an earlier run's with --resume)")
     seed: Seed = Field(0, description="global seed in [0, 2**32); every step's randomness derives from (seed, step)")
     model: ModelConfig
@@ -385,6 +470,8 @@ class RunConfig(Section):
     itercomp: IterCompSection = Field(default_factory=IterCompSection, description="IterComp settings (algorithm: itercomp)")
     ddpo: DDPOConfig = Field(default_factory=DDPOConfig, description="DDPO settings (algorithm: ddpo)")
     grpo: GRPOConfig = Field(default_factory=GRPOConfig, description="GRPO settings (algorithm: grpo)")
+    raft: RaftConfig = Field(default_factory=RaftConfig, description="RAFT settings (algorithm: raft)")
+    cost: Optional[CostConfig] = Field(None, description="a cost kept under a budget by a Lagrange multiplier (reward - lambda * (cost - budget))")
     rank: RankConfig = Field(default_factory=RankConfig, description="the ranking app (vfeedback rank)")
 
     @model_validator(mode="after")
@@ -452,6 +539,17 @@ class RunConfig(Section):
     def _grpo_checks(self):
         if self.algorithm == "grpo":
             self._policy_gradient_checks("grpo", self.train.gradient_accumulation_steps * self.train.batch_size * self.grpo.group_size)
+        return self
+
+    @model_validator(mode="after")
+    def _raft_checks(self):
+        if self.algorithm == "raft" and self.raft.mode == "offline" and self.reward.shaping == "par":
+            raise ValueError("reward.shaping: par compares each image with the base model's image for the same prompt and seed; "
+                             "raft.mode: offline images have no seed to re-render; use shaping none or win_rate")
+        if self.algorithm == "raft" and self.raft.mode == "offline" and self.raft.offline_scores == "file" and (
+                self.reward.shaping != "none" or self.cost is not None or self.reward.ensemble is not None):
+            raise ValueError("raft.offline_scores: file takes the scores as given; reward.ensemble / reward.shaping / cost apply to scores "
+                             "the run computes (set raft.offline_scores: reward)")
         return self
 
 

@@ -38,8 +38,9 @@ log = logging.getLogger(__name__)
 TRAINABLE_FILE = "trainable.safetensors"
 STATE_FILE = "trainer_state.json"
 REWARD_STATE_FILE = "reward_state.safetensors"
+SHAPING_STATE_FILE = "reward_shaping.json"
+METHOD_STATE_FILE = "method_state.safetensors"
 EMA_FILE = "ema.safetensors"
-METHOD_STATE_FILE = "method_state.json"
 
 
 def derive_seed(*parts) -> int:
@@ -91,6 +92,7 @@ class Trainer:
         checked = check_run(cfg, resume=self.resume, main_process=main)
         self.train_prompts, self.eval_prompts = checked.train_prompts, checked.eval_prompts
         self.reward, self.eval_rewards = checked.reward, checked.eval_rewards
+        self._cost_scorer = checked.cost
 
         cpu = cfg.train.device == "cpu" or not torch.cuda.is_available()
         mp = resolve_mixed_precision(cfg.train.mixed_precision, "cpu" if cpu else "cuda")
@@ -163,6 +165,11 @@ class Trainer:
             r.to(self.acc.device)
             r.requires_grad_(False)
             r.eval()
+        from .reward_shaping import ScalarReward
+
+        # the scalar reward sampling methods train on: shaping and the cost constraint over the
+        # global batch (vfeedback/reward_shaping.py); its Lagrange multiplier is checkpointed
+        self.scalar_reward = ScalarReward(cfg, self.reward, self.acc, cost=self._cost_scorer)
         if dry_run:
             return
         # everything is checked and loaded: only now the run folder is made (by the main
@@ -273,9 +280,14 @@ class Trainer:
                 from safetensors.torch import save_file
 
                 save_file(rstate, str(tmp / REWARD_STATE_FILE))
-            mstate = getattr(self.method, "state_dict", None)
-            if mstate is not None and mstate():  # a method's own state (DDPO's per-prompt reward buffers)
-                atomic_write(tmp / METHOD_STATE_FILE, json.dumps(mstate()))
+            # the Lagrange multiplier: a Python float, written with repr (exact round trip)
+            atomic_write(tmp / SHAPING_STATE_FILE, json.dumps(self.scalar_reward.state_dict()))
+            mstate = getattr(self.method, "checkpoint_state", None)
+            if mstate is not None:  # a method's own state (RAFT's kept set of the current round)
+                from safetensors.torch import save_file
+
+                tensors, meta = mstate()
+                save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / METHOD_STATE_FILE), metadata={"json": json.dumps(meta)})
             atomic_write(tmp / COMPLETE_MARKER, "")
             fsync_dir(tmp)
             if final.exists():
@@ -305,9 +317,17 @@ class Trainer:
             from safetensors.torch import load_file
 
             self.reward.load_state_dict(load_file(str(rfile)), strict=False)
+        sfile = ck / SHAPING_STATE_FILE
+        if sfile.exists():
+            self.scalar_reward.load_state_dict(json.loads(sfile.read_text()))
         mfile = ck / METHOD_STATE_FILE
-        if mfile.exists() and hasattr(self.method, "load_state_dict"):
-            self.method.load_state_dict(json.loads(mfile.read_text()))
+        if mfile.exists() and hasattr(self.method, "load_checkpoint_state"):
+            from safetensors import safe_open
+
+            with safe_open(str(mfile), framework="pt") as h:
+                meta = json.loads((h.metadata() or {}).get("json", "{}"))
+                tensors = {k: h.get_tensor(k) for k in h.keys()}
+            self.method.load_checkpoint_state(tensors, meta)
         self.nan_streak, self.nan_total = state["nan_streak"], state["nan_total"]
         self.evals = state.get("evals", [])
         self._time_offset = state.get("wall_time_s", 0.0)
@@ -511,6 +531,7 @@ class Trainer:
                 prompts = [self.train_prompts[idx[j]] for j in mine]
                 gens = [generator(cfg.seed, "item", step, micro, j) for j in mine]
                 step_gen = generator(cfg.seed, "step", step, micro)
+                self.current_step, self.current_micro = step, micro  # for methods that work in rounds (RAFT)
                 with acc.accumulate(self.model.denoiser):
                     with acc.autocast():
                         loss, mets = self.method.train_step(prompts, gens, step_gen)

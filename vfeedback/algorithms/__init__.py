@@ -16,6 +16,7 @@ METHODS = {
     "itercomp": "vfeedback.algorithms.itercomp:IterComp",
     "ddpo": "vfeedback.algorithms.ddpo:DDPO",
     "grpo": "vfeedback.algorithms.grpo:GRPO",
+    "raft": "vfeedback.algorithms.raft:RAFT",
 }
 
 

@@ -125,6 +125,12 @@ class _Batch:
 
 class D3PO:
     needs_differentiable_reward = False
+    #: reward guards (vfeedback/reward_shaping.py): a cost constraint labels pairs by the penalised
+    #: reward (online, preference: reward); shaping by par / win rate is not offered: within a group
+    #: of one prompt the win rate orders pairs exactly as the reward does, and PAR needs base-model
+    #: renders of every member
+    reward_shaping: tuple = ()
+    supports_cost = True
     #: train_step backpropagates itself, one timestep at a time (see the module docstring)
     does_own_backward = True
 
@@ -136,6 +142,9 @@ class D3PO:
         if cfg.model.finetune == "lora" and cfg.model.lora.text_encoder:
             raise UserError("model.lora.text_encoder: d3po trains the UNet only (its reference policy is the UNet with the "
                             "LoRA adapter disabled); set model.lora.text_encoder: false")
+        if cfg.cost is not None and (d.mode != "online" or d.preference != "reward"):
+            raise UserError(f"cost: d3po takes a cost constraint with d3po.mode: online and d3po.preference: reward (the pairs are "
+                            f"labelled by reward - lambda * (cost - budget) as lambda adapts); got mode {d.mode}, preference {d.preference}")
         if d.preference == "pareto" and any(r.weight <= 0 for r in cfg.reward.rewards):
             raise UserError("reward: with d3po.preference: pareto every reward is an objective to maximise; "
                             f"weights must be > 0, got {[r.weight for r in cfg.reward.rewards]}")
@@ -305,11 +314,30 @@ class D3PO:
             out = self._sample(cond, items)
         images = out.images.float()
         pairs, ties, scores = [], 0, []
-        for j, p in enumerate(prompts):
-            gp, gt = self._label(images[j * G:(j + 1) * G], p, scores)
-            pairs += [(j * G + w, j * G + l) for w, l in gp]
-            ties += gt
-        self._score_metrics(scores, mets)
+        sr = getattr(self.trainer, "scalar_reward", None)
+        if sr is not None and sr.cost is not None:
+            # the Lagrangian reward over the global batch, then every pair of a group compared on it
+            from ..feedback.oracles import _compare_scalar
+
+            groups = torch.arange(len(prompts)).repeat_interleave(G)
+            final, smets = sr(images, [p for p in prompts for _ in range(G)], groups=groups)
+            mets.update(smets)
+            mets["reward_mean"] = smets["reward_raw_mean"]
+            v = final.tolist()
+            for j in range(len(prompts)):
+                for a in range(G):
+                    for b in range(a + 1, G):
+                        c = _compare_scalar(v[j * G + a], v[j * G + b], self.cfg.d3po.tie_tol)
+                        if c is None:
+                            ties += 1
+                        else:
+                            pairs.append((j * G + a, j * G + b) if c == 0 else (j * G + b, j * G + a))
+        else:
+            for j, p in enumerate(prompts):
+                gp, gt = self._label(images[j * G:(j + 1) * G], p, scores)
+                pairs += [(j * G + w, j * G + l) for w, l in gp]
+                ties += gt
+            self._score_metrics(scores, mets)
         mets["d3po/ties"] = float(ties)
         return _Batch(cond, out.trajectory, [r // G for r in range(len(items))], pairs)
 

@@ -231,6 +231,12 @@ class PolicyGradient:
 
     name = "ddpo"
     needs_differentiable_reward = False
+    #: reward guards (vfeedback/reward_shaping.py): the epoch's rewards come from
+    #: ``trainer.scalar_reward`` with groups = the prompt's index in the micro-batch, so PAR (the
+    #: base model re-renders the same seeds), win rate within a prompt's images, ensembles and
+    #: the cost constraint all apply
+    reward_shaping: tuple = ("par", "win_rate")
+    supports_cost = True
     #: train_step makes its own backward passes (one timestep column at a time) and the epoch's
     #: earlier optimizer updates; the engine makes the last update
     does_own_backward = True
@@ -247,9 +253,10 @@ class PolicyGradient:
         self.sec = getattr(cfg, self.name)
         self.check_config(cfg)
         self.ref_unet = None
-        if cfg.model.finetune == "full" and self.sec.kl_coef > 0:
+        if cfg.model.finetune == "full" and (self.sec.kl_coef > 0 or cfg.reward.shaping == "par"):
             self.ref_unet = copy.deepcopy(trainer.model.unet).requires_grad_(False).eval()
         self.pending: list[Samples] = []
+        self._score_metrics: list[dict] = []
 
     # D3PO's switch between the trained weights and the frozen base (LoRA off / frozen copy)
     from .d3po import D3PO as _D3PO
@@ -264,19 +271,17 @@ class PolicyGradient:
     def shared_latent(self) -> bool:
         return False
 
-    def state_dict(self) -> dict:
-        """Kept in checkpoints by the engine (method_state.json)."""
-        return {}
-
-    def load_state_dict(self, d: dict) -> None:
-        pass
-
     # ------------------------------------------------------------------ rewards
     def score(self, images: torch.Tensor, prompts: list[str], groups: torch.Tensor, reference=None) -> tuple[torch.Tensor, dict]:
-        """Scalar rewards (R,) of this process's images, and metrics."""
-        with torch.no_grad():
-            r = self.trainer.reward(images, prompts).float()
-        return r, {}
+        """Scalar rewards (R,) of this process's images, and metrics: through the trainer's
+        :class:`~vfeedback.reward_shaping.ScalarReward` (ensemble, shaping and cost over the global
+        batch; ``groups`` local ids, ``reference`` renders the base model's images), or the bare
+        reward where no trainer set one up (tests, notebooks)."""
+        sr = getattr(self.trainer, "scalar_reward", None)
+        if sr is None:
+            with torch.no_grad():
+                return self.trainer.reward(images, prompts).float(), {}
+        return sr(images, prompts, groups=groups, reference=reference if sr.needs_reference else None)
 
     # ------------------------------------------------------------------ sampling
     def sample_micro(self, prompts: list[str], generators, micro: int) -> Samples:
@@ -299,9 +304,18 @@ class PolicyGradient:
             out = sample(m, cond, num_steps=s.steps, guidance_scale=s.guidance_scale, eta=s.eta, latents=latents,
                          generator=noise_gens, return_trajectory=True, log_probs=True)
         rows = [p for p in prompts for _ in range(G)]
-        groups = torch.tensor([j for j in range(B) for _ in range(G)], dtype=torch.long)
-        r, mets = self.score(out.images.float(), rows, groups, reference=None)
-        self._last_score_metrics = mets
+        uniq = {p: n for n, p in enumerate(dict.fromkeys(prompts))}
+        groups = torch.tensor([uniq[p] for p in rows], dtype=torch.long)  # a prompt's images: one group
+
+        def reference() -> torch.Tensor:
+            """The frozen base model's images from the same x_T and DDIM noise (PAR)."""
+            gens = [torch.Generator().manual_seed(g.initial_seed()) for g in noise_gens]
+            with torch.no_grad(), self.policy("ref"), tr.acc.autocast():
+                return sample(m, cond, num_steps=s.steps, guidance_scale=s.guidance_scale, eta=s.eta, latents=latents,
+                              generator=gens).images.float()
+
+        r, mets = self.score(out.images.float(), rows, groups, reference=reference)
+        self._score_metrics.append(mets)
         return Samples(cond, out.trajectory, out.log_probs.float(), r.detach().float().cpu(), rows, seeds, keys)
 
     # ------------------------------------------------------------------ advantages
@@ -344,7 +358,12 @@ class PolicyGradient:
             return torch.zeros(()), {}
         smp, self.pending = Samples.cat(self.pending), []
         adv, mets = self.global_advantages(smp)
-        mets.update(getattr(self, "_last_score_metrics", {}))
+        # the reward guards' metrics (reward_raw_mean, lambda, ...), averaged over the sampling batches
+        for k in sorted({k for d in self._score_metrics for k in d}):
+            v = [float(d[k]) for d in self._score_metrics if k in d and math.isfinite(float(d[k]))]
+            if v:
+                mets[k] = sum(v) / len(v)
+        self._score_metrics = []
         loss = self.learn(smp, adv, step_gen, mets)
         return loss, mets
 
@@ -451,8 +470,9 @@ class DDPO(PolicyGradient):
         super().__init__(cfg, trainer)
         self.tracker = PerPromptStatTracker(self.sec.buffer_size, self.sec.min_count)
 
-    def state_dict(self) -> dict:
-        return {"tracker": self.tracker.state_dict()}
+    def checkpoint_state(self) -> tuple[dict, dict]:
+        """The per-prompt reward buffers, kept in checkpoints by the engine (no tensors, JSON meta)."""
+        return {}, {"tracker": self.tracker.state_dict()}
 
-    def load_state_dict(self, d: dict) -> None:
-        self.tracker.load_state_dict(d.get("tracker", {}))
+    def load_checkpoint_state(self, tensors: dict, meta: dict) -> None:
+        self.tracker.load_state_dict(meta.get("tracker", {}))
