@@ -198,6 +198,8 @@ def test_one_update_raises_the_high_advantage_trajectory(fresh_sd15, algorithm):
     assert d[hi] > 0 > d[lo], d
 
 
+# slow: the default run's budget; the KL's value and gradient are pinned by the fast test above
+@pytest.mark.slow
 def test_kl_term_pulls_the_policy_back_to_the_base(fresh_sd15):
     """Zero advantages and kl_coef 1: the only gradient is the KL's, and one step lowers it."""
     from vfeedback.models import add_lora
@@ -234,6 +236,7 @@ def test_kl_term_pulls_the_policy_back_to_the_base(fresh_sd15):
     assert kl() < k0
 
 
+@pytest.mark.slow
 def test_inner_updates_are_made_by_the_method_and_the_last_left_to_the_engine(fresh_sd15):
     """updates_per_epoch 2 x inner_epochs 2: three optimizer updates inside learn(), the fourth's
     gradients left accumulated for the engine."""
@@ -256,7 +259,7 @@ def test_inner_updates_are_made_by_the_method_and_the_last_left_to_the_engine(fr
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)  # the last update's, for the engine
 
 
-@pytest.mark.parametrize("shaping", ["win_rate", "par"])
+@pytest.mark.parametrize("shaping", ["win_rate", pytest.param("par", marks=pytest.mark.slow)])
 def test_a_grpo_step_trains_on_the_shaped_reward(fresh_sd15, shaping):
     """Rewards go through trainer.scalar_reward (vfeedback/reward_shaping.py) with a prompt's
     images as one group. win_rate: a group of 3 gets 0, 1/2, 1 in the raw reward's order; par
