@@ -92,7 +92,9 @@ def main():
     a = ap.parse_args()
     device = torch.device(a.device)
     torch.manual_seed(0)
-    res = {"device": str(device), "torch_threads": torch.get_num_threads(), "model": "tiny:sd15", "sampling_steps": STEPS,
+    import os
+
+    res = {"device": str(device), "torch_threads": torch.get_num_threads(), "load_average_start": os.getloadavg()[0], "model": "tiny:sd15", "sampling_steps": STEPS,
            "prompts_per_step": BATCH, "grpo_group_size": GROUP, "refl_stop_step": STOP, "methods": {}}
     trainers = {name: trainer(name, device) for name in ("refl", "ddpo", "grpo")}
     for name, tr in trainers.items():
@@ -106,6 +108,7 @@ def main():
     for name, ts in times.items():
         res["methods"][name] = {"seconds_per_step": [round(x, 4) for x in ts], "median_s": round(median(ts), 4),
                                 "ratio_to_refl": round(median(ts) / refl, 2)}
+    res["load_average_end"] = os.getloadavg()[0]
     res["note"] = ("DDPO/GRPO steps are whole epochs (sampling + a PPO update over all timesteps of every sample); "
                    f"GRPO samples {GROUP}x the images of DDPO and adds the KL's base-model calls")
     print(json.dumps(res, indent=1))
