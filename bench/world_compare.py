@@ -15,6 +15,8 @@ The budget is counted in images scored by the training judge (``budget_images``)
   judge only ranks);
 - ZO-RankSGD (target ``lora``): ``rounds x num_candidates x (eval prompts x seeds)`` images, the
   judge only ranks candidates by their mean score.
+- DDPO / GRPO (``--methods ddpo,grpo``): ``max_steps x batch_size x gradient_accumulation_steps``
+  (x ``group_size``) images, each scored once; the score only enters through its advantage.
 
 ``refl_half`` (the quickstart's 40 steps) has half the budget; ``d3po_x3`` and ``zo_ranksgd_x3``
 three times (120 steps, 30 rounds).
@@ -52,7 +54,11 @@ METHODS = {
     # three times the budget: D3PO's comparisons need more images than ReFL's gradients
     "zo_ranksgd_x3": ("configs/zo_ranksgd/shapes.yaml", ["zo_ranksgd.rounds=30"]),
     "d3po_x3": ("configs/d3po/shapes.yaml", ["train.max_steps=120", "log.eval_every=0", "log.checkpoint_every=40", "log.keep_checkpoints=3"]),
+    # 40 epochs of 8 sampled images each (not in the default --methods: run with --methods ddpo,grpo)
+    "ddpo": ("configs/ddpo/shapes.yaml", ["log.eval_every=20", "log.checkpoint_every=0"]),
+    "grpo": ("configs/grpo/shapes.yaml", ["log.eval_every=20", "log.checkpoint_every=0"]),
 }
+DEFAULT_METHODS = ["refl", "refl_half", "d3po", "zo_ranksgd", "zo_ranksgd_x3", "d3po_x3"]
 
 
 def budget_images(cfg) -> int:
@@ -60,6 +66,9 @@ def budget_images(cfg) -> int:
         return cfg.train.max_steps * cfg.train.batch_size * cfg.train.gradient_accumulation_steps
     if cfg.algorithm == "d3po":
         return cfg.train.max_steps * cfg.train.batch_size * cfg.train.gradient_accumulation_steps * cfg.d3po.group_size
+    if cfg.algorithm in ("ddpo", "grpo"):
+        g = cfg.grpo.group_size if cfg.algorithm == "grpo" else 1
+        return cfg.train.max_steps * cfg.train.batch_size * cfg.train.gradient_accumulation_steps * g
     if cfg.algorithm == "zo_ranksgd":
         return cfg.zo_ranksgd.rounds * cfg.zo_ranksgd.num_candidates * len(cfg.prompts.eval) * len(cfg.prompts.eval_seeds)
     raise ValueError(cfg.algorithm)
@@ -92,7 +101,7 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", default=str(ROOT / "runs" / "world-compare"), help="folder of the three run folders")
     ap.add_argument("--no-train", action="store_true", help="evaluate the run folders that exist; train nothing")
     ap.add_argument("--force", action="store_true", help="retrain even where a finished run exists")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     ap.add_argument("--n-per-kind", type=int, default=96)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "world_compare.json"))
     args = ap.parse_args(argv)

@@ -22,6 +22,8 @@ RESUMABLE = {
     "d3po": ("train.max_steps", "log"),
     "zo_ranksgd": ("zo_ranksgd.rounds", "log"),
     "itercomp": ("itercomp.iterations", "log"),
+    "ddpo": ("train.max_steps", "log"),
+    "grpo": ("train.max_steps", "log"),
     "raft": ("train.max_steps", "log"),
 }
 

@@ -360,6 +360,40 @@ class IterCompSection(Section):
         return self
 
 
+# --- ddpo / grpo ---
+class PolicyGradientSection(Section):
+    """Settings shared by DDPO and GRPO (vfeedback/algorithms/ddpo.py). One engine step is one
+    epoch: train.gradient_accumulation_steps sampling batches of train.batch_size prompts per
+    process, then inner_epochs x updates_per_epoch optimizer updates on those samples."""
+
+    clip_range: float = Field(1e-4, gt=0, lt=1, description="PPO clip range: the per-step importance ratio is clipped to [1 - clip_range, 1 + clip_range] (ddpo-pytorch config/base.py train.clip_range)")
+    adv_clip_max: float = Field(5.0, gt=0, description="advantages are clamped to [-adv_clip_max, adv_clip_max] (ddpo-pytorch train.adv_clip_max)")
+    inner_epochs: int = Field(1, ge=1, le=100, description="passes over each epoch's samples (ddpo-pytorch train.num_inner_epochs)")
+    updates_per_epoch: int = Field(1, ge=1, description="optimizer updates per inner epoch; must divide the samples per process per epoch "
+                                   "(train.gradient_accumulation_steps x train.batch_size [x grpo.group_size]); the reference's "
+                                   "samples_per_epoch / (train.batch_size x num_gpus x train.gradient_accumulation_steps)")
+    timestep_fraction: float = Field(1.0, gt=0, le=1, description="fraction of each trajectory's denoising steps trained, a random subset per sample and inner epoch")
+    kl_coef: float = Field(0.0, ge=0, description="weight of the per-step Gaussian KL between the policy's and the frozen base's transition (Flow-GRPO's train.beta); 0: off")
+    train_batch_size: Optional[int] = Field(None, ge=1, description="rows per UNet forward/backward in the training phase (memory only: an update still averages over all its samples); null: all rows of an update at once")
+
+
+class DDPOConfig(PolicyGradientSection):
+    """DDPO (Black et al., ICLR 2024), PPO-clip on DDIM trajectories; defaults are the reference's
+    (kvablack/ddpo-pytorch config/base.py). See docs/ddpo_grpo.md."""
+
+    stat_tracking: bool = Field(True, description="per-prompt advantage normalisation (ddpo-pytorch's PerPromptStatTracker); false: the whole batch's mean and std")
+    buffer_size: int = Field(16, ge=1, description="rewards kept per prompt across epochs for its mean and std (per_prompt_stat_tracking.buffer_size)")
+    min_count: int = Field(16, ge=1, description="below this many buffered rewards a prompt uses the batch's mean and std (per_prompt_stat_tracking.min_count)")
+
+
+class GRPOConfig(PolicyGradientSection):
+    """GRPO for diffusion (Flow-GRPO / DanceGRPO adapted to DDIM, eta > 0): group_size images per
+    prompt, advantage (r - group mean) / (group std + 1e-4), PPO-clip, optional KL to the base.
+    See docs/ddpo_grpo.md."""
+
+    group_size: int = Field(8, ge=2, le=256, description="G: images sampled per prompt; a prompt's images form its group (Flow-GRPO sample.num_image_per_prompt, DanceGRPO num_generations)")
+    shared_noise: bool = Field(False, description="every image of a group starts from the same initial latent (DanceGRPO); false: independent x_T (Flow-GRPO)")
+    global_std: bool = Field(False, description="divide by the std of the whole batch instead of the group's (Flow-GRPO sample.global_std)")
 # --- raft ---
 class RaftConfig(Section):
     """RAFT: Reward rAnked FineTuning (Dong et al. 2023, TMLR). Each round samples num_samples images
@@ -420,7 +454,7 @@ class LogConfig(Section):
 
 
 class RunConfig(Section):
-    algorithm: Literal["refl", "zo_ranksgd", "d3po", "itercomp", "raft"] = Field(..., description="method: refl, zo_ranksgd, d3po, itercomp, raft")
+    algorithm: Literal["refl", "zo_ranksgd", "d3po", "itercomp", "raft", "ddpo", "grpo"] = Field(..., description="method: refl, zo_ranksgd, d3po, itercomp, raft, ddpo, grpo")
     output_dir: NonEmptyStr = Field(..., description="run folder (new, empty, or an earlier run's with --resume)")
     seed: Seed = Field(0, description="global seed in [0, 2**32); every step's randomness derives from (seed, step)")
     model: ModelConfig
@@ -434,6 +468,8 @@ class RunConfig(Section):
     zo_ranksgd: ZORankSGDSection = Field(default_factory=ZORankSGDSection, description="ZO-RankSGD settings (algorithm: zo_ranksgd)")
     d3po: D3POConfig = Field(default_factory=D3POConfig, description="D3PO settings (algorithm: d3po)")
     itercomp: IterCompSection = Field(default_factory=IterCompSection, description="IterComp settings (algorithm: itercomp)")
+    ddpo: DDPOConfig = Field(default_factory=DDPOConfig, description="DDPO settings (algorithm: ddpo)")
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig, description="GRPO settings (algorithm: grpo)")
     raft: RaftConfig = Field(default_factory=RaftConfig, description="RAFT settings (algorithm: raft)")
     cost: Optional[CostConfig] = Field(None, description="a cost kept under a budget by a Lagrange multiplier (reward - lambda * (cost - budget))")
     rank: RankConfig = Field(default_factory=RankConfig, description="the ranking app (vfeedback rank)")
@@ -468,6 +504,41 @@ class RunConfig(Section):
         if self.algorithm == "d3po" and self.sampling.eta <= 0:
             raise ValueError(f"sampling.eta is {self.sampling.eta}: d3po's policy is the stochastic DDIM transition, whose log-prob "
                              "needs eta > 0 (the reference uses 1.0)")
+        return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ddpo_grpo_sampling_defaults(cls, data):
+        # DDPO / GRPO sample with the references' DDIM settings (50 steps, CFG 5, eta 1:
+        # ddpo-pytorch config/base.py, DanceGRPO fastvideo/config_sd/base.py) unless the config
+        # says otherwise: their policy is the stochastic (eta > 0) DDIM transition
+        if isinstance(data, dict) and data.get("algorithm") in ("ddpo", "grpo"):
+            s = data.get("sampling")
+            if s is None or isinstance(s, dict):
+                data = {**data, "sampling": {"steps": 50, "guidance_scale": 5.0, "eta": 1.0, **(s or {})}}
+        return data
+
+    def _policy_gradient_checks(self, name: str, rows: int):
+        sec = getattr(self, name)
+        if self.sampling.eta <= 0:
+            raise ValueError(f"sampling.eta is {self.sampling.eta}: {name}'s policy is the stochastic DDIM transition, whose "
+                             "log-prob needs eta > 0 (the reference uses 1.0)")
+        if rows % sec.updates_per_epoch:
+            raise ValueError(f"{name}.updates_per_epoch ({sec.updates_per_epoch}) must divide the samples per process per epoch, "
+                             f"{rows} (train.gradient_accumulation_steps x train.batch_size"
+                             + (" x grpo.group_size" if name == "grpo" else "") + ")")
+        return self
+
+    @model_validator(mode="after")
+    def _ddpo_checks(self):
+        if self.algorithm == "ddpo":
+            self._policy_gradient_checks("ddpo", self.train.gradient_accumulation_steps * self.train.batch_size)
+        return self
+
+    @model_validator(mode="after")
+    def _grpo_checks(self):
+        if self.algorithm == "grpo":
+            self._policy_gradient_checks("grpo", self.train.gradient_accumulation_steps * self.train.batch_size * self.grpo.group_size)
         return self
 
     @model_validator(mode="after")

@@ -14,6 +14,8 @@ METHODS = {
     "zo_ranksgd": "vfeedback.algorithms.zo_ranksgd_diffusion:ZORankSGDMethod",
     "d3po": "vfeedback.algorithms.d3po:D3PO",
     "itercomp": "vfeedback.algorithms.itercomp:IterComp",
+    "ddpo": "vfeedback.algorithms.ddpo:DDPO",
+    "grpo": "vfeedback.algorithms.grpo:GRPO",
     "raft": "vfeedback.algorithms.raft:RAFT",
 }
 
