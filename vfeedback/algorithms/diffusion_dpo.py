@@ -144,6 +144,13 @@ class LatentCache:
         return len(self.data)
 
     @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, h, w) of a cached latent: the VAE's latent channels at the model's resolution."""
+        m = self.model
+        s = m.resolution // m.vae_scale_factor
+        return (int(m.vae.config.latent_channels), s, s)
+
+    @property
     def n_chunks(self) -> int:
         return (len(self.data) + self.chunk - 1) // self.chunk
 
@@ -316,31 +323,37 @@ class DiffusionDPO:
                  d.world_pairs - ties, ties, info["judge"], f)
 
     # ------------------------------------------------------------------ one micro-batch
+    def draw(self, generators):
+        """Each item's randomness, from its own generator in this order: the pair index, the
+        timestep, the noise (shared by winner and loser), and the two VAE posterior draws.
+        Returns ``(idx, timesteps, noise, eps_w, eps_l)``; the tensors are (B, C, h, w)."""
+        self._ensure_ready()
+        n, T = len(self.data), self.trainer.model.scheduler.config.num_train_timesteps
+        shape = self.cache.latent_shape
+        idx, ts, noise, eps_w, eps_l = [], [], [], [], []
+        for g in generators:
+            idx.append(int(torch.randint(n, (1,), generator=g)))
+            ts.append(int(torch.randint(T, (1,), generator=g)))
+            noise.append(torch.randn(shape, generator=g))
+            eps_w.append(torch.randn(shape, generator=g))
+            eps_l.append(torch.randn(shape, generator=g))
+        return idx, ts, torch.stack(noise), torch.stack(eps_w), torch.stack(eps_l)
+
     def train_step(self, prompts, generators, step_gen: torch.Generator):
         """One micro-batch: a pair per item (the engine's ``prompts`` are not used: the captions
         are the pairs'), drawn, noised and scored from the item's own generator."""
         self._ensure_ready()
         cfg, m = self.cfg, self.trainer.model
         sch = m.scheduler
-        n, T = len(self.data), sch.config.num_train_timesteps
-        idx, ts = [], []
-        for g in generators:
-            idx.append(int(torch.randint(n, (1,), generator=g)))
-            ts.append(int(torch.randint(T, (1,), generator=g)))
+        idx, ts, noise, eps_w, eps_l = self.draw(generators)
         lat = self.cache.fetch(idx)
-        shape = lat["w_mean"].shape[1:]
-        noise, eps_w, eps_l = [], [], []
-        for g in generators:
-            noise.append(torch.randn(shape, generator=g))
-            eps_w.append(torch.randn(shape, generator=g))
-            eps_l.append(torch.randn(shape, generator=g))
         dev, sf = m.device, m.vae.config.scaling_factor
         # the VAE posterior sample of each image (the reference's latent_dist.sample()), scaled
-        xw = (lat["w_mean"].float() + lat["w_std"].float() * torch.stack(eps_w)) * sf
-        xl = (lat["l_mean"].float() + lat["l_std"].float() * torch.stack(eps_l)) * sf
+        xw = (lat["w_mean"].float() + lat["w_std"].float() * eps_w) * sf
+        xl = (lat["l_mean"].float() + lat["l_std"].float() * eps_l) * sf
         B = len(idx)
         x0 = torch.cat([xw, xl]).to(dev)
-        nz = torch.stack(noise).repeat(2, 1, 1, 1).to(dev)  # the same noise for winner and loser
+        nz = noise.repeat(2, 1, 1, 1).to(dev)  # the same noise for winner and loser
         t = torch.tensor(ts, dtype=torch.long).repeat(2).to(dev)  # and the same timestep
         noisy = sch.add_noise(x0, nz, t)
         target = nz if sch.config.prediction_type == "epsilon" else sch.get_velocity(x0, nz, t)
