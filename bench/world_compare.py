@@ -52,6 +52,8 @@ METHODS = {
     # three times the budget: D3PO's comparisons need more images than ReFL's gradients
     "zo_ranksgd_x3": ("configs/zo_ranksgd/shapes.yaml", ["zo_ranksgd.rounds=30"]),
     "d3po_x3": ("configs/d3po/shapes.yaml", ["train.max_steps=120", "log.eval_every=0", "log.checkpoint_every=40", "log.keep_checkpoints=3"]),
+    # offline: 160 pairs judged once (320 images), then DPO on them
+    "diffusion_dpo": ("configs/diffusion_dpo/shapes.yaml", []),
 }
 
 
@@ -60,6 +62,8 @@ def budget_images(cfg) -> int:
         return cfg.train.max_steps * cfg.train.batch_size * cfg.train.gradient_accumulation_steps
     if cfg.algorithm == "d3po":
         return cfg.train.max_steps * cfg.train.batch_size * cfg.train.gradient_accumulation_steps * cfg.d3po.group_size
+    if cfg.algorithm == "diffusion_dpo":  # each generated pair's two images, judged once
+        return 2 * cfg.diffusion_dpo.world_pairs
     if cfg.algorithm == "zo_ranksgd":
         return cfg.zo_ranksgd.rounds * cfg.zo_ranksgd.num_candidates * len(cfg.prompts.eval) * len(cfg.prompts.eval_seeds)
     raise ValueError(cfg.algorithm)
