@@ -131,6 +131,13 @@ def test_pickapic_datasets_folder_and_split(tmp_path):
     assert len(ps) == 1 and ps.load_image(0, "winner").getpixel((0, 0)) == GREEN
     with pytest.raises(UserError, match="has splits train, validation_unique; set diffusion_dpo.split"):
         read_pairs(tmp_path / "saved", split="test")
+    # a hub-layout folder: the files of the split, by name
+    hub = tmp_path / "hub" / "data"
+    hub.mkdir(parents=True)
+    write_pickapic(hub / "validation-00000-of-00001-abc.parquet", [{"caption": "v", "jpg_0": _png(RED), "jpg_1": _png(GREEN), "label_0": 1.0}])
+    with pytest.raises(UserError, match="has no parquet file of split 'train' .it has validation.; set diffusion_dpo.split"):
+        read_pairs(hub, cache_dir=str(tmp_path / "hf"))
+    assert read_pairs(hub, split="validation", cache_dir=str(tmp_path / "hf")).pairs[0].caption == "v"
 
 
 @pytest.mark.parametrize("row,needle", [
@@ -158,8 +165,10 @@ def test_pickapic_missing_column_and_all_ties(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the latent cache
-def test_latent_cache_corrupt_image_names_file_and_row_and_the_cache_is_reused(tmp_path, fresh_sd15):
-    m = fresh_sd15
+def test_latent_cache_corrupt_image_names_file_and_row_and_the_cache_is_reused(tmp_path, tiny_sd15):
+    import copy
+
+    m = copy.copy(tiny_sd15)  # the shared model, read only; this test's own resolution
     m.resolution = 32
     p = write_pickapic(tmp_path / "d.parquet", [
         {"caption": "a", "jpg_0": _png(RED), "jpg_1": _png(GREEN), "label_0": 1.0},

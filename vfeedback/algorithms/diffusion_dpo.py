@@ -295,7 +295,8 @@ class DiffusionDPO:
                                         noise_seed=derive_seed(cfg.seed, "dpo-world-noise", n, k)) for n in ns for k in (0, 1)]
                 twice = [c for c in caps for _ in (0, 1)]
                 cond = m.encode_prompt(twice, [cfg.prompts.negative] * len(twice), cfg=s.guidance_scale > 1)
-                with self.reference(), tr.acc.autocast():
+                with self.reference() as base, tr.acc.autocast():
+                    m.denoiser = base  # the base weights draw the pairs (a full fine-tune's frozen copy, or LoRA off)
                     out = sample_items(m, cond, items, num_steps=s.steps, guidance_scale=s.guidance_scale, eta=s.eta)
                 images = out.images.float()
                 pil = to_pil(images.cpu())

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -153,11 +154,24 @@ def _sha256(p: Path) -> str:
 
 
 # ------------------------------------------------------------------------- Pick-a-Pic
-def _split_files(folder: Path, split: str) -> list[Path]:
+SPLIT_NAME = re.compile(r"^([A-Za-z_]+)(-\d+-of-\d+)?([-.])")
+
+
+def _split_files(folder: Path, split: str, field: str) -> list[Path]:
+    """The parquet files of ``split``: hub layout ``train-00000-of-00387-<hash>.parquet`` (or
+    ``train.parquet``, or a ``train/`` folder); files that name no split are all taken."""
     files = sorted(folder.rglob("*.parquet"))
-    # hub layout: data/train-00000-of-00387-....parquet; also train/xxx.parquet
     named = [f for f in files if f.name.startswith(f"{split}-") or f.name == f"{split}.parquet" or split in f.relative_to(folder).parts[:-1]]
-    return named or files
+    if named:
+        return named
+    splits = sorted({m.group(1) for f in files if (m := SPLIT_NAME.match(f.name)) and m.group(1) in KNOWN_SPLITS})
+    if splits:
+        raise UserError(f"{field}: {folder} has no parquet file of split {split!r} (it has {', '.join(splits)}); set diffusion_dpo.split")
+    return files
+
+
+#: Pick-a-Pic v2's splits (and the common ones), recognised in file names
+KNOWN_SPLITS = ("train", "validation", "test", "validation_unique", "test_unique")
 
 
 def _from_pickapic(p: Path, field: str, split: str, cache_dir: Optional[str]) -> PairSet:
@@ -180,7 +194,7 @@ def _from_pickapic(p: Path, field: str, split: str, cache_dir: Optional[str]) ->
         spans = [(0, str(p))]
         ident = {"kind": "pickapic", "folder": str(p.resolve()), "fingerprint": getattr(ds, "_fingerprint", None), "rows": len(ds)}
     else:
-        files = [p] if p.is_file() else _split_files(p, split)
+        files = [p] if p.is_file() else _split_files(p, split, field)
         if not files:
             raise UserError(f"{field}: {p} holds no .parquet file (nor a datasets save_to_disk folder)")
         start = 0
