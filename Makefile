@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 # torch: the CPU-capable build pip finds on this machine's disk; a CUDA machine may override.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
-EXTRAS ?= test,face,llm,robot,demo
+EXTRAS ?= test,face,llm,robot,demo,data
 
 .PHONY: venv quickstart test test-all bench clean
 

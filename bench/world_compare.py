@@ -57,6 +57,8 @@ METHODS = {
     # 40 epochs of 8 sampled images each (not in the default --methods: run with --methods ddpo,grpo)
     "ddpo": ("configs/ddpo/shapes.yaml", ["log.eval_every=20", "log.checkpoint_every=0"]),
     "grpo": ("configs/grpo/shapes.yaml", ["log.eval_every=20", "log.checkpoint_every=0"]),
+    # offline: 160 pairs judged once (320 images), then DPO on them
+    "diffusion_dpo": ("configs/diffusion_dpo/shapes.yaml", []),
 }
 DEFAULT_METHODS = ["refl", "refl_half", "d3po", "zo_ranksgd", "zo_ranksgd_x3", "d3po_x3"]
 
@@ -69,6 +71,8 @@ def budget_images(cfg) -> int:
     if cfg.algorithm in ("ddpo", "grpo"):
         g = cfg.grpo.group_size if cfg.algorithm == "grpo" else 1
         return cfg.train.max_steps * cfg.train.batch_size * cfg.train.gradient_accumulation_steps * g
+    if cfg.algorithm == "diffusion_dpo":  # each generated pair's two images, judged once
+        return 2 * cfg.diffusion_dpo.world_pairs
     if cfg.algorithm == "zo_ranksgd":
         return cfg.zo_ranksgd.rounds * cfg.zo_ranksgd.num_candidates * len(cfg.prompts.eval) * len(cfg.prompts.eval_seeds)
     raise ValueError(cfg.algorithm)

@@ -25,6 +25,7 @@ RESUMABLE = {
     "ddpo": ("train.max_steps", "log"),
     "grpo": ("train.max_steps", "log"),
     "raft": ("train.max_steps", "log"),
+    "diffusion_dpo": ("train.max_steps", "log"),
 }
 
 

@@ -422,6 +422,26 @@ class RaftConfig(Section):
         if self.mode == "offline" and not self.data:
             raise ValueError("mode: offline needs raft.data (a JSONL file or a folder of scored images)")
         return self
+# --- diffusion_dpo ---
+class DiffusionDPOSection(Section):
+    """Diffusion-DPO (Wallace et al., CVPR 2024): DPO on the denoising loss of preferred and rejected
+    images of one caption, against the frozen base model. Defaults are the reference's
+    (SalesforceAIResearch/DiffusionDPO train.py, launchers/sd15.sh); see docs/diffusion_dpo.md."""
+
+    data: Optional[NonEmptyStr] = Field(
+        None, description="the pairs: a Pick-a-Pic-format dataset (a .parquet file, a folder of them, or a datasets save_to_disk "
+        "folder with columns caption, jpg_0, jpg_1, label_0; label 0.5 = tie, dropped), a preference .jsonl/.json with image "
+        "files (vfeedback rank --export, D3PO's format), or world:shapes (pairs sampled from the base model for prompts.train "
+        "and labelled by the reward section); relative paths: from the current folder, else the config's")
+    split: NonEmptyStr = Field("train", description="the split read from a Pick-a-Pic folder (parquet file names starting with it, or a DatasetDict key)")
+    beta: float = Field(5000.0, gt=0, description="beta of the loss -log sigmoid(-beta/2 * [(err_w - err_w_ref) - (err_l - err_l_ref)]), "
+                        "err = the denoising MSE averaged over latent pixels (the reference's --beta_dpo, 5000 for SD1.5 and SDXL)")
+    max_pairs: Optional[int] = Field(None, ge=1, description="train on the first N pairs only (the reference's --max_train_samples; null: all)")
+    world_pairs: int = Field(128, ge=1, description="world:shapes: pairs sampled from the base model and judged once at the start (2 judged images each)")
+    tie_tol: float = Field(0.0, ge=0, description="world:shapes: judge scores closer than this are a tie (the pair is dropped)")
+    cache_dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float16", description="dtype of the cached VAE latent mean / std (OUT/latent_cache; 2 x 4 x (res/8)^2 values per image)")
+    cache_chunk: int = Field(64, ge=1, description="pairs per latent-cache file; a chunk is VAE-encoded the first time a batch needs one of its pairs")
 
 
 class TrainConfig(Section):
@@ -454,7 +474,7 @@ class LogConfig(Section):
 
 
 class RunConfig(Section):
-    algorithm: Literal["refl", "zo_ranksgd", "d3po", "itercomp", "raft", "ddpo", "grpo"] = Field(..., description="method: refl, zo_ranksgd, d3po, itercomp, raft, ddpo, grpo")
+    algorithm: Literal["refl", "zo_ranksgd", "d3po", "itercomp", "raft", "ddpo", "grpo", "diffusion_dpo"] = Field(..., description="method: refl, zo_ranksgd, d3po, itercomp, raft, ddpo, grpo, diffusion_dpo")
     output_dir: NonEmptyStr = Field(..., description="run folder (new, empty, or an earlier run's with --resume)")
     seed: Seed = Field(0, description="global seed in [0, 2**32); every step's randomness derives from (seed, step)")
     model: ModelConfig
@@ -472,6 +492,7 @@ class RunConfig(Section):
     grpo: GRPOConfig = Field(default_factory=GRPOConfig, description="GRPO settings (algorithm: grpo)")
     raft: RaftConfig = Field(default_factory=RaftConfig, description="RAFT settings (algorithm: raft)")
     cost: Optional[CostConfig] = Field(None, description="a cost kept under a budget by a Lagrange multiplier (reward - lambda * (cost - budget))")
+    diffusion_dpo: DiffusionDPOSection = Field(default_factory=DiffusionDPOSection, description="Diffusion-DPO settings (algorithm: diffusion_dpo)")
     rank: RankConfig = Field(default_factory=RankConfig, description="the ranking app (vfeedback rank)")
 
     @model_validator(mode="after")
@@ -550,6 +571,13 @@ class RunConfig(Section):
                 self.reward.shaping != "none" or self.cost is not None or self.reward.ensemble is not None):
             raise ValueError("raft.offline_scores: file takes the scores as given; reward.ensemble / reward.shaping / cost apply to scores "
                              "the run computes (set raft.offline_scores: reward)")
+        return self
+
+    @model_validator(mode="after")
+    def _diffusion_dpo_checks(self):
+        if self.algorithm == "diffusion_dpo" and not self.diffusion_dpo.data:
+            raise ValueError("diffusion_dpo.data is required: a Pick-a-Pic .parquet file / folder, a preference .jsonl "
+                             "(vfeedback rank --export), or world:shapes")
         return self
 
 
@@ -709,6 +737,9 @@ def load_config(path: Union[str, Path], overrides: Optional[list[str]] = None) -
         v = getattr(cfg.prompts, field_name)
         if isinstance(v, str) and not Path(v).exists() and (base / v).exists():
             setattr(cfg.prompts, field_name, str(base / v))
+    dd = cfg.diffusion_dpo.data
+    if dd and not dd.startswith("world:") and not Path(dd).exists() and (base / dd).exists():
+        cfg.diffusion_dpo.data = str(base / dd)
     ip = cfg.model.ip_adapter
     if ip is not None:  # reference faces must exist and decode before any weight loads
         from PIL import Image, UnidentifiedImageError

@@ -17,6 +17,7 @@ METHODS = {
     "ddpo": "vfeedback.algorithms.ddpo:DDPO",
     "grpo": "vfeedback.algorithms.grpo:GRPO",
     "raft": "vfeedback.algorithms.raft:RAFT",
+    "diffusion_dpo": "vfeedback.algorithms.diffusion_dpo:DiffusionDPO",
 }
 
 

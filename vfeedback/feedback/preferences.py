@@ -211,12 +211,12 @@ def _check_trajectory_keys(groups: list[PreferenceGroup], path: Path) -> None:
                 raise UserError(f"{g.source}: trajectory {it.trajectory!r} is not in {g.trajectories}")
 
 
-def load_preferences(path: Union[str, Path], field: str = "d3po.file") -> list[PreferenceGroup]:
+def load_preferences(path: Union[str, Path], field: str = "d3po.file", method: str = "D3PO") -> list[PreferenceGroup]:
     """Read and validate a preference file (``.jsonl``: one record per line, blank lines and
     ``#`` comments skipped; ``.json``: a list of records). Returns the groups, each with its
     ``pairs``; a group whose items all tie is kept with no pairs. Raises ``UserError`` naming
     ``field``, the file and the line of the first malformed record, or when no record yields a
-    pair."""
+    pair (``method``: who needs it, for that message)."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{field}: preference file {p} not found")
@@ -263,7 +263,7 @@ def load_preferences(path: Union[str, Path], field: str = "d3po.file") -> list[P
         raise UserError(f"{field}: {p} holds no preference records")
     _check_trajectory_keys(groups, p)
     if not any(g.pairs for g in groups):
-        raise UserError(f"{field}: {p}: every record is a tie; D3PO needs at least one pair with a preferred image")
+        raise UserError(f"{field}: {p}: every record is a tie; {method} needs at least one pair with a preferred image")
     return groups
 
 
