@@ -22,6 +22,7 @@ RESUMABLE = {
     "d3po": ("train.max_steps", "log"),
     "zo_ranksgd": ("zo_ranksgd.rounds", "log"),
     "itercomp": ("itercomp.iterations", "log"),
+    "draft": ("train.max_steps", "log"),
 }
 
 

@@ -303,6 +303,33 @@ class IterCompSection(Section):
         return self
 
 
+# --- draft ---
+class DraftConfig(Section):
+    """DRaFT (Clark et al., ICLR 2024) and AlignProp (Prabhudesai et al. 2023): the reward's gradient
+    backpropagated through the last K denoising steps. See docs/draft.md and
+    vfeedback/algorithms/draft.py."""
+
+    k: int = Field(1, ge=1, le=1000, description="K: backpropagate through the last K sampling steps (1: DRaFT-1; "
+                   "sampling.steps: full DRaFT); ignored when k_range is set")
+    k_range: Optional[tuple[int, int]] = Field(None, description="AlignProp's randomized truncation: K drawn uniformly from "
+                                               "[lo, hi] (both included) at every step; null: the fixed k")
+    lv: int = Field(0, ge=0, le=64, description="DRaFT-LV: n > 0 re-noises the final sample n times to the last timestep and "
+                    "averages the reward gradient of the n single last steps (needs k: 1, no k_range); 0: off")
+    grad_scale: float = Field(1.0, gt=0, description="loss = -grad_scale * mean reward (AlignProp's loss_coeff x grad_scale)")
+    unet_checkpoint: bool = Field(True, description="checkpoint each UNet call inside the gradient window "
+                                  "(torch.utils.checkpoint): memory grows by about one latent per extra step of K, "
+                                  "at the cost of one more UNet forward per step")
+    pretrain: Optional[PretrainConfig] = Field(None, description="optional pre-training (denoising) loss on user data, as refl.pretrain")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.k_range is not None and not (1 <= self.k_range[0] <= self.k_range[1]):
+            raise ValueError(f"k_range {list(self.k_range)} must satisfy 1 <= lo <= hi")
+        if self.lv and (self.k != 1 or self.k_range is not None):
+            raise ValueError(f"lv: {self.lv} is DRaFT-LV, defined for K = 1; set k: 1 and k_range: null, or lv: 0")
+        return self
+
+
 class TrainConfig(Section):
     max_steps: int = Field(100, ge=1, description="optimizer steps")
     batch_size: int = Field(2, ge=1, description="prompts per step per process")
@@ -333,7 +360,7 @@ class LogConfig(Section):
 
 
 class RunConfig(Section):
-    algorithm: Literal["refl", "zo_ranksgd", "d3po", "itercomp"] = Field(..., description="method: refl, zo_ranksgd, d3po, itercomp")
+    algorithm: Literal["refl", "zo_ranksgd", "d3po", "itercomp", "draft"] = Field(..., description="method: refl, zo_ranksgd, d3po, itercomp, draft")
     output_dir: NonEmptyStr = Field(..., description="run folder (new, empty, or an earlier run's with --resume)")
     seed: Seed = Field(0, description="global seed in [0, 2**32); every step's randomness derives from (seed, step)")
     model: ModelConfig
@@ -347,6 +374,7 @@ class RunConfig(Section):
     zo_ranksgd: ZORankSGDSection = Field(default_factory=ZORankSGDSection, description="ZO-RankSGD settings (algorithm: zo_ranksgd)")
     d3po: D3POConfig = Field(default_factory=D3POConfig, description="D3PO settings (algorithm: d3po)")
     itercomp: IterCompSection = Field(default_factory=IterCompSection, description="IterComp settings (algorithm: itercomp)")
+    draft: DraftConfig = Field(default_factory=DraftConfig, description="DRaFT / AlignProp settings (algorithm: draft)")
     rank: RankConfig = Field(default_factory=RankConfig, description="the ranking app (vfeedback rank)")
 
     @model_validator(mode="after")
@@ -379,6 +407,18 @@ class RunConfig(Section):
         if self.algorithm == "d3po" and self.sampling.eta <= 0:
             raise ValueError(f"sampling.eta is {self.sampling.eta}: d3po's policy is the stochastic DDIM transition, whose log-prob "
                              "needs eta > 0 (the reference uses 1.0)")
+        return self
+
+
+    @model_validator(mode="after")
+    def _draft_checks(self):
+        if self.algorithm != "draft":
+            return self
+        n = self.sampling.steps
+        hi = self.draft.k_range[1] if self.draft.k_range is not None else self.draft.k
+        where = "draft.k_range" if self.draft.k_range is not None else "draft.k"
+        if hi > n:
+            raise ValueError(f"{where}: K up to {hi} exceeds sampling.steps ({n}); K counts sampling steps, at most {n}")
         return self
 
 

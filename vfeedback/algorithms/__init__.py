@@ -14,6 +14,7 @@ METHODS = {
     "zo_ranksgd": "vfeedback.algorithms.zo_ranksgd_diffusion:ZORankSGDMethod",
     "d3po": "vfeedback.algorithms.d3po:D3PO",
     "itercomp": "vfeedback.algorithms.itercomp:IterComp",
+    "draft": "vfeedback.algorithms.draft:DRaFT",
 }
 
 
