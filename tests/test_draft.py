@@ -132,6 +132,21 @@ def test_lv_runs_the_chain_without_grad_then_n_last_steps_with_grad(lora_model):
     assert _grads(params).abs().max() > 0
 
 
+def test_pretrain_loss_is_added_with_its_weight(lora_model):
+    """draft.pretrain reuses ReFL's denoising loss: loss = draft_loss + weight * pretrain_loss."""
+    m, params, reward = lora_model
+    loss, mets, _ = _step(m, reward, k=1, unet_checkpoint=False, pretrain={"data": "world:shapes", "weight": 0.5})
+    assert mets["pretrain_loss"] > 0
+    assert loss.item() == pytest.approx(mets["draft_loss"] + 0.5 * mets["pretrain_loss"], rel=1e-5)
+
+
+def test_bad_pretrain_data_names_the_draft_field(tmp_path):
+    from vfeedback.errors import UserError
+
+    with pytest.raises(UserError, match="draft.pretrain.data: .*nope not found"):
+        DRaFT.check_config(_cfg(pretrain={"data": str(tmp_path / "nope")}))
+
+
 # ----------------------------------------------------------------------------- unrolled by hand
 def _text(m, prompts):
     tok = m.pipe.tokenizer(prompts, padding="max_length", max_length=m.pipe.tokenizer.model_max_length, truncation=True,

@@ -132,7 +132,7 @@ class SamplingConfig(Section):
 class PretrainConfig(Section):
     data: str = Field(..., description="image-text data: a folder of images with same-name .txt captions, a JSONL file of {\"image\": path, \"text\": caption}, or world:shapes (generated shapes-world scenes)")
     weight: float = Field(1.0, ge=0, description="weight of the denoising loss added to the reward loss")
-    batch_size: int = Field(1, ge=1)
+    batch_size: int = Field(1, ge=1, description="image-text pairs per step in the denoising loss")
 
 
 class ReflConfig(Section):
