@@ -1,4 +1,4 @@
-"""ReFL, D3PO and ZO-RankSGD on the shapes world, side by side: the same training prompts, the
+"""ReFL, D3PO and ZO-RankSGD (and DRaFT: draft_k1, draft_k2) on the shapes world, side by side: the same training prompts, the
 same budget of judged images, the same training judge; then one evaluation for all of them on
 held-out prompts and seeds with both judges.
 
@@ -52,11 +52,14 @@ METHODS = {
     # three times the budget: D3PO's comparisons need more images than ReFL's gradients
     "zo_ranksgd_x3": ("configs/zo_ranksgd/shapes.yaml", ["zo_ranksgd.rounds=30"]),
     "d3po_x3": ("configs/d3po/shapes.yaml", ["train.max_steps=120", "log.eval_every=0", "log.checkpoint_every=40", "log.keep_checkpoints=3"]),
+    # DRaFT-1 and DRaFT-2 (docs/draft.md): refl_half's budget (40 steps x 4 images)
+    "draft_k1": ("configs/draft/shapes.yaml", ["draft.k=1", "log.eval_every=20", "log.checkpoint_every=0"]),
+    "draft_k2": ("configs/draft/shapes.yaml", ["log.eval_every=20", "log.checkpoint_every=0"]),
 }
 
 
 def budget_images(cfg) -> int:
-    if cfg.algorithm == "refl":
+    if cfg.algorithm in ("refl", "draft"):
         return cfg.train.max_steps * cfg.train.batch_size * cfg.train.gradient_accumulation_steps
     if cfg.algorithm == "d3po":
         return cfg.train.max_steps * cfg.train.batch_size * cfg.train.gradient_accumulation_steps * cfg.d3po.group_size
