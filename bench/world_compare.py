@@ -1,4 +1,4 @@
-"""ReFL, D3PO and ZO-RankSGD on the shapes world, side by side: the same training prompts, the
+"""ReFL, D3PO and ZO-RankSGD (and DRaFT: draft_k1, draft_k2) on the shapes world, side by side: the same training prompts, the
 same budget of judged images, the same training judge; then one evaluation for all of them on
 held-out prompts and seeds with both judges.
 
@@ -59,12 +59,15 @@ METHODS = {
     "grpo": ("configs/grpo/shapes.yaml", ["log.eval_every=20", "log.checkpoint_every=0"]),
     # offline: 160 pairs judged once (320 images), then DPO on them
     "diffusion_dpo": ("configs/diffusion_dpo/shapes.yaml", []),
+    # DRaFT-1 and DRaFT-2 (docs/draft.md): refl_half's budget (40 steps x 4 images)
+    "draft_k1": ("configs/draft/shapes.yaml", ["draft.k=1", "log.eval_every=20", "log.checkpoint_every=0"]),
+    "draft_k2": ("configs/draft/shapes.yaml", ["log.eval_every=20", "log.checkpoint_every=0"]),
 }
 DEFAULT_METHODS = ["refl", "refl_half", "d3po", "zo_ranksgd", "zo_ranksgd_x3", "d3po_x3"]
 
 
 def budget_images(cfg) -> int:
-    if cfg.algorithm == "refl":
+    if cfg.algorithm in ("refl", "draft"):
         return cfg.train.max_steps * cfg.train.batch_size * cfg.train.gradient_accumulation_steps
     if cfg.algorithm == "d3po":
         return cfg.train.max_steps * cfg.train.batch_size * cfg.train.gradient_accumulation_steps * cfg.d3po.group_size

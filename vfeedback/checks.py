@@ -26,6 +26,7 @@ RESUMABLE = {
     "grpo": ("train.max_steps", "log"),
     "raft": ("train.max_steps", "log"),
     "diffusion_dpo": ("train.max_steps", "log"),
+    "draft": ("train.max_steps", "log"),
 }
 
 

@@ -189,7 +189,7 @@ class SamplingConfig(Section):
 class PretrainConfig(Section):
     data: str = Field(..., description="image-text data: a folder of images with same-name .txt captions, a JSONL file of {\"image\": path, \"text\": caption}, or world:shapes (generated shapes-world scenes)")
     weight: float = Field(1.0, ge=0, description="weight of the denoising loss added to the reward loss")
-    batch_size: int = Field(1, ge=1)
+    batch_size: int = Field(1, ge=1, description="image-text pairs per step in the denoising loss")
 
 
 class ReflConfig(Section):
@@ -442,6 +442,31 @@ class DiffusionDPOSection(Section):
     cache_dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float16", description="dtype of the cached VAE latent mean / std (OUT/latent_cache; 2 x 4 x (res/8)^2 values per image)")
     cache_chunk: int = Field(64, ge=1, description="pairs per latent-cache file; a chunk is VAE-encoded the first time a batch needs one of its pairs")
+# --- draft ---
+class DraftConfig(Section):
+    """DRaFT (Clark et al., ICLR 2024) and AlignProp (Prabhudesai et al. 2023): the reward's gradient
+    backpropagated through the last K denoising steps. See docs/draft.md and
+    vfeedback/algorithms/draft.py."""
+
+    k: int = Field(1, ge=1, le=1000, description="K: backpropagate through the last K sampling steps (1: DRaFT-1; "
+                   "sampling.steps: full DRaFT); ignored when k_range is set")
+    k_range: Optional[tuple[int, int]] = Field(None, description="AlignProp's randomized truncation: K drawn uniformly from "
+                                               "[lo, hi] (both included) at every step; null: the fixed k")
+    lv: int = Field(0, ge=0, le=64, description="DRaFT-LV: n > 0 re-noises the final sample n times to the last timestep and "
+                    "averages the reward gradient of the n single last steps (needs k: 1, no k_range); 0: off")
+    grad_scale: float = Field(1.0, gt=0, description="loss = -grad_scale * mean reward (AlignProp's loss_coeff x grad_scale)")
+    unet_checkpoint: bool = Field(True, description="checkpoint each UNet call inside the gradient window "
+                                  "(torch.utils.checkpoint): memory grows by about one latent per extra step of K, "
+                                  "at the cost of one more UNet forward per step")
+    pretrain: Optional[PretrainConfig] = Field(None, description="optional pre-training (denoising) loss on user data, as refl.pretrain")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.k_range is not None and not (1 <= self.k_range[0] <= self.k_range[1]):
+            raise ValueError(f"k_range {list(self.k_range)} must satisfy 1 <= lo <= hi")
+        if self.lv and (self.k != 1 or self.k_range is not None):
+            raise ValueError(f"lv: {self.lv} is DRaFT-LV, defined for K = 1; set k: 1 and k_range: null, or lv: 0")
+        return self
 
 
 class TrainConfig(Section):
@@ -474,7 +499,7 @@ class LogConfig(Section):
 
 
 class RunConfig(Section):
-    algorithm: Literal["refl", "zo_ranksgd", "d3po", "itercomp", "raft", "ddpo", "grpo", "diffusion_dpo"] = Field(..., description="method: refl, zo_ranksgd, d3po, itercomp, raft, ddpo, grpo, diffusion_dpo")
+    algorithm: Literal["refl", "zo_ranksgd", "d3po", "itercomp", "raft", "ddpo", "grpo", "diffusion_dpo", "draft"] = Field(..., description="method: refl, zo_ranksgd, d3po, itercomp, raft, ddpo, grpo, diffusion_dpo, draft")
     output_dir: NonEmptyStr = Field(..., description="run folder (new, empty, or an earlier run's with --resume)")
     seed: Seed = Field(0, description="global seed in [0, 2**32); every step's randomness derives from (seed, step)")
     model: ModelConfig
@@ -493,6 +518,7 @@ class RunConfig(Section):
     raft: RaftConfig = Field(default_factory=RaftConfig, description="RAFT settings (algorithm: raft)")
     cost: Optional[CostConfig] = Field(None, description="a cost kept under a budget by a Lagrange multiplier (reward - lambda * (cost - budget))")
     diffusion_dpo: DiffusionDPOSection = Field(default_factory=DiffusionDPOSection, description="Diffusion-DPO settings (algorithm: diffusion_dpo)")
+    draft: DraftConfig = Field(default_factory=DraftConfig, description="DRaFT / AlignProp settings (algorithm: draft)")
     rank: RankConfig = Field(default_factory=RankConfig, description="the ranking app (vfeedback rank)")
 
     @model_validator(mode="after")
@@ -578,6 +604,18 @@ class RunConfig(Section):
         if self.algorithm == "diffusion_dpo" and not self.diffusion_dpo.data:
             raise ValueError("diffusion_dpo.data is required: a Pick-a-Pic .parquet file / folder, a preference .jsonl "
                              "(vfeedback rank --export), or world:shapes")
+        return self
+
+
+    @model_validator(mode="after")
+    def _draft_checks(self):
+        if self.algorithm != "draft":
+            return self
+        n = self.sampling.steps
+        hi = self.draft.k_range[1] if self.draft.k_range is not None else self.draft.k
+        where = "draft.k_range" if self.draft.k_range is not None else "draft.k"
+        if hi > n:
+            raise ValueError(f"{where}: K up to {hi} exceeds sampling.steps ({n}); K counts sampling steps, at most {n}")
         return self
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
 import torch
+import torch.utils.checkpoint
 
 from .models.loader import Conditioning, DiffusionModel
 
@@ -200,13 +201,15 @@ def initial_latents(model: DiffusionModel, batch: int, generator: Generators = N
 def sample(model: DiffusionModel, cond: Conditioning, *, num_steps: int = 50, guidance_scale: float = 7.5, eta: float = 0.0,
            latents: Optional[torch.Tensor] = None, generator: Generators = None,
            grad: GradWindow = GradWindow(), return_trajectory: bool = False, log_probs: bool = False,
-           decode: bool = True, vae_checkpoint: bool = False) -> SampleOutput:
+           decode: bool = True, vae_checkpoint: bool = False, unet_checkpoint: bool = False) -> SampleOutput:
     """DDIM sampling for SD1.5 and SDXL conditioning.
 
     ``cond``: one row per image (repeat it for several images per prompt). Randomness (initial
     latents when not given, and the per-step noise when ``eta`` > 0) comes from ``generator``
     on the CPU. ``grad`` picks the steps that keep autograd; the images are decoded with grad
-    when the last step run did.
+    when the last step run did. ``unet_checkpoint``: each UNet call that keeps autograd runs under
+    ``torch.utils.checkpoint`` (non-reentrant), so a window of K steps stores K inputs instead of
+    K sets of activations and recomputes each call in the backward pass (DRaFT-K / AlignProp).
     """
     b = cond.embeds.shape[0]
     if latents is None:
@@ -228,7 +231,10 @@ def sample(model: DiffusionModel, cond: Conditioning, *, num_steps: int = 50, gu
         if with_grad and not last_grad:
             x = x.detach()
         with torch.set_grad_enabled(with_grad and torch.is_inference_mode_enabled() is False):
-            out = predict_noise(model, x, t, cond, guidance_scale)
+            if with_grad and unet_checkpoint and torch.is_grad_enabled():
+                out = torch.utils.checkpoint.checkpoint(predict_noise, model, x, t, cond, guidance_scale, use_reentrant=False)
+            else:
+                out = predict_noise(model, x, t, cond, guidance_scale)
             a_t, a_prev = _alpha(model, t), _alpha(model, t - step_gap)
             x_prev, lp, x0, _, _ = ddim_step(out, x, a_t, a_prev, eta, pred_type, noise=noise, clip=clip)
         steps_run += 1

@@ -18,6 +18,7 @@ METHODS = {
     "grpo": "vfeedback.algorithms.grpo:GRPO",
     "raft": "vfeedback.algorithms.raft:RAFT",
     "diffusion_dpo": "vfeedback.algorithms.diffusion_dpo:DiffusionDPO",
+    "draft": "vfeedback.algorithms.draft:DRaFT",
 }
 
 

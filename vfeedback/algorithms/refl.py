@@ -71,16 +71,8 @@ class ReFL:
         out = sample(m, cond, num_steps=cfg.sampling.steps, guidance_scale=cfg.sampling.guidance_scale, eta=cfg.sampling.eta,
                      generator=generators, grad=GradWindow.refl(stop), vae_checkpoint=cfg.model.vae_checkpointing)
         r = self.trainer.reward(out.images.float(), prompts).float()
-        valid = torch.isfinite(r)
         loss = refl_loss(r, cfg.refl.margin, cfg.refl.grad_scale)  # nothing scorable: NaN, a skipped, counted step
-        mets = {"reward_mean": r[valid].mean().item() if valid.any() else float("nan"),
-                "reward_std": r[valid].std().item() if valid.sum() > 1 else 0.0,
-                "stop_step": stop, "refl_loss": float(loss.detach())}
-        comps = getattr(self.trainer.reward, "last_components", {})
-        for name, v in comps.items():
-            fv = v[torch.isfinite(v)]
-            if fv.numel():
-                mets[f"reward/{name}"] = fv.mean().item()
+        mets = {**reward_metrics(r, self.trainer.reward), "stop_step": stop, "refl_loss": float(loss.detach())}
         if self.pretrain is not None:
             pl = self.pretrain_loss(step_gen)
             mets["pretrain_loss"] = float(pl.detach())
@@ -89,19 +81,38 @@ class ReFL:
 
     def pretrain_loss(self, gen: torch.Generator) -> torch.Tensor:
         """Standard diffusion denoising loss on a batch of the user's image-text pairs."""
-        cfg, m = self.cfg, self.trainer.model
-        images, texts = self.pretrain.batch(cfg.refl.pretrain.batch_size, gen, m.resolution)
-        lat = m.encode_images(images)
-        noise = torch.randn(lat.shape, generator=gen).to(lat)
-        sch = m.scheduler
-        t = torch.randint(0, sch.config.num_train_timesteps, (lat.shape[0],), generator=gen).to(lat.device)
-        noisy = sch.add_noise(lat, noise, t)
-        target = noise if sch.config.prediction_type == "epsilon" else sch.get_velocity(lat, noise, t)
-        cond = m.encode_prompt(texts, cfg=False)
-        hs, added = cond.unet_inputs(False)
-        net = m.denoiser if m.denoiser is not None else m.unet
-        pred = net(noisy.to(m.unet.dtype), t, encoder_hidden_states=hs, added_cond_kwargs=added).sample
-        return F.mse_loss(pred.float(), target.float())
+        return denoising_loss(self.trainer.model, self.pretrain, self.cfg.refl.pretrain.batch_size, gen)
+
+
+def reward_metrics(r: torch.Tensor, reward) -> dict:
+    """``reward_mean`` / ``reward_std`` over the finite rewards ``r`` (B,) and the mean of each
+    component a combined ``reward`` scored last (``reward/<name>``); shared by the methods that
+    backpropagate a reward (ReFL, DRaFT)."""
+    valid = torch.isfinite(r)
+    mets = {"reward_mean": r[valid].mean().item() if valid.any() else float("nan"),
+            "reward_std": r[valid].std().item() if valid.sum() > 1 else 0.0}
+    for name, v in getattr(reward, "last_components", {}).items():
+        fv = v[torch.isfinite(v)]
+        if fv.numel():
+            mets[f"reward/{name}"] = fv.mean().item()
+    return mets
+
+
+def denoising_loss(m, data: "PretrainData", batch_size: int, gen: torch.Generator) -> torch.Tensor:
+    """The pre-training loss ImageReward's ReFL regularises with: the usual denoising MSE of the
+    model ``m`` on ``batch_size`` image-text pairs drawn from ``data`` with ``gen``."""
+    images, texts = data.batch(batch_size, gen, m.resolution)
+    lat = m.encode_images(images)
+    noise = torch.randn(lat.shape, generator=gen).to(lat)
+    sch = m.scheduler
+    t = torch.randint(0, sch.config.num_train_timesteps, (lat.shape[0],), generator=gen).to(lat.device)
+    noisy = sch.add_noise(lat, noise, t)
+    target = noise if sch.config.prediction_type == "epsilon" else sch.get_velocity(lat, noise, t)
+    cond = m.encode_prompt(texts, cfg=False)
+    hs, added = cond.unet_inputs(False)
+    net = m.denoiser if m.denoiser is not None else m.unet
+    pred = net(noisy.to(m.unet.dtype), t, encoder_hidden_states=hs, added_cond_kwargs=added).sample
+    return F.mse_loss(pred.float(), target.float())
 
 
 class PretrainData:
@@ -112,14 +123,14 @@ class PretrainData:
 
     WORLDS = ("world:shapes",)
 
-    def __init__(self, spec: str):
+    def __init__(self, spec: str, field: str = "refl.pretrain.data"):
         from rewards.images import IMAGE_SUFFIXES
 
         self.world = None
         self.items: list[tuple[Path, str]] = []
         if str(spec).startswith("world:"):
             if spec not in self.WORLDS:
-                raise UserError(f"refl.pretrain.data: unknown generated data {spec!r}; available: {', '.join(self.WORLDS)}")
+                raise UserError(f"{field}: unknown generated data {spec!r}; available: {', '.join(self.WORLDS)}")
             self.world = spec
             return
         p = Path(spec)
@@ -136,16 +147,16 @@ class PretrainData:
                     obj = json.loads(line)
                     img, text = obj["image"], obj["text"]
                 except (json.JSONDecodeError, KeyError, TypeError):
-                    raise UserError(f"refl.pretrain.data: {p} line {i}: expected {{\"image\": path, \"text\": caption}}") from None
+                    raise UserError(f"{field}: {p} line {i}: expected {{\"image\": path, \"text\": caption}}") from None
                 ip = Path(img) if Path(img).is_absolute() else p.parent / img
                 self.items.append((ip, text))
         else:
-            raise UserError(f"refl.pretrain.data: {p} not found")
+            raise UserError(f"{field}: {p} not found")
         if not self.items:
-            raise UserError(f"refl.pretrain.data: {p} holds no image-text pairs (images need a same-name .txt caption)")
+            raise UserError(f"{field}: {p} holds no image-text pairs (images need a same-name .txt caption)")
         for ip, _ in self.items:
             if not ip.exists():
-                raise UserError(f"refl.pretrain.data: image {ip} not found")
+                raise UserError(f"{field}: image {ip} not found")
 
     def batch(self, n: int, gen: torch.Generator, size: int):
         from rewards.images import load_image
