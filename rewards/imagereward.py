@@ -34,6 +34,12 @@ from .preprocess import OPENAI_MEAN, OPENAI_STD, PreprocessSpec, TorchPreprocess
 log = logging.getLogger(__name__)
 
 REPO = "THUDM/ImageReward"
+
+
+def package_cache() -> Path:
+    """Where the image-reward package downloads ``ImageReward.pt`` (``ImageReward/utils.py`` line 65)."""
+    return Path.home() / ".cache" / "ImageReward"
+
 # ImageReward/ImageReward.py lines 80-81: the reward is standardised with these
 MEAN = 0.16717362830052426
 STD = 1.0333394966054072
@@ -134,6 +140,12 @@ def _mlp_head(width: int) -> nn.Sequential:
                          nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
 
 
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
 def load_tokenizer(name_or_path: str):
     """BLIP's tokenizer: ``bert-base-uncased`` plus the ``[DEC]`` / ``[ENC]`` tokens (``BLIP/blip.py`` lines 16-21)."""
     from transformers import BertTokenizer
@@ -148,16 +160,17 @@ def load_tokenizer(name_or_path: str):
     "imagereward",
     differentiable=True,
     requires=("transformers",),
-    description="ImageReward v1.0 (BLIP ViT-L + BERT cross-attention + MLP human-preference model on transformers' BLIP, "
-                "checked against the image-reward package), ~-2..2",
+    description="ImageReward v1.0 (BLIP ViT-L + BERT cross-attention + MLP human-preference model) on transformers' BLIP, "
+                "THUDM/ImageReward's ImageReward.pt unchanged; scores equal image-reward 1.5's (tests/test_imagereward_reference.py), ~-2..2",
 )
 class ImageRewardScore(Reward):
     """ImageReward of each (image, prompt), differentiable like the package's ``score_gard``.
 
-    Options: ``model`` (``ImageReward-v1.0``: ``THUDM/ImageReward``'s ``ImageReward.pt`` from the
-    Hugging Face hub; or a local ``ImageReward.pt``, or a folder holding it), ``med_config``
-    (default: ``med_config.json`` beside a local checkpoint, else the hub's), ``tokenizer``
-    (hub id or folder, default ``bert-base-uncased``), ``device``, ``dtype``.
+    Options: ``model`` (``ImageReward-v1.0``: ``THUDM/ImageReward``'s ``ImageReward.pt``, from
+    ``~/.cache/ImageReward`` where the package downloads it, else the Hugging Face hub; or a local
+    ``ImageReward.pt``, or a folder holding it), ``med_config`` (default: ``med_config.json``
+    beside the checkpoint, else the hub's), ``tokenizer`` (hub id or folder, default
+    ``bert-base-uncased``), ``device``, ``dtype``.
     """
 
     needs_prompt = True
@@ -165,11 +178,13 @@ class ImageRewardScore(Reward):
     def __init__(self, model: str = "ImageReward-v1.0", med_config: Optional[str] = None, tokenizer: str = "bert-base-uncased",
                  device: Optional[str] = None, dtype: Optional[str] = None):
         super().__init__()
-        spec = f"hf-hub:{REPO}/ImageReward.pt" if model == "ImageReward-v1.0" else model
+        spec = model
+        if model == "ImageReward-v1.0":  # the package's download folder (utils.py line 65), else the hub
+            spec = str(package_cache()) if (package_cache() / "ImageReward.pt").is_file() else f"hf-hub:{REPO}/ImageReward.pt"
         ckpt = _hub.resolve_file(spec, default=spec, filename="ImageReward.pt", what="imagereward", option="model")
         if med_config is None:
             beside = Path(ckpt).parent / "med_config.json"
-            med_config = str(beside) if model != "ImageReward-v1.0" and beside.is_file() else f"hf-hub:{REPO}/med_config.json"
+            med_config = str(beside) if beside.is_file() else f"hf-hub:{REPO}/med_config.json"
         med_path = _hub.resolve_file(med_config, default=med_config, filename="med_config.json", what="imagereward", option="med_config")
         try:
             med = json.loads(Path(med_path).read_text())
@@ -198,17 +213,22 @@ class ImageRewardScore(Reward):
         self._dtype = _hub.parse_dtype(dtype, dev)
         vis_sd, txt_sd, mlp_sd = split_state_dict(sd)
         vcfg = vision_config(**dict(vision or {}))
-        with torch.device("meta"):  # no throw-away random init of 300 M parameters: every one is assigned below
+        with torch.device("meta"):  # no throw-away random init (300 M parameters at full size): every one is assigned below
             self.vision = BlipVisionModel(vcfg)
-        self.text = BlipTextModel(text_config(med, vcfg.hidden_size), add_pooling_layer=False)
+            self.text = BlipTextModel(text_config(med, vcfg.hidden_size), add_pooling_layer=False)
         self.mlp = _mlp_head(self.text.config.hidden_size)
         for what, mod, part in (("visual encoder", self.vision, vis_sd), ("text encoder", self.text, txt_sd), ("mlp head", self.mlp, mlp_sd)):
             try:
-                mod.load_state_dict(part, strict=True, assign=mod is self.vision)
+                mod.load_state_dict(part, strict=True, assign=True)
             except RuntimeError as e:
                 raise RewardError(f"imagereward: the checkpoint's {what} does not fit ImageReward's architecture "
                                   f"(with this med_config): {_hub._short(e)}") from None
-        assert not any(t.is_meta for t in (*self.vision.parameters(), *self.vision.buffers()))
+        # the text embeddings' position_ids is a non-persistent buffer (in no state dict): made again here
+        emb = self.text.embeddings
+        emb.register_buffer("position_ids", torch.arange(emb.position_embeddings.num_embeddings).expand((1, -1)), persistent=False)
+        left = [n for n, t in (*self.named_parameters(), *self.named_buffers()) if t.is_meta]
+        if left:  # a transformers version with more state outside the state dict
+            raise RewardError(f"imagereward: {left[:3]} not set from the checkpoint (transformers {_transformers_version()})")
         self.vision.to(dev, self._dtype)
         self.text.to(dev, self._dtype)
         self.mlp.to(dev, torch.float32)  # the package scores in float32 after `.float()` (ImageReward.py line 133)

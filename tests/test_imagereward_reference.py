@@ -35,6 +35,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import imagereward_fixture as F  # noqa: E402
 
+import rewards  # noqa: E402
+from rewards import RewardError  # noqa: E402
 from rewards.imagereward import ImageRewardScore, load_tokenizer  # noqa: E402
 
 REF_VENV = ROOT / ".venv-ir" / "bin" / "python"
@@ -48,8 +50,12 @@ def _vision_overrides(vit: str) -> dict:
 
 
 def _scorer(vit: str, tmp_path) -> ImageRewardScore:
-    tok = load_tokenizer(F.write_tokenizer(tmp_path / "tok"))
-    return ImageRewardScore.from_parts(F.seeded_state_dict(vit), F.MED_CONFIG, tok, device="cpu", dtype="float32", vision=_vision_overrides(vit))
+    tokdir = F.write_tokenizer(tmp_path / "tok")
+    if vit == "large":  # ImageReward's own architecture: as a user loads it, from ImageReward.pt + med_config.json files
+        ckpt, _ = F.write_checkpoint(tmp_path / "ckpt", vit)
+        return rewards.load("imagereward", model=str(ckpt), tokenizer=str(tokdir), device="cpu", dtype="float32")
+    return ImageRewardScore.from_parts(F.seeded_state_dict(vit), F.MED_CONFIG, load_tokenizer(tokdir), device="cpu", dtype="float32",
+                                       vision=_vision_overrides(vit))
 
 
 def _recorded(vit: str) -> dict:
@@ -127,6 +133,27 @@ def test_imagereward_matches_the_package_small_vit(tmp_path):
 @pytest.mark.slow
 def test_imagereward_matches_the_package_vit_large(tmp_path):
     _check("large", tmp_path)
+
+
+def test_imagereward_refuses_what_is_not_its_checkpoint(tmp_path):
+    """A checkpoint with a key ImageReward's model lacks, or a med_config that is not BLIP's
+    text encoder, is refused with a RewardError naming it (the package would load with
+    strict=False and leave layers random)."""
+    tokdir = F.write_tokenizer(tmp_path / "tok")
+    torch.save({"blip.visual_encoder.cls_token": torch.zeros(1, 1, 1024), "unet.conv_in.weight": torch.zeros(1)}, tmp_path / "ImageReward.pt")
+    (tmp_path / "med_config.json").write_text(json.dumps(F.MED_CONFIG))
+    with pytest.raises(RewardError, match=r"keys ImageReward's model does not: \['unet.conv_in.weight'\]"):
+        ImageRewardScore(model=str(tmp_path / "ImageReward.pt"), tokenizer=str(tokdir), device="cpu")
+    torch.save({"blip.visual_encoder.cls_token": torch.zeros(1, 1, 1024)}, tmp_path / "ImageReward.pt")
+    (tmp_path / "med_config.json").write_text(json.dumps({**F.MED_CONFIG, "add_cross_attention": False}))
+    with pytest.raises(RewardError, match="add_cross_attention"):
+        ImageRewardScore(model=str(tmp_path), tokenizer=str(tokdir), device="cpu")  # a folder holding ImageReward.pt
+    (tmp_path / "med_config.json").write_text(json.dumps({k: v for k, v in F.MED_CONFIG.items() if k != "vocab_size"}))
+    with pytest.raises(RewardError, match="med_config lacks 'vocab_size'"):
+        ImageRewardScore(model=str(tmp_path), tokenizer=str(tokdir), device="cpu")
+    (tmp_path / "med_config.json").write_text(json.dumps(F.MED_CONFIG))
+    with pytest.raises(RewardError, match=r"visual encoder does not fit"):  # 1 of ~300 ViT-L tensors
+        ImageRewardScore(model=str(tmp_path), tokenizer=str(tokdir), device="cpu")
 
 
 def test_imagereward_reference_was_really_run():
