@@ -112,7 +112,7 @@ def main(argv=None) -> int:
         rank, rank_scores = model.inference_rank(F.PROMPTS[0], pil)
     score_s = time.time() - t0
 
-    freeze = subprocess.run([sys.executable, "-m", "pip", "freeze"], capture_output=True, text=True, check=True).stdout.split()
+    freeze = subprocess.run([sys.executable, "-m", "pip", "freeze", "--all"], capture_output=True, text=True, check=True).stdout.split()
     import timm
     import transformers
 
