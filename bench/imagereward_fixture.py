@@ -127,7 +127,9 @@ def seeded_state_dict(vit: str, med: dict = MED_CONFIG, seed: int = SEED) -> dic
 
     Scales keep activations O(1) through 24 layers so scores differ across inputs: matrices
     ``N(0, 1/fan_in)``, LayerNorm weights ``1 + 0.1 N``, biases and LayerNorm shifts ``0.1 N``,
-    embeddings / class token / positions ``0.5 N``. Plus med.py's ``position_ids`` buffer.
+    word / position embeddings ``0.5 N``. The ViT's input embedding (patch projection, class
+    token, positions) is 100x smaller, so the first LayerNorm sees a variance near 1e-4 and its
+    eps (1e-6, BLIP/vit.py line 138) moves the scores measurably. Plus med.py's ``position_ids``.
     """
     g = torch.Generator().manual_seed(seed)
     sd = {}
@@ -137,10 +139,14 @@ def seeded_state_dict(vit: str, med: dict = MED_CONFIG, seed: int = SEED) -> dic
             x = 1.0 + 0.1 * x
         elif k.endswith("bias"):
             x = 0.1 * x
-        elif "embeddings" in k or k.endswith(("cls_token", "pos_embed")):
+        elif k.endswith(("cls_token", "pos_embed")):
+            x = 0.005 * x
+        elif "embeddings" in k:
             x = 0.5 * x
         else:
             x = x / math.sqrt(math.prod(shape[1:]))
+        if k.startswith("blip.visual_encoder.patch_embed."):
+            x = 0.01 * x
         sd[k] = x
     # BLIP/med.py line 58: a persistent buffer, so the real ImageReward.pt holds it too
     sd["blip.text_encoder.embeddings.position_ids"] = torch.arange(med["max_position_embeddings"]).expand((1, -1)).clone()

@@ -69,7 +69,7 @@ def _model_tolerance(ref: list[float], depth: int) -> float:
     activations, which LayerNorm keeps O(1); 64 ulps per layer of the largest |score| (plus one
     for the standardisation's unit) is generous for that and far below any real difference
     (a wrong mean / std, a missing LayerNorm, another GELU move scores by >1e-2)."""
-    return 64 * (depth + 3) * EPS * (1.0 + max(abs(x) for x in ref))
+    return 8 * (depth + 3) * EPS * (1.0 + max(abs(x) for x in ref))
 
 
 def _pixels(imgs) -> torch.Tensor:
