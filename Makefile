@@ -79,5 +79,6 @@ $(IR_VENV)/.installed-%: bench/imagereward_ref_requirements.txt
 	test -x $(IR_VENV)/bin/python || $(PY) -m venv $(IR_VENV)
 	$(IR_VENV)/bin/python -m pip install -q $(TORCH_SPEC)
 	$(IR_VENV)/bin/python -m pip install -q -r bench/imagereward_ref_requirements.txt
+	$(IR_VENV)/bin/python -m pip install -q --no-deps setuptools==69.5.1
 	rm -f $(IR_VENV)/.installed-*
 	touch $@
