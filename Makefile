@@ -67,3 +67,18 @@ reproduce: $(STAMP)
 .PHONY: mutants
 mutants: $(STAMP)
 	$(BIN)/python tests/mutants.py
+
+# The image-reward package (THUDM/ImageReward) in an environment of its own, .venv-ir: it pins
+# timm==0.6.13 and needs transformers 4.x, which vfeedback's pins exclude. For
+# bench/imagereward_reference.py (the recorded reference scores that tests/test_imagereward_reference.py
+# checks rewards/imagereward.py against) and that file's slow live test. Minutes; not part of `make test`.
+IR_VENV ?= .venv-ir
+.PHONY: imagereward-ref-venv
+imagereward-ref-venv: $(IR_VENV)/.installed-$(shell cat bench/imagereward_ref_requirements.txt | cksum | cut -d' ' -f1)
+$(IR_VENV)/.installed-%: bench/imagereward_ref_requirements.txt
+	test -x $(IR_VENV)/bin/python || $(PY) -m venv $(IR_VENV)
+	$(IR_VENV)/bin/python -m pip install -q $(TORCH_SPEC)
+	$(IR_VENV)/bin/python -m pip install -q -r bench/imagereward_ref_requirements.txt
+	$(IR_VENV)/bin/python -m pip install -q --no-deps setuptools==69.5.1
+	rm -f $(IR_VENV)/.installed-*
+	touch $@

@@ -394,13 +394,16 @@ def test_prompt_required(scorers, photos):
         scorers["clip"](_images(photos), None)
 
 
-def test_imagereward_registered_but_not_installed_here():
+def test_imagereward_offline_names_the_downloads(tmp_path, monkeypatch):
+    """ImageReward runs on transformers' BLIP (no image-reward package): installed wherever
+    vfeedback is; without its checkpoint it names the download and the option."""
     info = {i.name: i for i in rewards.available()}["imagereward"]
-    assert info.requires == ("ImageReward",) and info.differentiable
-    if info.installed:
-        pytest.skip("image-reward is installed here")
-    with pytest.raises(RewardError, match=r"needs the package\(s\) ImageReward: image-reward 1.5 .* pins timm==0.6.13"):
-        rewards.load("imagereward")  # the reason no extra installs it, not a pip line that would break the venv
+    assert info.requires == ("transformers",) and info.installed and info.differentiable and info.extra is None
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.cache/ImageReward (the package's download folder)
+    with pytest.raises(RewardError, match=r"hf download THUDM/ImageReward ImageReward\.pt.*model=/path/to/ImageReward\.pt"):
+        rewards.load("imagereward", device="cpu")
+    with pytest.raises(RewardError, match=r"model: no such file"):
+        rewards.load("imagereward", model=str(tmp_path / "nope.pt"), device="cpu")
 
 
 def test_import_rewards_stays_light():

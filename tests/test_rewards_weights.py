@@ -1,5 +1,5 @@
 """`vfeedback rewards`' weights column reads the local caches (a fake Hugging Face cache laid out
-as huggingface_hub writes it), and imagereward says why it is not installable."""
+as huggingface_hub writes it)."""
 import json
 
 import pytest
@@ -46,14 +46,27 @@ def test_weights_column_follows_the_caches(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out.splitlines()[0].split()[3] == "weights"
 
 
-def test_imagereward_says_why_it_is_not_installed(capsys):
-    doc = _weights(capsys)
-    if doc["imagereward"]["installed"]:
-        pytest.skip("image-reward is installed here")
-    assert "timm==0.6.13" in doc["imagereward"]["install"] and "transformers 5" in doc["imagereward"]["install"]
-    assert main(["validate", "configs/refl/sd15.yaml"]) == 2
-    err = capsys.readouterr().err
-    assert "imagereward" in err and "timm==0.6.13" in err and "Traceback" not in err
+def test_imagereward_weights_column(tmp_path, monkeypatch, capsys):
+    """imagereward's weights: ImageReward.pt (the hub cache or the package's ~/.cache/ImageReward)
+    and bert-base-uncased's vocabulary (BLIP's tokenizer), both needed."""
+    import huggingface_hub.constants as hc
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert _weights(capsys)["imagereward"]["weights"] == "no"
+    _fake_hf_file(cache, "THUDM/ImageReward", "ImageReward.pt")
+    assert _weights(capsys)["imagereward"]["weights"] == "no"
+    _fake_hf_file(cache, "bert-base-uncased", "vocab.txt")
+    assert _weights(capsys)["imagereward"]["weights"] == "yes"
+    import shutil
+
+    shutil.rmtree(cache / "models--THUDM--ImageReward")
+    assert _weights(capsys)["imagereward"]["weights"] == "no"
+    (tmp_path / ".cache" / "ImageReward").mkdir(parents=True)
+    (tmp_path / ".cache" / "ImageReward" / "ImageReward.pt").write_bytes(b"x")
+    assert _weights(capsys)["imagereward"]["weights"] == "yes"
 
 
 def test_offline_messages_name_the_download_commands(monkeypatch, tmp_path):

@@ -182,6 +182,5 @@ def test_rewards_list(capsys):
     code, out, _ = _run(capsys, "rewards", "--json")
     doc = {d["name"]: d for d in json.loads(out)}
     assert doc["clip"]["installed"] and doc["clip"]["differentiable"]
-    assert doc["imagereward"]["requires"] == ["ImageReward"]
-    if not doc["imagereward"]["installed"]:
-        assert "pip install" in doc["imagereward"]["install"]
+    assert doc["imagereward"]["requires"] == ["transformers"] and doc["imagereward"]["installed"]
+    assert doc["imagereward"]["install"] is None

@@ -75,8 +75,11 @@ def weights_present(info) -> str:
         from rewards.hpsv2 import HPS_FILES, HPS_REPO
 
         return _yes(_hub.hf_repo_cached(HPS_REPO, HPS_FILES["2.1"]))
-    if n == "imagereward":
-        return _yes((Path.home() / ".cache" / "ImageReward" / "ImageReward.pt").is_file())
+    if n == "imagereward":  # the checkpoint (the package's download folder or the hub cache) and BERT's tokenizer
+        from rewards.imagereward import REPO, package_cache
+
+        ckpt = (package_cache() / "ImageReward.pt").is_file() or _hub.hf_repo_cached(REPO, "ImageReward.pt")
+        return _yes(ckpt and _hub.hf_repo_cached("bert-base-uncased", "vocab.txt"))
     try:  # transformers-backed scorers: their default model (and processor) repos
         params = inspect.signature(info.factory).parameters
     except (TypeError, ValueError):
