@@ -564,19 +564,21 @@ def test_trl_reward_function_plumbing():
 
 class _Recorder(Reward):
     """Brightness (mean pixel) that records each call's batch size, prompts and context keys, and
-    raises on images of side ``fail_side``."""
+    raises on images of side ``fail_side`` or a batch holding an image darker than ``fail_below``."""
 
     name = "recorder"
     needs_prompt = False
 
-    def __init__(self, fail_side=None):
+    def __init__(self, fail_side=None, fail_below=None):
         super().__init__()
-        self.calls, self.fail_side = [], fail_side
+        self.calls, self.fail_side, self.fail_below = [], fail_side, fail_below
 
     def forward(self, images, prompts=None, **context):
         self.calls.append((images.shape[0], list(prompts), sorted(context)))
         if images.shape[-1] == self.fail_side:
             raise ValueError("bad size")
+        if self.fail_below is not None and float(images.mean(dim=(1, 2, 3)).min()) < self.fail_below:
+            raise ValueError("too dark")
         return images.mean(dim=(1, 2, 3))
 
 
@@ -647,6 +649,9 @@ def test_trl_reward_function_scoring_groups_batches_prompts_and_faults():
     fn = reward_function(rec, _Render([{"image": _solid(0.3)[0]}, {"image": _solid(0.5, h=4, w=4)[0]}]), name="r")
     assert fn(["q"] * 2, ["c"] * 2) == [None, pytest.approx(0.5)]
     assert fn.last_errors == ["score: ValueError: bad size", None] and fn.failures == {"score": 1}
+    # ... and the next batch of the same group too
+    fn = reward_function(_Recorder(fail_below=0.1), _Render([{"image": _solid(0.05)[0]}, {"image": _solid(0.5)[0]}]), batch_size=1)
+    assert fn(["q"] * 2, ["c"] * 2) == [None, pytest.approx(0.5)] and fn.last_errors == ["score: ValueError: too dark", None]
 
 
 def test_trl_reward_function_references_are_grouped_by_shape_and_passed():
