@@ -275,6 +275,23 @@ def test_unique_counted_answer_per_round_id_in_the_store(tmp_path):
         s.add_answer("zo_ranksgd", 0, "rank", "p", [0], [{}, {}], round_id="r0-0000000000000000")  # per mode
 
 
+def test_store_undo_stamps_only_the_newest_counted_answer_it_names(tmp_path):
+    with FeedbackStore(tmp_path / "feedback.sqlite") as s:
+        a = s.add_answer("d3po", 0, "rank", "p", [1], [{}, {}], round_id="r0-00000000000000a0")
+        b = s.add_answer("d3po", 1, "rank", "p", [0], [{}, {}], round_id="r1-00000000000000b1")
+        z = s.add_answer("zo_ranksgd", 0, "rank", "p", [0], [{}, {}], round_id="r0-00000000000000c0")
+        before = _dump(s)
+        assert s.undo_answer("d3po", a) is False  # not the newest of its mode
+        assert s.undo_answer("zo_ranksgd", b) is False and s.undo_answer("d3po", z) is False  # another mode's answer
+        assert s.undo_answer("d3po", 999) is False
+        assert _dump(s) == before
+        assert s.undo_answer("d3po", b) is True
+        assert s.undo_answer("d3po", b) is False  # undone already: nothing more
+        assert [(x.id, x.undone is None) for x in s.answers(include_undone=True)] == [(a, True), (b, False), (z, True)]
+        assert s.undo_answer("d3po", a) is True  # now the newest
+        assert [x.id for x in s.answers()] == [z]
+
+
 def test_schema_1_store_is_migrated_and_read_only_readable(tmp_path):
     from vfeedback.feedback.store import _SCHEMA_V1
 
