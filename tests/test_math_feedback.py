@@ -740,3 +740,39 @@ def test_bradley_terry_batched_forward_and_embedding_sizes():
         gym_mod.PreferenceRewardModel(hidden=3).fit([(torch.zeros(2), torch.zeros(3))], [1])
     with pytest.raises(RewardError, match=r"embeddings of size \[3\], expected one size \(2, the model's\)$"):
         m.fit([(torch.zeros(3), torch.zeros(3))], [1])
+
+
+def test_function_oracle_batched_call_noise_draws_and_fresh_state():
+    calls = []
+
+    def f(x):  # only works on the stacked candidates
+        calls.append(tuple(x.shape))
+        return x[:, 0] - x[:, 1]
+
+    o = FunctionRankingOracle(f, batched=True)
+    assert o.last_values == [] and o.batched is True
+    cands = [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 3.0]), torch.tensor([2.0, 2.0])]
+    assert o(cands) == [1, 2, 0] and calls == [(3, 2)] and o.last_values == [1.0, -3.0, 0.0]
+    assert o(torch.stack(cands)) == [1, 2, 0] and calls[-1] == (3, 2)
+    # noise: each value plus noise * a float64 standard normal from the oracle's generator (default seed 0)
+    vals = [0.0, 0.1, 0.2, 0.3]
+    noisy = FunctionRankingOracle(lambda c: float(c), noise=0.5)
+    eps = torch.randn(4, generator=torch.Generator().manual_seed(0), dtype=torch.float64).tolist()
+    want = order_scores([v + 0.5 * e for v, e in zip(vals, eps)], higher_is_better=False)
+    assert noisy(torch.tensor(vals)) == want and want != [0, 1, 2, 3]  # the draw reorders this case
+    other = FunctionRankingOracle(lambda c: float(c), noise=0.5, seed=1)
+    eps1 = torch.randn(4, generator=torch.Generator().manual_seed(1), dtype=torch.float64).tolist()
+    assert other(torch.tensor(vals)) == order_scores([v + 0.5 * e for v, e in zip(vals, eps1)], higher_is_better=False)
+
+
+def test_frame_scorer_vlm_rm_forced_on_and_goal_rules():
+    with pytest.raises(RewardError, match="VLM-RM needs a goal prompt"):
+        gym_mod.FrameScorer(_FakeClip(), vlm_rm=True)
+    with pytest.raises(RewardError, match="does not expose CLIP"):
+        gym_mod.FrameScorer(Brightness(), goal="bright", vlm_rm=True)
+    from rewards.analytic import ColorMatch
+
+    with pytest.raises(RewardError, match="needs a goal prompt"):
+        gym_mod.FrameScorer(ColorMatch())  # a prompt-scoring reward without a goal
+    fs = gym_mod.FrameScorer(Brightness())  # an image-only reward needs none
+    assert fs(_solid(0.25, n=2)).tolist() == pytest.approx([0.25, 0.25])

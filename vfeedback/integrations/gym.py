@@ -143,7 +143,7 @@ class FrameScorer:
             self.P = projection(self.g, self.b, self.alpha)
         elif baseline is not None or self.alpha != 0:
             raise RewardError("baseline / alpha apply to VLM-RM only (a CLIP-type reward with a goal)")
-        elif getattr(reward, "needs_prompt", False) and goal is None:
+        elif reward.needs_prompt and goal is None:  # a rewards.Reward (its device and call are used below too)
             raise RewardError(f"reward {getattr(reward, 'name', reward)!r} needs a goal prompt (goal=...)")
 
     @torch.no_grad()
