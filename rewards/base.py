@@ -244,7 +244,7 @@ class WeightedSum(Reward):
             raise RewardError(f"normalize must be none, batch or running, got {normalize!r}")
         self.rewards = nn.ModuleList(rewards)
         self.weights = list(map(float, weights))
-        self.names = list(names) if names is not None else [getattr(r, "name", f"r{i}") for i, r in enumerate(rewards)]
+        self.names = list(names) if names is not None else [r.name for r in rewards]  # every Reward has a name
         self.normalize = normalize
         self.norms = nn.ModuleList(RunningNorm() for _ in rewards)
         self.differentiable = all(r.differentiable for r in rewards)

@@ -52,7 +52,7 @@ SCOPE = [
     "vfeedback.integrations.gym.x?FrameScorer?*",
     "vfeedback.integrations.gym.x?VLMRewardWrapper?step__mutmut_*",
     "vfeedback.integrations.gym.x?VLMPreferenceLabeler?label__mutmut_*",
-    *(f"vfeedback.integrations.gym.x?PreferenceRewardModel?{m}__mutmut_*" for m in ("forward", "fit", "accuracy")),
+    "vfeedback.integrations.gym.x?PreferenceRewardModel?*",  # Bradley-Terry: init, weights, features, forward, fit, accuracy
 ]
 
 KILLED = {"killed", "timeout", "caught by type check", "segfault"}

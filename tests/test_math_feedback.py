@@ -560,3 +560,219 @@ def test_trl_reward_function_plumbing():
     assert metrics == [("b/failed_frac", 0.5)]
     fn(None, ["c1", "c2"])
     assert seen["requests"] == ["", ""] and fn.calls == 2
+
+
+class _Recorder(Reward):
+    """Brightness (mean pixel) that records each call's batch size, prompts and context keys, and
+    raises on images of side ``fail_side`` or a batch holding an image darker than ``fail_below``."""
+
+    name = "recorder"
+    needs_prompt = False
+
+    def __init__(self, fail_side=None, fail_below=None):
+        super().__init__()
+        self.calls, self.fail_side, self.fail_below = [], fail_side, fail_below
+
+    def forward(self, images, prompts=None, **context):
+        self.calls.append((images.shape[0], list(prompts), sorted(context)))
+        if images.shape[-1] == self.fail_side:
+            raise ValueError("bad size")
+        if self.fail_below is not None and float(images.mean(dim=(1, 2, 3)).min()) < self.fail_below:
+            raise ValueError("too dark")
+        return images.mean(dim=(1, 2, 3))
+
+
+def test_trl_reward_function_renderer_faults_and_what_it_is_given():
+    from vfeedback.integrations.trl import Rendered, reward_function
+
+    seen = {}
+
+    def render(requests, completions, columns):
+        seen["completions"] = completions
+        return [Rendered(image=_solid(0.5)[0]) for _ in completions]
+
+    fn = reward_function(Brightness(), render, name="b")
+    chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "c2"}]
+    assert fn(["p", "p"], ["c1", chat]) == [pytest.approx(0.5), pytest.approx(0.5)]
+    assert seen["completions"] == ["c1", "c2"]  # the completions' text, conversations reduced to the assistant's
+
+    def boom(requests, completions, columns):
+        raise ValueError("boom: at line 3")
+
+    fn = reward_function(Brightness(), boom, name="b")
+    assert fn(["p"] * 3, ["c"] * 3) == [None, None, None]  # a renderer bug fails the batch closed, not the run
+    assert fn.last_errors == ["render: ValueError: boom: at line 3"] * 3
+    assert fn.failures == {"render": 3} and fn.failed == 3 and fn.scored == 0
+    short = reward_function(Brightness(), lambda r, c, k: [Rendered(image=_solid(0.5)[0])], name="b")
+    assert short(["p", "p"], ["c", "c"]) == [None, None]
+    assert short.last_errors == ["render: RuntimeError: renderer returned 1 items for 2 completions"] * 2
+    long_reason = reward_function(Brightness(), _Render([{"error": "x" * 50}]), name="b")
+    long_reason(["p"], ["c"])
+    assert long_reason.failures == {"x" * 40: 1}  # the reason's kind: up to the first colon, at most 40 characters
+
+
+def test_trl_reward_function_metrics_and_isolation_levels():
+    from vfeedback.integrations.trl import reward_function
+
+    items = [{"image": _solid(0.5)[0], "isolation": "bwrap+seccomp"}, {"error": "render: refused", "isolation": "none"},
+             {"image": _solid(0.25)[0], "isolation": "bwrap+seccomp"}, {"image": _solid(0.75)[0]}]
+    metrics = []
+    fn = reward_function(Brightness(), _Render(items), name="b")
+    assert fn(["p"] * 4, ["c"] * 4, log_metric=lambda k, v: metrics.append((k, v))) == pytest.approx([0.5, None, 0.25, 0.75])
+    assert metrics == [("b/failed_frac", 0.25), ("b/isolation/bwrap+seccomp", 0.5), ("b/isolation/none", 0.25)]
+    assert fn.isolation == {"bwrap+seccomp": 2, "none": 1}
+    fn(["p"] * 4, ["c"] * 4)  # no log_metric: counters only
+    assert fn.isolation == {"bwrap+seccomp": 4, "none": 2} and len(metrics) == 3
+    empty = reward_function(Brightness(), _Render([]), name="b")
+    assert empty([], [], log_metric=lambda k, v: metrics.append((k, v))) == [] and len(metrics) == 3  # nothing to log
+
+
+def test_trl_reward_function_scoring_groups_batches_prompts_and_faults():
+    from vfeedback.integrations.trl import reward_function
+
+    rec = _Recorder()
+    # an error, a missing image, then three scorable 2x2 images and one 4x4: errors skip only themselves
+    items = [{"error": "render: x"}, {}, {"image": _solid(0.2)[0]}, {"image": _solid(0.4)[0], "prompt": "p"},
+             {"image": _solid(0.6, h=4, w=4)[0]}, {"image": _solid(0.8)[0]}]
+    fn = reward_function(rec, _Render(items), name="r", batch_size=2)
+    assert fn(["q"] * 6, ["c"] * 6) == pytest.approx([None, None, 0.2, 0.4, 0.6, 0.8])
+    # one group per image shape, in order of first appearance, cut into batches of 2
+    assert rec.calls == [(2, ["", "p"], []), (1, [""], []), (1, [""], [])]
+    # a prompt-scoring reward: an item without text fails alone, the next one is scored
+    from rewards.analytic import ColorMatch
+
+    red = torch.tensor([0.9, 0.1, 0.1])[:, None, None].expand(3, 2, 2).clone()
+    fn = reward_function(ColorMatch(), _Render([{"image": red}, {"image": red, "prompt": "a red box"}]))
+    assert fn(["r"] * 2, ["c"] * 2) == [None, pytest.approx(1.0, abs=1e-6)]
+    # a scoring fault fails its batch only, with the exception named; the next group is scored
+    rec = _Recorder(fail_side=2)
+    fn = reward_function(rec, _Render([{"image": _solid(0.3)[0]}, {"image": _solid(0.5, h=4, w=4)[0]}]), name="r")
+    assert fn(["q"] * 2, ["c"] * 2) == [None, pytest.approx(0.5)]
+    assert fn.last_errors == ["score: ValueError: bad size", None] and fn.failures == {"score": 1}
+    # ... and the next batch of the same group too
+    fn = reward_function(_Recorder(fail_below=0.1), _Render([{"image": _solid(0.05)[0]}, {"image": _solid(0.5)[0]}]), batch_size=1)
+    assert fn(["q"] * 2, ["c"] * 2) == [None, pytest.approx(0.5)] and fn.last_errors == ["score: ValueError: too dark", None]
+
+
+def test_trl_reward_function_references_are_grouped_by_shape_and_passed():
+    from vfeedback.integrations.trl import ImageSimilarity, reward_function
+
+    # same image shape, references of two shapes: two batches, each with its own references
+    items = [{"image": _solid(0.25)[0], "reference": _solid(0.75)[0]},
+             {"image": _solid(0.5)[0], "reference": _solid(1.0, h=4, w=4)[0]},
+             {"image": _solid(1.0)[0], "reference": _solid(0.5)[0]}]
+    fn = reward_function(ImageSimilarity(), _Render(items), name="s")
+    assert fn(["q"] * 3, ["c"] * 3) == pytest.approx([0.5, 0.5, 0.5], abs=1e-6)  # 1 - |x - ref|
+    rec = _Recorder()
+    reward_function(rec, _Render(items), name="r")(["q"] * 3, ["c"] * 3)
+    assert rec.calls == [(2, ["", ""], ["reference"]), (1, [""], ["reference"])]
+
+
+def test_image_similarity_same_size_reference_is_not_resampled():
+    from vfeedback.integrations.trl import ImageSimilarity
+
+    x = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(2))
+    ref = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(3))
+    want = 1.0 - (x - ref).abs().mean(dim=(1, 2, 3))
+    assert torch.equal(ImageSimilarity()(x, reference=ref), want)
+    # a reference of another height only, or another width only, is resized to the image
+    for h, w in ((6, 4), (4, 6)):
+        r = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(4))
+        rr = torch.nn.functional.interpolate(r, size=(4, 4), mode="bilinear", antialias=True, align_corners=False)
+        assert torch.allclose(ImageSimilarity()(x, reference=r), 1.0 - (x - rr).abs().mean(dim=(1, 2, 3)), atol=1e-6)
+
+
+def test_bradley_terry_initial_weights_and_forward_by_hand():
+    m = gym_mod.PreferenceRewardModel(dim=3)  # defaults: hidden 64, seed 0
+    assert m.hidden == 64 and m.head[0].out_features == 64 and m.dim == 3 and gym_mod.PreferenceRewardModel().dim is None
+    small = gym_mod.PreferenceRewardModel(dim=3, hidden=2)
+    g = torch.Generator().manual_seed(0)
+    # each parameter ~ N(0, 1) / sqrt(fan): its last axis (W1 (2,3): 3, b1 (2,): 2, W2 (1,2): 2, b2 (1,): 1)
+    want = [torch.randn(shape, generator=g) / fan**0.5 for shape, fan in [((2, 3), 3), ((2,), 2), ((1, 2), 2), ((1,), 1)]]
+    got = [p.detach() for p in small.head.parameters()]
+    assert all(torch.allclose(a, b, rtol=1e-6, atol=0) for a, b in zip(got, want)) and len(got) == 4  # x / s vs x * (1 / s): rounding
+    x = torch.tensor([[1.0, -2.0, 0.5], [0.0, 0.0, 0.0]])
+    w1, b1, w2, b2 = want
+    r = (torch.tanh(x @ w1.T + b1) @ w2.T + b2).squeeze(-1)  # r(s) = W2 tanh(W1 e + b1) + b2
+    assert torch.allclose(small(x), r, atol=1e-6)
+
+
+def test_bradley_terry_embeds_images_with_a_clip_type_reward():
+    m = gym_mod.PreferenceRewardModel(embed=_FakeClip(), dim=2, hidden=3)
+    imgs = torch.cat([_rg(3.0, 4.0), _rg(1.0, 0.0)])
+    assert torch.allclose(m.features(imgs), torch.tensor([[0.6, 0.8], [1.0, 0.0]]), atol=1e-6)  # unit (R, G) means
+    assert torch.allclose(m(imgs), m.head(torch.tensor([[0.6, 0.8], [1.0, 0.0]])).squeeze(-1), atol=1e-6)
+    calls = []
+    f = gym_mod.PreferenceRewardModel(embed=lambda x: calls.append(x.shape) or x[:, :2].mean(dim=(2, 3)), dim=2)
+    assert torch.allclose(f.features(_rg(0.5, 0.25)[0]), torch.tensor([[0.5, 0.25]])) and calls == [(1, 3, 2, 2)]  # a frame -> a batch of 1
+
+
+def test_bradley_terry_fit_is_one_adam_step_on_the_bce_and_freezes_after():
+    import copy
+
+    m = gym_mod.PreferenceRewardModel(dim=2, hidden=3, seed=5)
+    ref = copy.deepcopy(m.head).requires_grad_(True)
+    a = [torch.tensor([1.0, 0.0]), torch.tensor([0.5, 0.5]), torch.tensor([-1.0, 2.0])]
+    b = [torch.tensor([0.0, 1.0]), torch.tensor([2.0, -1.0]), torch.tensor([0.0, 0.0])]
+    labels = [1, 0, 1]
+    # one epoch, one batch holding every pair: one Adam step on mean BCE(R(b) - R(a), label)
+    opt = torch.optim.Adam(ref.parameters(), lr=0.1, weight_decay=0.5)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(ref(torch.stack(b)).squeeze(-1) - ref(torch.stack(a)).squeeze(-1),
+                                                               torch.tensor([1.0, 0.0, 1.0]))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    got = m.fit(list(zip(a, b)), labels, epochs=1, lr=0.1, weight_decay=0.5, batch_size=8)
+    assert got == [pytest.approx(loss.item(), abs=1e-6)]
+    assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(m.head.parameters(), ref.parameters()))
+    assert not any(p.requires_grad for p in m.head.parameters()) and not m.head.training  # frozen for scoring
+
+
+def test_bradley_terry_batched_forward_and_embedding_sizes():
+    m = gym_mod.PreferenceRewardModel(dim=2, hidden=3, seed=1)
+    calls = []
+    m.head.register_forward_hook(lambda mod, inp, out: calls.append(tuple(inp[0].shape)))
+    clips = [torch.randn(2, 2, generator=torch.Generator().manual_seed(i)) for i in range(10)]  # 5 pairs of 2-frame clips
+    pairs = [(clips[i], clips[i + 1]) for i in range(0, 10, 2)]
+    m.fit(pairs, [1, 0, 1, 1, 0], epochs=1, lr=0.0, batch_size=3)
+    assert calls == [(3, 2, 2), (3, 2, 2), (2, 2, 2), (2, 2, 2)]  # clips of one length: one forward per side and batch
+    with pytest.raises(RewardError, match=r"embeddings of size \[2, 3\], expected one size$"):
+        gym_mod.PreferenceRewardModel(hidden=3).fit([(torch.zeros(2), torch.zeros(3))], [1])
+    with pytest.raises(RewardError, match=r"embeddings of size \[3\], expected one size \(2, the model's\)$"):
+        m.fit([(torch.zeros(3), torch.zeros(3))], [1])
+
+
+def test_function_oracle_batched_call_noise_draws_and_fresh_state():
+    calls = []
+
+    def f(x):  # only works on the stacked candidates
+        calls.append(tuple(x.shape))
+        return x[:, 0] - x[:, 1]
+
+    o = FunctionRankingOracle(f, batched=True)
+    assert o.last_values == [] and o.batched is True
+    cands = [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 3.0]), torch.tensor([2.0, 2.0])]
+    assert o(cands) == [1, 2, 0] and calls == [(3, 2)] and o.last_values == [1.0, -3.0, 0.0]
+    assert o(torch.stack(cands)) == [1, 2, 0] and calls[-1] == (3, 2)
+    # noise: each value plus noise * a float64 standard normal from the oracle's generator (default seed 0)
+    vals = [0.0, 0.1, 0.2, 0.3]
+    noisy = FunctionRankingOracle(lambda c: float(c), noise=0.5)
+    eps = torch.randn(4, generator=torch.Generator().manual_seed(0), dtype=torch.float64).tolist()
+    want = order_scores([v + 0.5 * e for v, e in zip(vals, eps)], higher_is_better=False)
+    assert noisy(torch.tensor(vals)) == want and want != [0, 1, 2, 3]  # the draw reorders this case
+    other = FunctionRankingOracle(lambda c: float(c), noise=0.5, seed=1)
+    eps1 = torch.randn(4, generator=torch.Generator().manual_seed(1), dtype=torch.float64).tolist()
+    assert other(torch.tensor(vals)) == order_scores([v + 0.5 * e for v, e in zip(vals, eps1)], higher_is_better=False)
+
+
+def test_frame_scorer_vlm_rm_forced_on_and_goal_rules():
+    with pytest.raises(RewardError, match="VLM-RM needs a goal prompt"):
+        gym_mod.FrameScorer(_FakeClip(), vlm_rm=True)
+    with pytest.raises(RewardError, match="does not expose CLIP"):
+        gym_mod.FrameScorer(Brightness(), goal="bright", vlm_rm=True)
+    from rewards.analytic import ColorMatch
+
+    with pytest.raises(RewardError, match="needs a goal prompt"):
+        gym_mod.FrameScorer(ColorMatch())  # a prompt-scoring reward without a goal
+    fs = gym_mod.FrameScorer(Brightness())  # an image-only reward needs none
+    assert fs(_solid(0.25, n=2)).tolist() == pytest.approx([0.25, 0.25])

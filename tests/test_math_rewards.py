@@ -445,3 +445,10 @@ def test_train_pairwise_head_batches_seed_weight_decay_and_history():
     assert math.isnan(hist[0]["val_loss"]) and math.isnan(hist[0]["val_acc"]) and hist[0]["train_acc"] == 1.0
     assert [h["epoch"] for h in run(epochs=25, batch_size=10)[2]] == [1, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 25]
     assert [h["epoch"] for h in run(epochs=5, batch_size=10)[2]] == [1, 2, 3, 4, 5]
+
+
+def test_weighted_sum_starts_with_no_components_and_frozen_stats():
+    ws = WeightedSum([Fixed([1.0, 2.0, 3.0], [4.0], [4.0])], [1], normalize="running")
+    assert ws.last_components == {} and ws.update_stats is False and ws.names == ["fixed"]
+    ws(IMGS)  # a fresh WeightedSum does not learn statistics until a trainer says so
+    assert float(ws.norms[0].count) == 0

@@ -94,8 +94,8 @@ def test_zo_rounds_store_undo_restart_resume(tmp_path):
         assert r["answers"] == 2 and r["round_mode"] == "gradient"
         r = app.answer("4,5,2", "rank")
         assert r["answers"] == 3
-        r = app.call("undo_answer")
-        assert r["answers"] == 2 and r["round"] == 2 and "Undid" in r["message"]
+        r = app.call("undo_answer", r["answered"], r["answer_id"])  # names the answer it takes back
+        assert r["ok"] and r["answers"] == 2 and r["round"] == 2 and "Undid" in r["message"]
         r = app.answer("9", "rank")
         assert r["ok"] is False and r["code"] == "bad_pick" and r["status"] == 422 and r["answers"] == 2  # out of range: nothing stored
         r = app.answer("5,2", "rank")
@@ -298,6 +298,9 @@ def test_browser_click_through_zo_round(tmp_path):
             other.wait_for_function("document.querySelector('#rank-status').innerText.includes('answered elsewhere')", timeout=60000)
             assert "Line search" in other.locator("#rank-header").inner_text()
             assert _rows(out) == [(0, "rank", "[2, 4]", None)]  # nothing stored from the stale tab
+            other.keyboard.press("u")  # the second tab gave no answer: its undo takes back nothing (not the first tab's)
+            other.wait_for_function("document.querySelector('#rank-status').innerText.includes('no answer of its own')", timeout=60000)
+            assert _rows(out) == [(0, "rank", "[2, 4]", None)]
             other.close()
             page.keyboard.press("1")
             page.wait_for_function("document.querySelector('#rank-picked').innerText.includes('#1')", timeout=20000)

@@ -4,8 +4,10 @@
   round ids, duplicate answers, out-of-range and too many picks, undo; every refusal is a
   structured error and leaves the store as it was, every acknowledged answer stays;
 * two clients answering one ZO-RankSGD round at the same moment (real app, HTTP): one wins, the
-  other is refused, its retry of the winning answer is idempotent; malformed HTTP bodies give
-  structured errors and no server-side traceback;
+  other is refused, its retry of the winning answer is idempotent; two clients undoing: an undo
+  names the round and the answer id, a stale one (not the newest, another client's, undone already,
+  two at once) is refused and takes back nothing else; malformed HTTP bodies give structured
+  errors and no server-side traceback;
 * a second `vfeedback rank` on a run folder in use is refused (the writer lock), and the lock
   dies with its process (kill -9);
 * `--export` onto the store (and its side files, the config, a folder, a link to the store)
@@ -122,8 +124,8 @@ def test_parse_answer_exact_cases():
         assert e.value.code == "bad_request" and e.value.detail["field"] == field
 
 
-# one operation: ("undo",) or ("answer", id choice, (ranking value, picks or None if malformed), (kind value, valid?));
-# mostly well-formed (the protocol's cases), some malformed (parse_answer has its own test above)
+# one operation: ("undo", which answer it names) or ("answer", id choice, (ranking value, picks or None if malformed),
+# (kind value, valid?)); mostly well-formed (the protocol's cases), some malformed (parse_answer has its own test above)
 _plausible = st.lists(st.integers(0, 3), unique=True, min_size=1, max_size=4)
 _picks = _plausible | _plausible | st.lists(st.integers(-1, 5), max_size=6)
 _rankings = st.one_of(
@@ -138,7 +140,13 @@ _kinds = st.one_of(st.sampled_from(("rank", "rank", "rank", "tie", "skip")).map(
 _ids = st.one_of(st.just(("current",)), st.just(("last",)), st.sampled_from([("current",), ("last",)]),
                  st.integers(0, 20).map(lambda i: ("seen", i)), st.just(("unknown", "r0-ffffffffffffffff")),
                  json_values.map(lambda x: ("garbage", x)))
-_ops = st.lists(st.one_of(st.just(("undo",)), st.tuples(st.just("answer"), _ids, _rankings, _kinds),
+# last: the newest counted answer, as its client names it; older: an earlier counted one; wrong_id: the newest round with
+# another answer id (another client's answer); undone: an answer undone before; current: the round on screen (unanswered);
+# garbage: a malformed round id or answer id
+_undos = st.one_of(st.sampled_from(["last", "last", "older", "wrong_id", "undone", "current"]).map(lambda w: ("undo", w)),
+                   json_values.map(lambda x: ("undo", "garbage_rid", x)),
+                   json_values.filter(lambda x: not (type(x) is int and x > 0)).map(lambda x: ("undo", "garbage_aid", x)))
+_ops = st.lists(st.one_of(_undos, st.tuples(st.just("answer"), _ids, _rankings, _kinds),
                           st.tuples(st.just("answer"), _ids, _rankings, _kinds)), min_size=1, max_size=25)
 A0 = ("answer", ("current",), ([0, 1], [0, 1]), ("rank", True))
 
@@ -150,8 +158,11 @@ A0 = ("answer", ("current",), ([0, 1], [0, 1]), ("rank", True))
 @example(ops=[("answer", ("current",), ([0, 1, 2], [0, 1, 2]), ("rank", True))], n=3, max_picks=2, allow_tie=True)  # too_many_picks
 @example(ops=[("answer", ("current",), ([0, 1], [0, 1]), ("rank", True))], n=3, max_picks=2, allow_tie=True)  # exactly max_picks
 @example(ops=[("answer", ("current",), ("", []), ("tie", True))], n=2, max_picks=1, allow_tie=False)  # tie_not_allowed
-@example(ops=[A0, ("undo",), ("answer", ("seen", 0), ([1], [1]), ("rank", True))], n=3, max_picks=2, allow_tie=True)  # undone: open again
-@example(ops=[A0, ("undo",), ("answer", ("seen", 1), ([1], [1]), ("rank", True))], n=3, max_picks=2, allow_tie=True)  # round 1: stale
+@example(ops=[A0, ("undo", "last"), ("answer", ("seen", 0), ([1], [1]), ("rank", True))], n=3, max_picks=2, allow_tie=True)  # undone: open again
+@example(ops=[A0, ("undo", "last"), ("answer", ("seen", 1), ([1], [1]), ("rank", True))], n=3, max_picks=2, allow_tie=True)  # round 1: stale
+@example(ops=[A0, ("undo", "last"), ("undo", "undone")], n=3, max_picks=2, allow_tie=True)  # undone twice: nothing_to_undo
+@example(ops=[A0, A0, ("undo", "older"), ("undo", "wrong_id"), ("undo", "current"), ("undo", "last"), ("undo", "undone"),
+              ("undo", "older")], n=3, max_picks=2, allow_tie=True)  # stale undos change nothing; then the older one is last
 @example(ops=[("answer", ("unknown", "r0-ffffffffffffffff"), ([0], [0]), ("rank", True))], n=3, max_picks=2, allow_tie=True)  # stale
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_answer_protocol_refuses_with_codes_and_loses_nothing(ops, n, max_picks, allow_tie):
@@ -160,7 +171,9 @@ def test_answer_protocol_refuses_with_codes_and_loses_nothing(ops, n, max_picks,
         store = FeedbackStore(Path(d) / "feedback.sqlite")
         b = Rounds(store, n, max_picks, allow_tie)
         counted: dict[str, tuple] = {}  # round_id -> (kind, picks): what the store must count
-        order: list[str] = []  # counted ids, oldest first (undo takes the last)
+        order: list[str] = []  # counted ids, oldest first (only the last can be undone)
+        aid_of: dict[str, int] = {}  # counted round id -> its answer id
+        undone: list[tuple[str, int]] = []
         acked: set[int] = set()
         seen: list[str] = []
         try:
@@ -168,9 +181,39 @@ def test_answer_protocol_refuses_with_codes_and_loses_nothing(ops, n, max_picks,
                 cur = b.status()["round_id"]
                 seen.append(cur)
                 if op[0] == "undo":
-                    b.undo()
-                    if order:
-                        counted.pop(order.pop())
+                    w = op[1]
+                    newest = (order[-1], aid_of[order[-1]]) if order else (cur, 1)
+                    rid, aid = {"last": newest, "older": (order[0], aid_of[order[0]]) if order else newest,
+                                "wrong_id": (newest[0], newest[1] + 1000), "undone": undone[0] if undone else newest,
+                                "current": (cur, 1), "garbage_rid": (op[-1], newest[1]), "garbage_aid": (newest[0], op[-1])}[w]
+                    if w.startswith("garbage"):
+                        want = "bad_request"
+                    elif not order:
+                        want = "nothing_to_undo"
+                    elif rid == order[-1] and aid_of[rid] == aid:
+                        want = "ok"
+                    else:  # not counted, another client's answer, or not the newest
+                        want = "stale_undo"
+                    before = _dump(store)
+                    try:
+                        r = b.undo(rid, aid)
+                    except AnswerError as e:
+                        body = e.to_json()
+                        assert body["code"] == want, (op, rid, aid, body)
+                        assert body["ok"] is False and body["status"] == (400 if want == "bad_request" else 409)
+                        if want == "stale_undo":
+                            assert f"round {int(rid[1:].split('-')[0]) + 1} ({rid})" in body["error"], body
+                            assert body["counted"] == (rid in counted and aid_of[rid] == aid)
+                        assert _dump(store) == before  # a refused undo changes nothing
+                        continue
+                    assert want == "ok", (op, r)
+                    assert r["ok"] is True and r["undone"] == rid and r["answer_id"] == aid
+                    counted.pop(order.pop())
+                    undone.append((rid, aid_of.pop(rid)))
+                    after = {a.id: a for a in store.answers(include_undone=True)}
+                    assert after[aid].undone is not None  # exactly the named answer was stamped, nothing else changed
+                    assert [x for x in before if x["id"] != aid] == [a.to_json() for a in after.values() if a.id != aid]
+                    assert {a.round_id: (a.kind, a.ranking) for a in store.answers()} == counted
                     continue
                 _, idc, (ranking, picks), (kind, kind_ok) = op
                 rid = {"current": cur, "last": order[-1] if order else cur,  # last: the newest answered round (a duplicate)
@@ -211,6 +254,7 @@ def test_answer_protocol_refuses_with_codes_and_loses_nothing(ops, n, max_picks,
                     acked.add(r["answer_id"])
                     counted[rid] = (kind, picks)
                     order.append(rid)
+                    aid_of[rid] = r["answer_id"]
                     assert b.status()["round_id"] != rid  # the next round is another candidate set
                 # the store counts exactly the model's answers, and keeps every acknowledged one
                 assert {a.round_id: (a.kind, a.ranking) for a in store.answers()} == counted
@@ -229,6 +273,23 @@ def test_unique_counted_answer_per_round_id_in_the_store(tmp_path):
         s.add_answer("d3po", 0, "rank", "p", [0], [{}, {}], round_id="r0-0000000000000000")
         assert [(a.ranking, a.undone is None) for a in s.answers(include_undone=True)] == [([1], False), ([0], True)]
         s.add_answer("zo_ranksgd", 0, "rank", "p", [0], [{}, {}], round_id="r0-0000000000000000")  # per mode
+
+
+def test_store_undo_stamps_only_the_newest_counted_answer_it_names(tmp_path):
+    with FeedbackStore(tmp_path / "feedback.sqlite") as s:
+        a = s.add_answer("d3po", 0, "rank", "p", [1], [{}, {}], round_id="r0-00000000000000a0")
+        b = s.add_answer("d3po", 1, "rank", "p", [0], [{}, {}], round_id="r1-00000000000000b1")
+        z = s.add_answer("zo_ranksgd", 0, "rank", "p", [0], [{}, {}], round_id="r0-00000000000000c0")
+        before = _dump(s)
+        assert s.undo_answer("d3po", a) is False  # not the newest of its mode
+        assert s.undo_answer("zo_ranksgd", b) is False and s.undo_answer("d3po", z) is False  # another mode's answer
+        assert s.undo_answer("d3po", 999) is False
+        assert _dump(s) == before
+        assert s.undo_answer("d3po", b) is True
+        assert s.undo_answer("d3po", b) is False  # undone already: nothing more
+        assert [(x.id, x.undone is None) for x in s.answers(include_undone=True)] == [(a, True), (b, False), (z, True)]
+        assert s.undo_answer("d3po", a) is True  # now the newest
+        assert [x.id for x in s.answers()] == [z]
 
 
 def test_schema_1_store_is_migrated_and_read_only_readable(tmp_path):
@@ -456,6 +517,49 @@ def test_two_clients_answer_one_round_at_once(zo_app):
     r = a.predict(s["round_id"], ",".join(map(str, range(s["max_picks"] + 1))), "rank", api_name="/answer")
     assert r["code"] == "too_many_picks" and r["status"] == 422 and r["max_picks"] == s["max_picks"]
     assert len(_rows(zo_app.out)) == n0 + 1
+
+
+def test_two_clients_undo_only_their_own_newest_answer(zo_app):
+    a, b = zo_app.client(), zo_app.client()
+    n0 = len(_rows(zo_app.out))
+    rid0 = a.predict(api_name="/status")["round_id"]
+    ra = a.predict(rid0, "0", "rank", api_name="/answer")
+    rb = b.predict(ra["round_id"], "0", "rank", api_name="/answer")  # b answers the next round
+    assert ra["ok"] and rb["ok"] and ra["answered"] == rid0 and rb["answered"] != rid0
+    rows = _rows(zo_app.out)
+    # a's answer is no longer the last one; b's round is not a's answer; no round named at all
+    for args, words in [((rid0, ra["answer_id"]), "is no longer the last answered round"),
+                        ((rb["answered"], ra["answer_id"]), "was answered by another client"),
+                        ((rb["answered"], True), "answer_id: expected"), ((), "round_id: expected")]:
+        r = a.predict(*args, api_name="/undo_answer")
+        assert r["ok"] is False and r["code"] == ("bad_request" if len(args) < 2 or args[1] is True else "stale_undo"), r
+        assert words in r["error"] and "Traceback" not in r["error"]
+        if r["code"] == "stale_undo":
+            assert f"({args[0]})" in r["error"] and r["last_round_id"] == rb["answered"] and r["status"] == 409
+        assert _rows(zo_app.out) == rows  # nothing changed
+    # b's undo sent twice at the same moment (a double click): one takes b's answer back, the other is
+    # refused; a's answer, now the newest, is not taken with it
+    go = threading.Barrier(2)
+    res = []
+
+    def send(c):
+        go.wait()
+        res.append(c.predict(rb["answered"], rb["answer_id"], api_name="/undo_answer"))
+
+    ts = [threading.Thread(target=send, args=(c,)) for c in (b, zo_app.client())]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(120)
+    assert sorted(r["ok"] for r in res) == [False, True], res
+    lost = next(r for r in res if not r["ok"])
+    assert lost["code"] == "stale_undo" and lost["counted"] is False and "has no counted answer" in lost["error"]
+    rows = _rows(zo_app.out)[n0:]
+    assert [(r[3], r[4] is None) for r in rows] == [(rid0, True), (rb["answered"], False)]
+    assert a.predict(api_name="/status")["round_id"] == rb["answered"]  # b's round is shown again
+    r = a.predict(rid0, ra["answer_id"], api_name="/undo_answer")  # now a's answer is the newest: a may undo it
+    assert r["ok"] and r["undone"] == rid0 and r["round_id"] == rid0 and r["answers"] == zo_app.backend.count()
+    assert all(row[4] is not None for row in _rows(zo_app.out)[n0:])
 
 
 def _post(url, data):

@@ -23,10 +23,23 @@ COMMANDS = {
 }
 
 
+class UsageError(Exception):
+    """A command line argparse refuses (unknown flag, missing value, wrong type): exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a refused command line is one line (the flag, the value, where to look) and
+    :func:`main` returns 2 instead of argparse printing its usage block and exiting the process.
+    Sub-command parsers are of this class too (argparse's add_subparsers uses the parent's class)."""
+
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: {message} (see `{self.prog} --help`)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    p = argparse.ArgumentParser(prog="vfeedback", description="Reward-feedback fine-tuning of diffusion models.")
+    p = _Parser(prog="vfeedback", description="Reward-feedback fine-tuning of diffusion models.")
     p.add_argument("--version", action="version", version=f"vfeedback {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -43,13 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    # key=value overrides may come after options too (`train c.yaml --resume a.b=1`)
-    args, extra = parser.parse_known_args(argv)
-    if extra:
-        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
-            args.overrides = list(args.overrides) + extra
-        else:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        # key=value overrides may come after options too (`train c.yaml --resume a.b=1`)
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+                args.overrides = list(args.overrides) + extra
+            else:
+                prog = f"vfeedback {args.command}" if args.command else "vfeedback"
+                raise UsageError(f"{prog}: unrecognized arguments: {' '.join(extra)} (see `{prog} --help`)")
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     # force: each call writes to the current stderr (tests call main() many times)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

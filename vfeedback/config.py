@@ -623,6 +623,7 @@ class RunConfig(Section):
 
 
 def format_errors(err: ValidationError, source: str) -> str:
+    """One line for one problem (``SOURCE: field: what (got value)``), else a count and a list."""
     lines = [f"{source}: {err.error_count()} problem(s) in the config:"]
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
@@ -634,6 +635,8 @@ def format_errors(err: ValidationError, source: str) -> str:
         inp = e.get("input")
         got = "" if e["type"] in ("missing",) or isinstance(inp, dict) else f" (got {inp!r})"
         lines.append(f"  - {loc}: {msg}{got}")
+    if len(lines) == 2:
+        return f"{source}: {lines[1][4:]}"
     return "\n".join(lines)
 
 

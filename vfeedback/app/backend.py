@@ -8,6 +8,10 @@ SHA-256 over the mode, the round, the prompt and the pixels shown), and an answe
 id it answers: an id that is not the round on screen is refused (``stale_round``, 409), a
 different answer to an answered id too (``already_answered``, 409), and the same answer again
 returns the stored result without storing anything (a retry after a lost reply or a crash).
+An undo names the answer it takes back (:meth:`Backend.undo`: the round id and the answer id
+that ``answer`` returned) and is refused (``stale_undo``, 409) unless that answer is still the
+newest counted one: a later round was answered since, it was undone already, or the round was
+answered by another client (another answer id). It never takes back any other answer.
 Refusals are :class:`AnswerError`: a code, an HTTP-style status and a message, never a traceback. Everything a
 backend keeps in memory is rebuilt from the store and the config when the app starts again:
 
@@ -58,7 +62,7 @@ from ..feedback.store import KINDS, LOCK_SUFFIX, STORE_FILE, FeedbackStore, Roun
 log = logging.getLogger(__name__)
 
 __all__ = ["RoundView", "Backend", "ZOBackend", "D3POBackend", "GalleryBackend", "open_backend", "resolve_mode",
-           "start_d3po_update", "AnswerError", "parse_answer", "round_id_of"]
+           "start_d3po_update", "AnswerError", "parse_answer", "parse_undo", "round_id_of"]
 
 #: config fields a resumed app may not change (they decide what each stored round showed)
 FINGERPRINT_FIELDS = ("seed", "model", "prompts", "sampling", "zo_ranksgd", "rank.mode", "rank.group_size", "rank.gallery",
@@ -99,8 +103,8 @@ MAX_PICKS_FIELD = 4096  # characters of a ranking string / entries of a ranking 
 
 
 class AnswerError(Exception):
-    """An answer the app refuses. ``code``: bad_request (400: the body is malformed), stale_round /
-    already_answered / done (409: it conflicts with the stored rounds), bad_pick / too_many_picks /
+    """An answer (or undo) the app refuses. ``code``: bad_request (400: the body is malformed), stale_round /
+    already_answered / done / stale_undo / nothing_to_undo (409: it conflicts with the stored rounds), bad_pick / too_many_picks /
     tie_not_allowed (422: not a valid answer to the round it names). ``detail``: extra fields for
     the client, e.g. ``field`` or ``current_round_id``. Nothing was stored when this is raised."""
 
@@ -145,6 +149,23 @@ def parse_answer(round_id: Any, ranking: Any, kind: Any) -> tuple[str, str, list
     if kind != "rank" and picks:
         raise _bad("ranking", f"a {kind} takes no picks, got {picks[:10]}")
     return round_id, kind, picks
+
+
+def parse_undo(round_id: Any, answer_id: Any) -> tuple[str, int]:
+    """Validate a raw undo (any JSON value in each slot) into ``(round_id, answer_id)``: the
+    ``answered`` and ``answer_id`` of the reply to the answer being taken back. Raises
+    :class:`AnswerError` ``bad_request`` naming the field."""
+    if not isinstance(round_id, str) or not ROUND_ID_RE.fullmatch(round_id):
+        raise _bad("round_id", "expected the id of the round to undo (the 'answered' of the reply to your answer, like "
+                               f"'r0-0123456789abcdef'), got {_show(round_id)}")
+    if type(answer_id) is not int or not 0 < answer_id < 2**63:  # bool is an int subclass: refused
+        raise _bad("answer_id", f"expected the 'answer_id' of the reply to your answer (a positive integer), got {_show(answer_id)}")
+    return round_id, answer_id
+
+
+def _round_of(round_id: str) -> int:
+    """The 1-based round number of a well-formed round id (``r<round>-...``), for messages."""
+    return int(round_id[1:].split("-", 1)[0]) + 1
 
 
 def _show(x: Any) -> str:
@@ -256,14 +277,44 @@ class Backend:
                 self._view = None
             return {"ok": True, "replayed": False, "answer_id": aid, "answered": round_id, "message": msg}
 
-    def undo(self) -> str:
+    def undo(self, round_id: Any, answer_id: Any) -> dict:
+        """Take back the answer ``answer_id`` to the round ``round_id`` (both from the reply to
+        that answer); returns ``{"ok": True, "undone": round_id, "answer_id", "message"}``. Only the
+        newest counted answer of this mode can be undone, and only by naming both its round and its
+        id. Raises :class:`AnswerError` (nothing changed): ``bad_request`` (400) for malformed
+        values, ``nothing_to_undo`` (409) when no answer counts, ``stale_undo`` (409) when the
+        round has no counted answer (never answered, or undone already), was answered by another
+        client (another answer id), or is no longer the last answered round. ``stale_undo``
+        carries ``counted``: whether the named answer still counts (a client may keep it to undo
+        later, after the newer answers are undone)."""
+        round_id, answer_id = parse_undo(round_id, answer_id)
+        n = _round_of(round_id)
         with self.lock:
-            a = self.store.undo_last(self.mode)
-            if a is None:
-                return "Nothing to undo."
-            self._undone(a)
+            last = self.store.last(self.mode)
+            if last is None:
+                raise AnswerError("nothing_to_undo", 409, f"round {n} ({round_id}): there is no counted answer to undo; nothing changed",
+                                  counted=False)
+            named = self.store.answer_for(self.mode, round_id)
+            if named is None:
+                raise AnswerError("stale_undo", 409, f"round {n} ({round_id}) has no counted answer (never answered here, or undone "
+                                  "already); nothing was undone. Reload to see the current round.", counted=False,
+                                  last_round_id=last.round_id)
+            if named.id != answer_id:
+                raise AnswerError("stale_undo", 409, f"round {n} ({round_id}) was answered by another client (not by your answer "
+                                  f"{answer_id}); nothing was undone. Only the client that gave an answer can "
+                                  "undo it.", counted=False, last_round_id=last.round_id)
+            if named.id != last.id:
+                raise AnswerError("stale_undo", 409, f"round {n} ({round_id}) is no longer the last answered round (round "
+                                  f"{last.round + 1}, {last.round_id}, was answered after it); nothing was undone. Only the newest "
+                                  "answer can be undone: undo the newer ones first, from the client that gave them.",
+                                  counted=True, last_round_id=last.round_id)
+            if not self.store.undo_answer(self.mode, named.id):  # the store's own check; unreachable within one process
+                raise AnswerError("stale_undo", 409, f"round {n} ({round_id}) is no longer the last answered round; nothing was "
+                                  "undone. Reload to see the current round.", counted=True)
+            self._undone(named)
             self._view = None
-            return f"Undid the answer to round {a.round + 1}; it is shown again."
+            return {"ok": True, "undone": round_id, "answer_id": named.id,
+                    "message": f"Undid your answer to round {named.round + 1}; it is shown again."}
 
     def count(self) -> int:
         return self.store.count(self.mode)

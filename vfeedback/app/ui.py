@@ -3,9 +3,12 @@
 The page holds no state of its own beyond the round on screen (its id) and its picks (per browser
 tab); every answer names that round's id and goes straight to the backend, which commits it to
 the store or refuses it (another tab or person answered the round first: the tab shows the
-current round and says so). Keyboard: 1-9 pick the n-th image (again: unpick), Enter submits,
-u undoes the last answer, c clears the picks, t = tie, s = skip. Scripts and tests use the API
-endpoints ``/answer`` (round_id, ranking, kind), ``/undo_answer``, ``/status`` and (d3po)
+current round and says so). Each tab also keeps the answers it gave (round id, answer id), and
+its undo names the newest of them: the backend takes it back only while it is the newest answer
+in the store, so a tab never undoes another tab's (or person's) answer. Keyboard: 1-9 pick the
+n-th image (again: unpick), Enter submits, u undoes this tab's last answer, c clears the picks,
+t = tie, s = skip. Scripts and tests use the API endpoints ``/answer`` (round_id, ranking,
+kind), ``/undo_answer`` (round_id, answer_id), ``/status`` and (d3po)
 ``/run_update`` (docs/rank_app.md); a refused answer comes back as ``{"ok": false, "code",
 "status", "error", ...}``, never as a server-side traceback.
 """
@@ -171,6 +174,7 @@ def build_app(backend, title: str = "vfeedback rank"):
     with gr.Blocks(title=title, analytics_enabled=False) as demo:
         picks = gr.State([])
         shown = gr.State("")  # the id of the round this tab shows
+        mine = gr.State([])  # [round_id, answer_id] of each counted answer this tab gave, oldest first
         with gr.Row():
             with gr.Column(scale=3):
                 head = gr.Markdown(elem_id="rank-header")
@@ -183,7 +187,7 @@ def build_app(backend, title: str = "vfeedback rank"):
                     clear = gr.Button("Clear picks (c)", elem_id="rank-clear")
                     tie = gr.Button("Tie (t)", elem_id="rank-tie", visible=mode in ("d3po", "gallery"))
                     skip = gr.Button("Skip / can't tell (s)", elem_id="rank-skip")
-                    undo = gr.Button("Undo last answer (u)", elem_id="rank-undo")
+                    undo = gr.Button("Undo my last answer (u)", elem_id="rank-undo")
                 status = gr.Markdown(elem_id="rank-status")
                 gr.Markdown("Keys: **1-9** pick / unpick · **Enter** submit · **u** undo · **c** clear · **t** tie · **s** skip. "
                             "Every answer is saved the moment you give it.", elem_classes=["rank-keys"])
@@ -224,26 +228,41 @@ def build_app(backend, title: str = "vfeedback rank"):
         on_select.__annotations__["evt"] = gr.SelectData  # a real class: this module has postponed annotations
 
         def do(kind):
-            def fn(p, sid):
+            def fn(p, sid, m):
+                m = list(m or [])
                 try:
                     r = backend.answer(sid, kind, list(p or []) if kind == "rank" else [])
                 except AnswerError as e:
                     if e.status == 409:
-                        return refresh([], moved_on if e.code in ("stale_round", "already_answered") else f"⚠ {e.message}")
-                    return refresh(p, f"⚠ {e.message}")
-                return refresh([], r["message"])
+                        return refresh([], moved_on if e.code in ("stale_round", "already_answered") else f"⚠ {e.message}") + [m]
+                    return refresh(p, f"⚠ {e.message}") + [m]
+                if [r["answered"], r["answer_id"]] not in m:  # a replay (this answer, sent again) is this tab's too
+                    m.append([r["answered"], r["answer_id"]])
+                return refresh([], r["message"]) + [m]
             return fn
 
-        def on_undo(p):
-            return refresh([], backend.undo())
+        def on_undo(p, m):
+            m = list(m or [])
+            if not m:
+                return refresh(p, "⚠ This tab has no answer of its own to undo (answers given in another tab, by another "
+                                  "person or before a reload are undone there).") + [m]
+            rid, aid = m[-1]
+            try:
+                r = backend.undo(rid, aid)
+            except AnswerError as e:
+                if not e.detail.get("counted", True):  # undone elsewhere already: nothing of this tab's to keep
+                    m.pop()
+                return refresh(p, f"⚠ {e.message}") + [m]
+            m.pop()
+            return refresh([], r["message"]) + [m]
 
         demo.load(on_load, [picks], outs, api_visibility="private")
         cands.select(on_select, [picks, shown], outs, api_visibility="private")
-        submit.click(do("rank"), [picks, shown], outs, api_visibility="private")
-        tie.click(do("tie"), [picks, shown], outs, api_visibility="private")
-        skip.click(do("skip"), [picks, shown], outs, api_visibility="private")
+        submit.click(do("rank"), [picks, shown, mine], outs + [mine], api_visibility="private")
+        tie.click(do("tie"), [picks, shown, mine], outs + [mine], api_visibility="private")
+        skip.click(do("skip"), [picks, shown, mine], outs + [mine], api_visibility="private")
         clear.click(lambda p: refresh([]), [picks], outs, api_visibility="private")
-        undo.click(on_undo, [picks], outs, api_visibility="private")
+        undo.click(on_undo, [picks, mine], outs + [mine], api_visibility="private")
         if mode == "d3po":
             def on_run(p):
                 n = backend.updates.start()
@@ -267,9 +286,19 @@ def build_app(backend, title: str = "vfeedback rank"):
                 return {**backend.status(), "ok": False, "code": "internal", "status": 500, "error": f"{type(e).__name__}: {e}"}
             return {**backend.status(), **r}
 
-        def undo_answer() -> dict:
-            """Undo the last answer; returns the status."""
-            return {"message": backend.undo(), **backend.status()}
+        def undo_answer(round_id: Any = None, answer_id: Any = None) -> dict:
+            """Take back your answer: round_id = the "answered" and answer_id = the "answer_id" of
+            the reply to it. Only the newest counted answer can be undone. Returns {"ok": true,
+            "undone", "answer_id", "message", ...status after} or {"ok": false, "code"
+            (bad_request | stale_undo | nothing_to_undo), "status", "error", ...status}: nothing changed."""
+            try:
+                r = backend.undo(round_id, answer_id)
+            except AnswerError as e:
+                return {**backend.status(), **e.to_json()}
+            except Exception as e:  # a fault of ours (the store, the disk): logged, reported
+                log.exception("/undo_answer failed")
+                return {**backend.status(), "ok": False, "code": "internal", "status": 500, "error": f"{type(e).__name__}: {e}"}
+            return {**backend.status(), **r}
 
         def status_() -> dict:
             """The shown round and the answer count."""
@@ -278,6 +307,7 @@ def build_app(backend, title: str = "vfeedback rank"):
         gr.api(answer, api_name="answer")
         _pad_short_calls(demo, "answer", [None, None, "rank"])
         gr.api(undo_answer, api_name="undo_answer")
+        _pad_short_calls(demo, "undo_answer", [None, None])
         gr.api(status_, api_name="status")
         if mode == "d3po":
             def run_update() -> dict:

@@ -18,19 +18,21 @@ import errno
 import ipaddress
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Optional
 
 log = logging.getLogger("vfeedback")
 
 MAX_FILE_SIZE = "1mb"
+USER_RE = re.compile(r"[A-Za-z0-9._@-]{1,64}")  # a login's user name (--auth, --auth-file)
 
 
 def add_parser(sub):
     p = sub.add_parser("rank", help="rank images in a browser (ZO-RankSGD rounds, D3PO labels, model galleries)",
                        description="Open the Gradio ranking app for a config; every answer is saved to OUT/feedback.sqlite.")
     p.add_argument("config", help="YAML config with a rank: section (see configs/rank/)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="override config fields, e.g. rank.port=7861")
+    p.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="override config fields, e.g. rank.port=7861")
     p.add_argument("--export", metavar="FILE.jsonl", help="write the stored labels as a D3PO preference file and exit (no app)")
     p.add_argument("--host", help="address to bind (default rank.host, 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default rank.port; 0: any free port)")
@@ -61,6 +63,8 @@ def parse_auth(pairs: list[str], auth_file: Optional[str]) -> list[tuple[str, st
         user, sep, pw = s.partition(":")
         if not sep or not user or not pw:
             raise UserError(f"{where}: expected USER:PASSWORD with both parts non-empty")
+        if not USER_RE.fullmatch(user):  # e.g. a JSON line: not a login file
+            raise UserError(f"{where}: expected USER:PASSWORD, USER of letters, digits and . _ @ - (got user {user[:40]!r})")
         out.append((user, pw))
     return out
 
@@ -173,13 +177,24 @@ def run(args) -> int:
     from ..config import load_config
     from ..errors import UserError
 
+    # flag values first (an empty value is not "use the default"); then the config
+    for flag, value in (("--host", args.host), ("--auth-file", args.auth_file), ("--export", args.export)):
+        if value is not None and not value.strip():
+            raise UserError(f"{flag}: empty value; give one (see `vfeedback rank --help`)")
+    if args.export is not None:
+        app_only = [f for f, given in (("--host", args.host is not None), ("--port", args.port is not None), ("--share", args.share),
+                                       ("--auth", bool(args.auth)), ("--auth-file", args.auth_file is not None), ("--open", args.open))
+                    if given]
+        if app_only:
+            raise UserError(f"--export writes the labels and exits without starting the app; {', '.join(app_only)} "
+                            f"{'does' if len(app_only) == 1 else 'do'} not apply: drop {'it' if len(app_only) == 1 else 'them'}")
+    if args.port is not None and not 0 <= args.port <= 65535:
+        raise UserError(f"--port: {args.port} is out of range; use 1..65535, or 0 for any free port")
     cfg = load_config(args.config, args.overrides)
     resolve_mode(cfg)
-    if args.export:
+    if args.export is not None:
         from ..feedback.store import STORE_FILE, FeedbackStore, StoreError, check_export_target
 
-        if not args.export.strip():
-            raise UserError("--export: empty file name; give one, e.g. --export labels.jsonl")
         p = Path(cfg.output_dir) / STORE_FILE
         if not p.exists():
             raise UserError(f"--export: {p} does not exist; no answers were given for this config yet (output_dir {cfg.output_dir})")
@@ -202,8 +217,6 @@ def run(args) -> int:
             store.close()
         print(f"wrote {n} preference records to {args.export}" + (f" ({skipped} zo_ranksgd answers are optimiser rounds, not preference pairs; they stay in {p})" if skipped else ""))
         return 0
-    if args.port is not None and not 0 <= args.port <= 65535:
-        raise UserError(f"--port: {args.port} is out of range; use 1..65535, or 0 for any free port")
     auth = parse_auth(args.auth, args.auth_file)
     launch(cfg, host=args.host, port=args.port, share=args.share, auth=auth, block=True, open_browser=args.open)
     return 0

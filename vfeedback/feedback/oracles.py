@@ -79,7 +79,7 @@ class FunctionRankingOracle:
 
     def values(self, candidates) -> list[float]:
         if self.batched:
-            x = candidates if isinstance(candidates, torch.Tensor) else torch.stack(list(candidates))
+            x = torch.stack(list(candidates))  # a tensor (m, ...) or a list of m tensors: (m, ...)
             vals = [float(v) for v in torch.as_tensor(self.f(x)).reshape(-1).tolist()]
         else:
             vals = [float(self.f(c)) for c in _rows(candidates)]
@@ -89,9 +89,9 @@ class FunctionRankingOracle:
 
     def rank(self, candidates) -> list[int]:
         vals = self.values(candidates)
-        if self.noise > 0:
-            eps = torch.randn(len(vals), generator=self._gen, dtype=torch.float64).tolist()
-            vals = [v + self.noise * e for v, e in zip(vals, eps)]
+        # drawn also when noise is 0 (then v + 0 * e == v): one code path, the same ranking
+        eps = torch.randn(len(vals), generator=self._gen, dtype=torch.float64).tolist()
+        vals = [v + self.noise * e for v, e in zip(vals, eps)]
         return order_scores(vals, higher_is_better=not self.minimize, top_k=self.top_k)
 
     __call__ = rank

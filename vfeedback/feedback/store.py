@@ -435,6 +435,18 @@ class FeedbackStore:
             row = self._db.execute("SELECT state FROM answers WHERE id=?", (answer_id,)).fetchone()
         return None if row is None or row[0] is None else bytes(row[0])
 
+    def undo_answer(self, mode: str, answer_id: int) -> bool:
+        """Stamp answer ``answer_id`` undone if, and only if, it is the newest counted answer of
+        ``mode``: the check and the stamp are one UPDATE (one transaction), so an undo can never
+        take back another answer than the one it names. Returns whether it was stamped."""
+        self._write()
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE answers SET undone=? WHERE id=? AND mode=? AND undone IS NULL "
+                "AND id=(SELECT max(id) FROM answers WHERE mode=? AND undone IS NULL)",
+                (time.time(), int(answer_id), mode, mode))
+            return cur.rowcount == 1
+
     def undo_last(self, mode: str) -> Optional[Answer]:
         """Mark the newest counted answer of ``mode`` undone (one transaction); returns it."""
         self._write()

