@@ -51,7 +51,9 @@ Our choices, where the reference differs:
   the statistics, so the per-prompt buffers are the same whatever the number of processes;
 * the timestep order of a sample is drawn from the sample's own seed, so it too does not
   depend on the process count;
-* ``train_batch_size`` bounds the rows per UNet call in training (memory only).
+* ``train_batch_size`` bounds the rows per UNet call in training (memory only);
+* rewards go through ``trainer.scalar_reward`` (:mod:`vfeedback.reward_shaping`: ensembles, PAR,
+  win rate within a prompt's images, the cost constraint) once per sampling batch.
 """
 from __future__ import annotations
 
@@ -364,6 +366,9 @@ class PolicyGradient:
             if v:
                 mets[k] = sum(v) / len(v)
         self._score_metrics = []
+        if "reward_raw_mean" in mets:  # shaped / penalised: the trained reward under its own name, the raw one as reward_mean
+            mets[f"{self.name}/trained_reward_mean"] = mets["reward_mean"]
+            mets["reward_mean"] = mets["reward_raw_mean"]
         loss = self.learn(smp, adv, step_gen, mets)
         return loss, mets
 
