@@ -776,3 +776,15 @@ def test_frame_scorer_vlm_rm_forced_on_and_goal_rules():
         gym_mod.FrameScorer(ColorMatch())  # a prompt-scoring reward without a goal
     fs = gym_mod.FrameScorer(Brightness())  # an image-only reward needs none
     assert fs(_solid(0.25, n=2)).tolist() == pytest.approx([0.25, 0.25])
+
+
+def test_function_oracle_noise_is_drawn_in_float64():
+    # two values that tie after float64 noise up to 1e-8: float32 draws (rounded) would rank them the other way
+    e64 = torch.randn(2, generator=torch.Generator().manual_seed(0), dtype=torch.float64).tolist()
+    e32 = torch.randn(2, generator=torch.Generator().manual_seed(0)).double().tolist()
+    shift = (e32[1] - e64[1]) - (e32[0] - e64[0])  # how far float32 moves the second value against the first
+    assert abs(shift) > 1e-9  # the two draws differ in this torch
+    x = e64[0] - e64[1] - 0.5 * shift  # float64: x + e1 - e0 = -shift / 2; float32: +shift / 2
+    o = FunctionRankingOracle(lambda c: float(c), noise=1.0)
+    got = o(torch.tensor([0.0, x], dtype=torch.float64))
+    assert got == ([1, 0] if shift > 0 else [0, 1])
