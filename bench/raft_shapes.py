@@ -64,7 +64,8 @@ def main(argv=None) -> int:
     acc = lambda d, j: d[j]["overall"]["accuracy"]
     gap = (acc(ev, "train_judge") - acc(ev, "heldout_judge")) - (acc(base, "train_judge") - acc(base, "heldout_judge"))
     res = {
-        "config": CONFIG, "command": "OMP_NUM_THREADS=1 python bench/raft_shapes.py",
+        "config": CONFIG, "command": "python " + " ".join(["bench/raft_shapes.py", *(argv if argv is not None else sys.argv[1:])]),
+        "train_command": f"vfeedback train {CONFIG} output_dir={run}",
         "budget_images": rounds * r.prompts_per_round * r.num_samples,
         "wall_time_s": summary.get("wall_time_s"),
         "eval": {"n_per_kind": args.n_per_kind, "prompt_seed": 789, "sampler": "DDIM 20 steps, eta 0, CFG 4", "eval_time_s": round(time.time() - t0, 1)},
