@@ -12,10 +12,12 @@ its ``score_gard`` / ``score`` do (``ImageReward/ImageReward.py`` lines 84-137 o
 1.5): ``visual_encoder -> text_encoder(prompt ids, encoder_hidden_states=image) -> [CLS] ->
 mlp -> (r - mean) / std``.
 
-Checked against the package: ``tests/test_imagereward_reference.py`` scores a seeded,
-full-architecture random checkpoint in the real format with this module and compares with the
-scores image-reward 1.5 itself gives (recorded by ``bench/imagereward_reference.py`` in a
-separate environment, ``make imagereward-ref-venv``).
+Checked against the package: ``tests/test_imagereward_reference.py`` scores seeded random
+checkpoints in the real format (ImageReward's ViT-L/16, ``slow``; the package's ViT class at
+width 64, CI) with this module and compares with the scores image-reward 1.5 itself gives
+(recorded by ``bench/imagereward_reference.py`` in a separate environment,
+``make imagereward-ref-venv``): equal to float32 rounding on the same pixels; on images that
+must be resized the package's PIL uint8 resize and our float one differ slightly (README).
 """
 from __future__ import annotations
 
