@@ -26,7 +26,7 @@ quickstart: $(STAMP)
 	$(BIN)/vfeedback train configs/quickstart.yaml
 
 test: $(STAMP) bubblewrap
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ""
