@@ -78,6 +78,32 @@ class ModelConfig(Section):
         return v
 
 
+def finite_options(v: dict) -> dict:
+    """A scorer's ``options`` mapping, refused when any number in it (nested too) is not finite."""
+    def walk(x, where):
+        if isinstance(x, float) and not math.isfinite(x):
+            raise ValueError(f"{where} is {x}; give a finite number")
+        if isinstance(x, dict):
+            for k, y in x.items():
+                walk(y, f"{where}.{k}")
+        elif isinstance(x, (list, tuple)):
+            for i, y in enumerate(x):
+                walk(y, f"{where}.{i}")
+    walk(v, "option")
+    return v
+
+
+def resolve_data_path(path: str, config_source) -> Path:
+    """A data path as given when it exists (or is absolute), else relative to the config file's
+    folder when it exists there (``config_source``: the config's path, or None)."""
+    p = Path(path)
+    if not p.exists() and not p.is_absolute() and config_source:
+        alt = Path(config_source).resolve().parent / p
+        if alt.exists():
+            return alt
+    return p
+
+
 class RewardSpec(Section):
     name: str = Field(..., description="registered reward name (`vfeedback rewards` lists them)")
     weight: float = Field(1.0, description="weight in the combination")
@@ -86,17 +112,7 @@ class RewardSpec(Section):
     @field_validator("options")
     @classmethod
     def _finite_options(cls, v):
-        def walk(x, where):
-            if isinstance(x, float) and not math.isfinite(x):
-                raise ValueError(f"{where} is {x}; give a finite number")
-            if isinstance(x, dict):
-                for k, y in x.items():
-                    walk(y, f"{where}.{k}")
-            elif isinstance(x, (list, tuple)):
-                for i, y in enumerate(x):
-                    walk(y, f"{where}.{i}")
-        walk(v, "option")
-        return v
+        return finite_options(v)
 
 
 # --- reward guards (ensembles, shaping, cost constraint: docs/raft_and_guards.md) ---
@@ -130,13 +146,7 @@ class CostConfig(Section):
     @field_validator("options")
     @classmethod
     def _finite_options(cls, v):
-        def walk(x, where):
-            if isinstance(x, float) and not math.isfinite(x):
-                raise ValueError(f"{where} is {x}; give a finite number")
-            for k, y in (x.items() if isinstance(x, dict) else enumerate(x) if isinstance(x, (list, tuple)) else ()):
-                walk(y, f"{where}.{k}")
-        walk(v, "option")
-        return v
+        return finite_options(v)
 
 
 class RewardConfig(Section):

@@ -174,13 +174,9 @@ class D3PO:
 
     # ------------------------------------------------------------------ set-up
     def _resolve(self, path: str) -> Path:
-        p = Path(path)
-        src = getattr(self.trainer, "config_source", None)
-        if not p.exists() and not p.is_absolute() and src:
-            alt = Path(src).resolve().parent / p
-            if alt.exists():
-                return alt
-        return p
+        from ..config import resolve_data_path
+
+        return resolve_data_path(path, getattr(self.trainer, "config_source", None))
 
     def _build_oracle(self):
         """The preference oracle (``compare(a, b, prompts) -> 0 | 1 | None``) used for labels

@@ -277,13 +277,9 @@ class RAFT:
             self.ref_unet = copy.deepcopy(trainer.model.unet).requires_grad_(False).eval()
 
     def _resolve(self, path: str) -> Path:
-        p = Path(path)
-        src = getattr(self.trainer, "config_source", None)
-        if not p.exists() and not p.is_absolute() and src:
-            alt = Path(src).resolve().parent / p
-            if alt.exists():
-                return alt
-        return p
+        from ..config import resolve_data_path
+
+        return resolve_data_path(path, getattr(self.trainer, "config_source", None))
 
     # ---- which weights render
     @contextlib.contextmanager
