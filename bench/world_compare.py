@@ -1,4 +1,4 @@
-"""ReFL, D3PO and ZO-RankSGD (and DRaFT: draft_k1, draft_k2) on the shapes world, side by side: the same training prompts, the
+"""ReFL, D3PO, ZO-RankSGD, DDPO, GRPO, RAFT, Diffusion-DPO and DRaFT-K on the shapes world, side by side: the same training prompts, the
 same budget of judged images, the same training judge; then one evaluation for all of them on
 held-out prompts and seeds with both judges.
 
@@ -15,7 +15,7 @@ The budget is counted in images scored by the training judge (``budget_images``)
   judge only ranks);
 - ZO-RankSGD (target ``lora``): ``rounds x num_candidates x (eval prompts x seeds)`` images, the
   judge only ranks candidates by their mean score.
-- DDPO / GRPO (``--methods ddpo,grpo``): ``max_steps x batch_size x gradient_accumulation_steps``
+- DDPO / GRPO: ``max_steps x batch_size x gradient_accumulation_steps``
   (x ``group_size``) images, each scored once; the score only enters through its advantage.
 
 ``refl_half`` (the quickstart's 40 steps) has half the budget; ``d3po_x3`` and ``zo_ranksgd_x3``
@@ -54,7 +54,7 @@ METHODS = {
     # three times the budget: D3PO's comparisons need more images than ReFL's gradients
     "zo_ranksgd_x3": ("configs/zo_ranksgd/shapes.yaml", ["zo_ranksgd.rounds=30"]),
     "d3po_x3": ("configs/d3po/shapes.yaml", ["train.max_steps=120", "log.eval_every=0", "log.checkpoint_every=40", "log.keep_checkpoints=3"]),
-    # 40 epochs of 8 sampled images each (not in the default --methods: run with --methods ddpo,grpo)
+    # 40 epochs of 8 sampled images each
     "ddpo": ("configs/ddpo/shapes.yaml", ["log.eval_every=20", "log.checkpoint_every=0"]),
     "grpo": ("configs/grpo/shapes.yaml", ["log.eval_every=20", "log.checkpoint_every=0"]),
     # offline: 160 pairs judged once (320 images), then DPO on them
@@ -62,8 +62,11 @@ METHODS = {
     # DRaFT-1 and DRaFT-2 (docs/draft.md): refl_half's budget (40 steps x 4 images)
     "draft_k1": ("configs/draft/shapes.yaml", ["draft.k=1", "log.eval_every=20", "log.checkpoint_every=0"]),
     "draft_k2": ("configs/draft/shapes.yaml", ["log.eval_every=20", "log.checkpoint_every=0"]),
+    "draft_k4": ("configs/draft/shapes.yaml", ["draft.k=4", "log.eval_every=20", "log.checkpoint_every=0"]),
+    # online RAFT: 5 rounds x 8 prompts x best of 8 samples = 320 judged images
+    "raft": ("configs/raft/shapes.yaml", ["log.eval_every=0", "log.checkpoint_every=0"]),
 }
-DEFAULT_METHODS = ["refl", "refl_half", "d3po", "zo_ranksgd", "zo_ranksgd_x3", "d3po_x3"]
+DEFAULT_METHODS = list(METHODS)
 
 
 def budget_images(cfg) -> int:
@@ -76,6 +79,9 @@ def budget_images(cfg) -> int:
         return cfg.train.max_steps * cfg.train.batch_size * cfg.train.gradient_accumulation_steps * g
     if cfg.algorithm == "diffusion_dpo":  # each generated pair's two images, judged once
         return 2 * cfg.diffusion_dpo.world_pairs
+    if cfg.algorithm == "raft":  # online: every round samples num_samples images for each of its prompts
+        rounds = cfg.train.max_steps // cfg.raft.steps_per_round
+        return rounds * cfg.raft.prompts_per_round * cfg.raft.num_samples
     if cfg.algorithm == "zo_ranksgd":
         return cfg.zo_ranksgd.rounds * cfg.zo_ranksgd.num_candidates * len(cfg.prompts.eval) * len(cfg.prompts.eval_seeds)
     raise ValueError(cfg.algorithm)
@@ -108,6 +114,8 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", default=str(ROOT / "runs" / "world-compare"), help="folder of the three run folders")
     ap.add_argument("--no-train", action="store_true", help="evaluate the run folders that exist; train nothing")
     ap.add_argument("--force", action="store_true", help="retrain even where a finished run exists")
+    ap.add_argument("--train-only", action="store_true",
+                    help="train the runs and stop (run several in parallel, then one --no-train evaluation of all)")
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     ap.add_argument("--n-per-kind", type=int, default=96)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "world_compare.json"))
@@ -126,6 +134,8 @@ def main(argv=None) -> int:
     for name in names:
         if not args.no_train:
             wall[name] = train(name, runs / name, args.force)
+    if args.train_only:
+        return 0
 
     # held-out prompts (a generator seed no prompt file or base rate uses) and sampling seeds
     prompts, kinds, seeds = base_prompts(args.n_per_kind, seed=789)
