@@ -126,6 +126,49 @@ def _render_zo_tiny(r: dict) -> str:
             f"`make reproduce` band ±{b['eval_reward_after']}).")
 
 
+#: world_compare's rows, in the order its JSON holds them
+WORLD_LABELS = {
+    "refl": "ReFL", "refl_half": "ReFL (the quickstart: 40 steps)", "d3po": "D3PO", "d3po_x3": "D3PO",
+    "zo_ranksgd": "ZO-RankSGD (LoRA)", "zo_ranksgd_x3": "ZO-RankSGD (LoRA)", "ddpo": "DDPO", "grpo": "GRPO (G = 4, KL 0.01)",
+    "raft": "RAFT (online, best of 8)", "diffusion_dpo": "Diffusion-DPO (judge-labelled pairs)",
+    "draft_k1": "DRaFT-1", "draft_k2": "DRaFT-2", "draft_k4": "DRaFT-4",
+}
+
+
+def _render_world_compare(r: dict) -> str:
+    """The world comparison table from bench/results/world_compare.json (no rerun: about an hour
+    of CPU; `make reproduce` does not run it)."""
+    b = r["base"]
+    n = b["heldout_judge"]["overall"]["n"]
+    lines = ["| | judged images | training judge acc | held-out judge acc | held-out change (95% CI) | gap | training time |",
+             "|---|---|---|---|---|---|---|",
+             f"| base | | {_f(b['train_judge']['overall']['accuracy'])} | {_f(b['heldout_judge']['overall']['accuracy'])} | | | |"]
+    up, down = [], []
+    for name, m in r["methods"].items():
+        label = WORLD_LABELS.get(name, name)
+        lo, hi = m["heldout_delta_ci95"]
+        d = m["heldout_judge_accuracy"][1] - m["heldout_judge_accuracy"][0]
+        (up if lo > 0 else down if hi < 0 else []).append(f"{label} ({m['budget_images']})")
+        mins = round(m["wall_time_s"] / 60)
+        lines.append(f"| {label} | {m['budget_images']} | {_f(m['train_judge_accuracy'][1])} | {_f(m['heldout_judge_accuracy'][1])} "
+                     f"| {d:+.3f} [{lo:+.3f}, {hi:+.3f}] | {m['gap']:+.3f} | {mins} min |")
+    verdict = (f"Held-out interval above 0: {', '.join(up) or 'none'}; below 0: {', '.join(down) or 'none'}; "
+               f"every other row is within noise.")
+    return "\n".join(lines) + (
+        f"\n\n{n} held-out captions ({n // 3} per kind), one image each, {r['eval']['sampler']}; the change is the "
+        f"held-out judge's accuracy minus the base's with a paired bootstrap interval over captions; `gap` is "
+        f"how much more the training judge rose than the held-out one (reward hacking shows as a large "
+        f"positive gap). {verdict} Measured by `{r['command']}` ({r['machine']}; `bench/results/world_compare.json`).")
+
+
+#: figures rendered from a committed bench JSON but not rerun by `make reproduce` (too slow):
+#: name -> (JSON file, {doc: render})
+DOC_TABLES: dict[str, tuple[Path, dict]] = {
+    "world_compare": (ROOT / "bench" / "results" / "world_compare.json",
+                      {"README.md": _render_world_compare, "docs/world.md": _render_world_compare}),
+}
+
+
 #: name -> how to run it and what to keep. ``command`` runs from the repository root with
 #: ``{out}`` a fresh temp folder; ``read`` turns that folder into ``{value name: float}``;
 #: ``band`` is the allowed |rerun - committed| per checked value; ``docs`` maps each file holding
@@ -229,9 +272,11 @@ _BLOCK = re.compile(r"<!-- figure:(?P<name>[\w-]+) -->\n.*?\n<!-- /figure:(?P=na
 def rendered_docs() -> dict[Path, str]:
     """Every doc with its figure blocks regenerated from the committed JSON files."""
     out = {}
-    for name, spec in FIGURES.items():
-        rec = json.loads((RESULTS / f"{name}.json").read_text())
-        for doc, render in spec["docs"].items():
+    sources = [(name, RESULTS / f"{name}.json", spec["docs"]) for name, spec in FIGURES.items()]
+    sources += [(name, path, docs) for name, (path, docs) in DOC_TABLES.items()]
+    for name, path, docs in sources:
+        rec = json.loads(path.read_text())
+        for doc, render in docs.items():
             p = ROOT / doc
             text = out.get(p, p.read_text())
             if f"<!-- figure:{name} -->" not in text:

@@ -69,6 +69,11 @@ METHODS = {
 DEFAULT_METHODS = list(METHODS)
 
 
+def _machine() -> str:
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 0)
+    return f"{n} CPU cores, {os.environ.get('OMP_NUM_THREADS', 'all')} thread(s) per run"
+
+
 def budget_images(cfg) -> int:
     if cfg.algorithm in ("refl", "draft"):
         return cfg.train.max_steps * cfg.train.batch_size * cfg.train.gradient_accumulation_steps
@@ -106,7 +111,24 @@ def evaluate(model, prompts, kinds, seeds):
     held, p_held = judge_table(images, prompts, kinds, "shapes_judge_heldout")
     trn, p_trn = judge_table(images, prompts, kinds, "shapes_judge")
     return images, {"train_judge": trn, "heldout_judge": held,
-                    "judges_agree": float(((p_held > 0.5) == (p_trn > 0.5)).float().mean())}
+                    "judges_agree": float(((p_held > 0.5) == (p_trn > 0.5)).float().mean()),
+                    # per caption (in prompt order): does each judge call the image a match
+                    "heldout_match": [int(v) for v in (p_held > 0.5).tolist()],
+                    "train_match": [int(v) for v in (p_trn > 0.5).tolist()]}
+
+
+def paired_delta_ci(before, after, n_boot: int = 2000, seed: int = 0) -> list[float]:
+    """95% percentile bootstrap interval of mean(after) - mean(before) over captions resampled
+    in pairs (the base and the tuned model see the same captions and seeds, so the pairing
+    removes the captions' own difficulty from the interval)."""
+    b = torch.tensor(before, dtype=torch.float64)
+    a = torch.tensor(after, dtype=torch.float64)
+    if b.shape != a.shape or b.numel() == 0:
+        raise ValueError(f"paired_delta_ci: {b.shape} and {a.shape} are not one non-empty pairing")
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, b.numel(), (n_boot, b.numel()), generator=g)
+    d = (a - b)[idx].mean(dim=1)
+    return [round(float(torch.quantile(d, 0.025)), 4), round(float(torch.quantile(d, 0.975)), 4)]
 
 
 def main(argv=None) -> int:
@@ -140,7 +162,8 @@ def main(argv=None) -> int:
     # held-out prompts (a generator seed no prompt file or base rate uses) and sampling seeds
     prompts, kinds, seeds = base_prompts(args.n_per_kind, seed=789)
     seeds = [20_000 + s for s in seeds]
-    report = {"budget_images": BUDGET, "eval": {"n_per_kind": args.n_per_kind, "prompt_seed": 789,
+    report = {"command": "OMP_NUM_THREADS=1 python bench/world_compare.py", "machine": _machine(),
+              "budget_images": BUDGET, "eval": {"n_per_kind": args.n_per_kind, "prompt_seed": 789,
                                                  "sampler": "DDIM 20 steps, eta 0, CFG 4"}, "methods": {}}
     base = load_model("sd15", "tiny:shapes")
     base_images, report["base"] = evaluate(base, prompts, kinds, seeds)
@@ -160,7 +183,8 @@ def main(argv=None) -> int:
         gap = ((a["train_judge"]["overall"]["accuracy"] - a["heldout_judge"]["overall"]["accuracy"])
                - (b["train_judge"]["overall"]["accuracy"] - b["heldout_judge"]["overall"]["accuracy"]))
         report["methods"][name] = {
-            "config": METHODS[name][0], "overrides": METHODS[name][1], "budget_images": budget_images(cfg),
+            "config": METHODS[name][0], "overrides": METHODS[name][1], "algorithm": cfg.algorithm,
+            "budget_images": budget_images(cfg),
             "wall_time_s": round(summary.get("wall_time_s", wall.get(name, float("nan"))), 1),
             "training_reward_before": summary.get("eval_reward_before"), "training_reward_after": summary.get("eval_reward_after"),
             "heldout": ev,
@@ -169,6 +193,8 @@ def main(argv=None) -> int:
             "heldout_judge_accuracy_per_kind": {k: [b["heldout_judge"][k]["accuracy"], a["heldout_judge"][k]["accuracy"]]
                                                 for k in ("attribute", "count", "spatial")},
             "gap": round(gap, 4),
+            "heldout_delta_ci95": paired_delta_ci(b["heldout_match"], a["heldout_match"]),
+            "train_delta_ci95": paired_delta_ci(b["train_match"], a["train_match"]),
         }
         m = report["methods"][name]
         print(f"{name}: budget {m['budget_images']} images, {m['wall_time_s']} s; train-judge acc "
