@@ -126,6 +126,54 @@ def _render_zo_tiny(r: dict) -> str:
             f"`make reproduce` band ±{b['eval_reward_after']}).")
 
 
+REWARD_SCENE_KINDS = ["attribute", "spatial", "count"] * 2  # make_batch(6, seed=2026, kinds=...) in bench/reward_scores.py
+REWARD_PART = {"attribute": "shapes_attribute", "spatial": "shapes_spatial", "count": "shapes_count"}
+REWARD_SCENE_NAMES = ["shapes_judge", "shapes_judge_heldout", "shapes_attribute", "shapes_spatial", "shapes_count",
+                      "composition_color", "color", "brightness", "saturation"]
+
+
+def _reward_key_list() -> list[str]:
+    keys = []
+    for i, kind in enumerate(REWARD_SCENE_KINDS):
+        for which in ("caption", "negative"):
+            # shapes_spatial / shapes_count are NaN for a caption without a relation / a number
+            keys += [f"scene{i}_{which}_{r}" for r in REWARD_SCENE_NAMES
+                     if not (r in ("shapes_spatial", "shapes_count") and r != REWARD_PART[kind])]
+    return keys + [f"{p}_{r}" for p in ("astronaut", "grace_hopper") for r in ("face_id", "brightness", "saturation")]
+
+
+def _read_reward_scores(out) -> dict:
+    d = json.loads((Path(out) / "scores.json").read_text())
+    flat = {}
+    for k, row in enumerate(d["scenes"]):
+        for r, v in row["scores"].items():
+            if v is not None:
+                flat[f"scene{k // 2}_{row['which']}_{r}"] = v
+        flat[f"scene{k // 2}_{row['which']}_prompt"] = row["prompt"]
+    for row in d["photos"]:
+        for r, v in row["scores"].items():
+            flat[f"{row['image']}_{r}"] = v
+    return flat
+
+
+def _render_reward_scores(r: dict) -> str:
+    m = r["measured"]
+    lines = ["| scene | prompt | `shapes_judge` | `shapes_judge_heldout` | its part (`shapes_<kind>`) | `composition_color` | `brightness` |",
+             "|---|---|---|---|---|---|---|"]
+    for i, kind in enumerate(REWARD_SCENE_KINDS):
+        for which in ("caption", "negative"):
+            k = f"scene{i}_{which}_"
+            label = f"{i} ({kind})" if which == "caption" else "″ (hard negative)"
+            lines.append(f"| {label} | {r['prompts'][f'{k}prompt']} | {m[k + 'shapes_judge']:.3f} | {m[k + 'shapes_judge_heldout']:.3f} "
+                         f"| {m[k + REWARD_PART[kind]]:.3f} | {m[k + 'composition_color']:.3f} | {m[k + 'brightness']:.3f} |")
+    return "\n".join(lines) + (
+        f"\n\n`face_id` (dlib detector + 128-d embedding, the astronaut photo as the reference person): the astronaut "
+        f"{m['astronaut_face_id']:.3f}, Grace Hopper {m['grace_hopper_face_id']:.3f}. Scored through `vfeedback score --json` "
+        f"by `{r['command']}` ({r['machine']}; `bench/results/figures/reward_scores.json`, every score in the JSON); "
+        f"`make reproduce` fails outside ±{r['band']['scene0_caption_shapes_judge']} on a learned judge's score and "
+        f"±{r['band']['scene0_caption_brightness']} on an analytic one.")
+
+
 #: world_compare's rows, in the order its JSON holds them
 WORLD_LABELS = {
     "refl": "ReFL", "refl_half": "ReFL (the quickstart: 40 steps)", "d3po": "D3PO", "d3po_x3": "D3PO",
@@ -164,8 +212,6 @@ def _render_world_compare(r: dict) -> str:
 #: figures rendered from a committed bench JSON but not rerun by `make reproduce` (too slow):
 #: name -> (JSON file, {doc: render})
 DOC_TABLES: dict[str, tuple[Path, dict]] = {
-    "world_compare": (ROOT / "bench" / "results" / "world_compare.json",
-                      {"README.md": _render_world_compare, "docs/world.md": _render_world_compare}),
 }
 
 
@@ -208,6 +254,17 @@ FIGURES: dict[str, dict] = {
         "band": {"eval_reward_before": 0.002, "eval_reward_after": 0.01},
         "docs": {"README.md": _render_zo_tiny},
     },
+    "reward_scores": {
+        "command": "python bench/reward_scores.py --out {out}",
+        "shown": "python bench/reward_scores.py --out DIR",
+        "read": _read_reward_scores,
+        "keys": _reward_key_list(),
+        # the learned judges are float32 CNNs (another CPU's kernels move the last bits, a
+        # P near 0.5 moves most); the analytic rewards are means over fixed pixels
+        "band": {k: (0.01 if any(j in k for j in ("shapes_", "face_id")) else 1e-4) for k in _reward_key_list()},
+        "text": lambda got: {k: v for k, v in got.items() if k.endswith("_prompt")},
+        "docs": {"README.md": _render_reward_scores},
+    },
     "d3po_tiny": {
         "command": "vfeedback train configs/d3po/tiny.yaml output_dir={out}",
         "shown": "vfeedback train configs/d3po/tiny.yaml",
@@ -234,6 +291,8 @@ def run_figure(name: str) -> dict:
         cmd = spec["command"].format(out=out).split()
         if cmd[0] == "vfeedback":
             cmd = [sys.executable, "-m", "vfeedback", *cmd[1:]]
+        elif cmd[0] == "python":
+            cmd = [sys.executable, *cmd[1:]]
         print(f"[{name}] +", " ".join(cmd), flush=True)
         proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
         if proc.returncode != 0:
@@ -248,8 +307,11 @@ def record(name: str, out: Path) -> dict:
     missing = [k for k in spec["keys"] if got.get(k) is None]
     if missing:
         raise SystemExit(f"reproduce: figure {name!r}: {out} holds no {', '.join(missing)}")
-    return {"figure": name, "command": spec["shown"], "machine": machine(),
-            "measured": {k: got[k] for k in spec["keys"]}, "band": spec["band"]}
+    rec = {"figure": name, "command": spec["shown"], "machine": machine(),
+           "measured": {k: got[k] for k in spec["keys"]}, "band": spec["band"]}
+    if "text" in spec:  # strings the rendering shows (prompts), kept beside the numbers
+        rec["prompts"] = spec["text"](got)
+    return rec
 
 
 def compare(name: str, committed: dict, rerun: dict) -> list[str]:
