@@ -117,6 +117,30 @@ def evaluate(model, prompts, kinds, seeds):
                     "train_match": [int(v) for v in (p_trn > 0.5).tolist()]}
 
 
+def cached_evaluate(cache: Path, key: str, make_model, prompts, kinds, seeds):
+    """``evaluate`` of ``make_model()``, kept in ``cache`` (a .pt beside the run) under ``key``
+    (the LoRA file's hash and the evaluation's settings): a later call with the same key reads
+    it back instead of sampling 288 images again, so runs can be evaluated as they finish."""
+    if cache.exists():
+        got = torch.load(cache, weights_only=False)
+        if got.get("key") == key:
+            return got["images"], got["ev"]
+    images, ev = evaluate(make_model(), prompts, kinds, seeds)
+    keep = images[:: max(1, len(prompts) // 8)][:8].clone()  # the grid's row only
+    torch.save({"key": key, "images": keep, "ev": ev}, cache)
+    return keep, ev
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def paired_delta_ci(before, after, n_boot: int = 2000, seed: int = 0) -> list[float]:
     """95% percentile bootstrap interval of mean(after) - mean(before) over captions resampled
     in pairs (the base and the tuned model see the same captions and seeds, so the pairing
@@ -165,10 +189,12 @@ def main(argv=None) -> int:
     report = {"command": "OMP_NUM_THREADS=1 python bench/world_compare.py", "machine": _machine(),
               "budget_images": BUDGET, "eval": {"n_per_kind": args.n_per_kind, "prompt_seed": 789,
                                                  "sampler": "DDIM 20 steps, eta 0, CFG 4"}, "methods": {}}
-    base = load_model("sd15", "tiny:shapes")
-    base_images, report["base"] = evaluate(base, prompts, kinds, seeds)
+    settings = f"n_per_kind={args.n_per_kind};prompt_seed=789;seeds=20000+;DDIM20;cfg4"
+    runs.mkdir(parents=True, exist_ok=True)
+    base_images, report["base"] = cached_evaluate(runs / "base_eval.pt", "base;" + settings,
+                                                  lambda: load_model("sd15", "tiny:shapes"), prompts, kinds, seeds)
     print("base", json.dumps(report["base"]["heldout_judge"]["overall"]), flush=True)
-    rows, labels = [base_images[:: max(1, len(prompts) // 8)][:8]], ["base"]
+    rows, labels = [base_images], ["base"]
     for name in names:
         folder = runs / name
         if not (folder / "summary.json").exists():
@@ -176,9 +202,13 @@ def main(argv=None) -> int:
             continue
         summary = json.loads((folder / "summary.json").read_text())
         cfg = load_config(str(folder / "config.yaml"))
-        model = load_model("sd15", "tiny:shapes")
-        load_lora_into(model, folder / "lora")
-        images, ev = evaluate(model, prompts, kinds, seeds)
+        def make_model(folder=folder):
+            model = load_model("sd15", "tiny:shapes")
+            load_lora_into(model, folder / "lora")
+            return model
+
+        key = f"{_sha256(folder / 'lora' / 'pytorch_lora_weights.safetensors')};{settings}"
+        images, ev = cached_evaluate(folder / "world_compare_eval.pt", key, make_model, prompts, kinds, seeds)
         b, a = report["base"], ev
         gap = ((a["train_judge"]["overall"]["accuracy"] - a["heldout_judge"]["overall"]["accuracy"])
                - (b["train_judge"]["overall"]["accuracy"] - b["heldout_judge"]["overall"]["accuracy"]))
@@ -200,7 +230,7 @@ def main(argv=None) -> int:
         print(f"{name}: budget {m['budget_images']} images, {m['wall_time_s']} s; train-judge acc "
               f"{m['train_judge_accuracy'][0]:.3f} -> {m['train_judge_accuracy'][1]:.3f}; held-out acc "
               f"{m['heldout_judge_accuracy'][0]:.3f} -> {m['heldout_judge_accuracy'][1]:.3f}; gap {gap:+.3f}", flush=True)
-        rows.append(images[:: max(1, len(prompts) // 8)][:8])
+        rows.append(images)
         labels.append(name)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

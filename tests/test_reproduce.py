@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,3 +95,22 @@ def test_world_table_says_which_rows_move():
     assert "| ReFL | 320 | 0.310 | 0.300 | +0.200 [+0.050, +0.350] | +0.010 | 2 min |" in text
     assert "above 0: ReFL (320); below 0: RAFT (online, best of 8) (320);" in text  # D3PO's touches 0: noise
     assert "6 held-out captions (2 per kind)" in text
+
+
+def test_world_compare_evaluation_is_cached_per_lora_and_settings(tmp_path, monkeypatch):
+    wc = _world_compare()
+    calls = []
+
+    def fake_evaluate(model, prompts, kinds, seeds):
+        calls.append(model)
+        return torch.full((len(prompts), 3, 2, 2), float(len(calls))), {"n": len(calls)}
+
+    monkeypatch.setattr(wc, "evaluate", fake_evaluate)
+    cache = tmp_path / "eval.pt"
+    prompts = [f"p{i}" for i in range(16)]
+    imgs, ev = wc.cached_evaluate(cache, "lora-a;n=96", lambda: "model-a", prompts, None, None)
+    assert ev == {"n": 1} and imgs.shape == (8, 3, 2, 2)  # only the grid's row of 8 is kept
+    imgs2, ev2 = wc.cached_evaluate(cache, "lora-a;n=96", lambda: "model-a", prompts, None, None)
+    assert calls == ["model-a"] and ev2 == ev and torch.equal(imgs2, imgs)  # read back, not resampled
+    _, ev3 = wc.cached_evaluate(cache, "lora-b;n=96", lambda: "model-b", prompts, None, None)
+    assert calls == ["model-a", "model-b"] and ev3 == {"n": 2}  # another LoRA file: evaluated again
