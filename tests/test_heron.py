@@ -114,6 +114,16 @@ def test_copeland_order_breaks_a_cycle_by_index():
     assert copeland_order(3, lambda i, j: 1) == [2, 1, 0]
 
 
+def test_itercomp_tie_levels_follow_the_hierarchy():
+    from vfeedback.algorithms.itercomp import heron_tie_levels
+
+    dec = {(0, 1): None, (1, 2): 0, (2, 3): None, (0, 2): 0, (0, 3): 0, (1, 3): 0}
+    cmp = lambda i, j: dec[(min(i, j), max(i, j))]
+    assert heron_tie_levels(4, cmp, [0, 1, 2, 3]) == [1, 1, 2, 2]
+    assert heron_tie_levels(4, cmp, [1, 0, 3, 2]) == [1, 1, 2, 2]
+    assert heron_tie_levels(3, lambda i, j: 0, [2, 0, 1]) == [2, 3, 1]
+
+
 def test_zo_ranksgd_ranks_candidates_with_the_hierarchy():
     from vfeedback.algorithms.zo_ranksgd_diffusion import Candidates, rank_candidates
 
@@ -173,10 +183,8 @@ def test_win_rate_shaping_with_the_heron_judge(tmp_path):
 
 # ------------------------------------------------------------------ the reward model
 def test_reward_model_round_trip_through_rewards_load(tmp_path):
-    from vfeedback.world.scenes import make_batch
-
-    images, scenes = make_batch(8, seed=5, kind="count")
-    prompts = [s.caption for s in scenes]
+    images = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    prompts = ["two red squares", "a blue circle left of a green cross"] * 4
     pairs = [(i, (i + 1) % 8) for i in range(8)]
     factors = [{"name": "shapes_count", "margin": 0.1}, {"name": "shapes_attribute", "margin": 0.05}]
     out = tmp_path / "heron_rm.safetensors"

@@ -304,8 +304,9 @@ class RankConfig(Section):
 
 
 class IterCompRankerConfig(Section):
-    kind: Literal["auto", "human"] = Field("auto", description="auto: rank each gallery group by the category's composition scorer; "
-                                          "human: read rankings a person gave (ranking JSONL, docs/itercomp.md) from file or OUT/iter-K/rankings.jsonl")
+    kind: Literal["auto", "human", "heron"] = Field("auto", description="auto: rank each gallery group by the category's composition scorer; "
+                                          "human: read rankings a person gave (ranking JSONL, docs/itercomp.md) from file or OUT/iter-K/rankings.jsonl; "
+                                          "heron: rank every group by the heron section's ranked factors (wins under the hierarchy)")
     file: Optional[str] = Field(None, description="human: ranking JSONL (prompt, category, images, ranking best-first; or the rank app's export); "
                                 "groups it lacks are looked up in OUT/iter-K/rankings.jsonl")
     scorers: dict[str, RewardSpec] = Field(
@@ -904,6 +905,8 @@ def describe_fields(model=RunConfig, prefix: str = "") -> list[str]:
             users.append("reward.win_rate.judge: heron")
         if self.algorithm == "zo_ranksgd" and self.zo_ranksgd.ranker == "heron":
             users.append("zo_ranksgd.ranker: heron")
+        if self.algorithm == "itercomp" and self.itercomp.ranker.kind == "heron":
+            users.append("itercomp.ranker.kind: heron")
         if users and self.heron is None:
             raise ValueError(f"{users[0]} needs a heron section: heron: {{factors: [{{name: REWARD, margin: M}}, ...]}} "
                              "(most important factor first; docs/heron.md)")
