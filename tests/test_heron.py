@@ -248,3 +248,42 @@ def test_cli_bad_factor_exits_2(tmp_path, capsys):
     assert main(["--groups", str(tmp_path / "g.jsonl"), "--factor", "shapes_count:-1", "--out", str(tmp_path / "m.safetensors")]) == 2
     assert main(["--groups", str(tmp_path / "nope.jsonl"), "--factor", "shapes_count:0.1", "--out", str(tmp_path / "m.safetensors")]) == 2
     assert "--groups" in capsys.readouterr().err and not (tmp_path / "m.safetensors").exists()
+
+
+# ------------------------------------------------------------------ end to end (slow: full runs)
+HERON_OV = ['heron={factors: [{name: saturation, margin: 0.02}, {name: brightness, margin: 0.0}]}']
+
+
+@pytest.mark.slow
+def test_d3po_run_with_the_heron_oracle(tmp_path):
+    import json
+    from pathlib import Path
+
+    from vfeedback import cli
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "run"
+    rc = cli.main(["train", str(root / "configs/d3po/tiny.yaml"), f"output_dir={out}", "train.max_steps=2", "sampling.steps=3",
+                   "prompts.eval=[a red apple]", "prompts.eval_seeds=[0]", "d3po.winrate_seeds=[1000]", "log.trackers=[]",
+                   "d3po.preference=heron", *HERON_OV])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["d3po"]["judge"] == "heron(saturation > brightness)" and 0.0 <= summary["heldout_win_rate"] <= 1.0
+    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(recs) == 2 and all("reward/saturation" in r and r["d3po/pairs"] + r["d3po/ties"] == 12 for r in recs)
+
+
+@pytest.mark.slow
+def test_zo_ranksgd_run_with_the_heron_ranker(tmp_path):
+    import json
+    from pathlib import Path
+
+    from vfeedback import cli
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "run"
+    rc = cli.main(["train", str(root / "configs/zo_ranksgd/tiny.yaml"), f"output_dir={out}", "zo_ranksgd.rounds=2",
+                   "zo_ranksgd.ranker=heron", "log.trackers=[]", *HERON_OV])
+    assert rc == 0
+    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(recs) == 2 and json.loads((out / "summary.json").read_text())["rounds"] == 2
