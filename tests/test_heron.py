@@ -124,6 +124,25 @@ def test_itercomp_tie_levels_follow_the_hierarchy():
     assert heron_tie_levels(3, lambda i, j: 0, [2, 0, 1]) == [2, 3, 1]
 
 
+def test_itercomp_heron_ranker_ranks_and_writes_tie_levels(tmp_path):
+    from vfeedback.algorithms.itercomp import IterCompRun
+    from vfeedback.itercomp.ranking import Group, read_groups
+
+    cols = [[0.5, 0.5, 0.0], [0.5625, 0.0, 0.0], [0.25, 1.0, 0.0], [0.5, 0.5, 0.0]]
+    paths = []
+    for n, c in enumerate(cols):
+        p = tmp_path / f"{n}.png"
+        rewards.to_pil(_flat(c, 8)[None])[0].save(p)
+        paths.append(str(p))
+    ns = types.SimpleNamespace(ic=types.SimpleNamespace(ranker=types.SimpleNamespace(kind="heron")),
+                               heron=HeronPreferenceOracle([_red, _green], [0.125, 0.0]))
+    got = IterCompRun.rank(ns, [Group("p", "attribute", paths)], tmp_path, 0)
+    # a (0) and its copy (3) beat b (1) on green and c (2) on red; b beats c on red; 0 and 3 tie
+    assert got[0].ranking == [0, 3, 1, 2] and got[0].ties == [1, 2, 3, 1]  # a rank level per image
+    back = read_groups(tmp_path / "rankings.jsonl", {"p": "attribute"})
+    assert back[0].pairs() == [(0, 1), (0, 2), (1, 2), (3, 1), (3, 2)]
+
+
 def test_zo_ranksgd_ranks_candidates_with_the_hierarchy():
     from vfeedback.algorithms.zo_ranksgd_diffusion import Candidates, rank_candidates
 
