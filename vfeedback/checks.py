@@ -123,6 +123,15 @@ def check_run(cfg: RunConfig, resume: bool = False, main_process: bool = True) -
             cost = rewards.load(cfg.cost.name, **cfg.cost.options)
         except rewards.RewardError as e:
             raise UserError(f"cost: {e}") from None
+    if cfg.heron is not None:  # the hierarchical judge's factors: known, installed, their options valid
+        from .feedback.heron import check_heron_factors
+
+        check_heron_factors(cfg, "heron")
+        for i, f in enumerate(cfg.heron.factors):
+            try:
+                rewards.load(f.name, **f.options)
+            except rewards.RewardError as e:
+                raise UserError(f"heron.factors.{i}: {e}") from None
     names = [s.name for s in cfg.eval_rewards]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:

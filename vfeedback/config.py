@@ -126,9 +126,9 @@ class EnsembleConfig(Section):
 
 
 class WinRateConfig(Section):
-    judge: Literal["reward", "pareto"] = Field("reward", description="comparator of two samples of a group: reward (the scalar reward, "
-                                               "closer than tie_tol is a tie) or pareto (each reward/ensemble member an objective; "
-                                               "neither dominating is a tie)")
+    judge: Literal["reward", "pareto", "heron"] = Field("reward", description="comparator of two samples of a group: reward (the scalar reward, "
+                                               "closer than tie_tol is a tie), pareto (each reward/ensemble member an objective; "
+                                               "neither dominating is a tie) or heron (the heron section's ranked factors with margins)")
     tie_tol: float = Field(0.0, ge=0, description="scores closer than this tie (a tie counts 1/2)")
 
 
@@ -223,6 +223,8 @@ class ZORankSGDSection(Section):
     smoothing: float = Field(0.1, gt=0, description="mu: candidates are x + mu*u with u ~ N(0, I) (latent target: relative to the shell radius sqrt(d), so 0.1 is a ~0.1 rad perturbation)")
     step_size: float = Field(1.0, gt=0, description="eta: the step x + eta*D (the largest line-search step when line_search is on)")
     estimator: Literal["paper", "reference"] = Field("paper", description="rank-based estimator: 'paper' (the DAG edge average of section 2.2) or 'reference' (the authors' code: weights m-2p and no division by mu)")
+    ranker: Literal["reward", "heron"] = Field("reward", description="who ranks the candidates: reward (the mean reward of each candidate's images) "
+                                               "or heron (the heron section's ranked factors, each averaged over a candidate's images; ranked by wins)")
     line_search: bool = Field(True, description="the reference's human loop: a gradient round, then a round in which the oracle picks among step sizes eta*2^-j, the previous best and the current point; false: Algorithm 1 (a fixed step each round)")
     line_search_points: Optional[int] = Field(None, ge=1, description="step sizes shown in a line-search round (default num_candidates - 2)")
     average_directions: bool = Field(True, description="line search only: average successive gradient estimates while the current point keeps winning (the reference's running mean)")
@@ -253,7 +255,7 @@ class D3POConfig(Section):
     group_size: int = Field(2, ge=2, le=64, description="images per prompt, all from one shared initial latent; every pair the judge can tell apart is trained")
     timestep_fraction: float = Field(1.0, gt=0, le=1, description="fraction of the denoising steps trained per trajectory: a random subset, the same for every member of a group")
     mode: Literal["online", "offline"] = Field("online", description="online: sample and label a fresh group per prompt each step; offline: train on a fixed preference set (from d3po.file, or sampled from the base model and labelled once)")
-    preference: Literal["reward", "pareto", "file"] = Field("reward", description="the judge: reward (the reward section as one scalar oracle), pareto (each reward an objective; a pair counts when one image dominates), file (labels, e.g. human, from d3po.file)")
+    preference: Literal["reward", "pareto", "file", "heron"] = Field("reward", description="the judge: reward (the reward section as one scalar oracle), pareto (each reward an objective; a pair counts when one image dominates), file (labels, e.g. human, from d3po.file), heron (the heron section's ranked factors)")
     file: Optional[str] = Field(None, description="preference file (.jsonl / .json: labelled pairs or ranked groups; format in docs/d3po.md), for preference: file")
     offline_groups: int = Field(64, ge=1, description="mode offline with preference reward/pareto: groups sampled from the base model and labelled once at the start")
     tie_tol: float = Field(0.0, ge=0, description="judge scores closer than this are a tie (the pair is skipped)")
@@ -302,8 +304,9 @@ class RankConfig(Section):
 
 
 class IterCompRankerConfig(Section):
-    kind: Literal["auto", "human"] = Field("auto", description="auto: rank each gallery group by the category's composition scorer; "
-                                          "human: read rankings a person gave (ranking JSONL, docs/itercomp.md) from file or OUT/iter-K/rankings.jsonl")
+    kind: Literal["auto", "human", "heron"] = Field("auto", description="auto: rank each gallery group by the category's composition scorer; "
+                                          "human: read rankings a person gave (ranking JSONL, docs/itercomp.md) from file or OUT/iter-K/rankings.jsonl; "
+                                          "heron: rank every group by the heron section's ranked factors (wins under the hierarchy)")
     file: Optional[str] = Field(None, description="human: ranking JSONL (prompt, category, images, ranking best-first; or the rank app's export); "
                                 "groups it lacks are looked up in OUT/iter-K/rankings.jsonl")
     scorers: dict[str, RewardSpec] = Field(
@@ -479,6 +482,29 @@ class DraftConfig(Section):
         return self
 
 
+# --- heron ---
+class HeronFactor(Section):
+    name: str = Field(..., description="registered reward scoring this factor, higher better (`vfeedback rewards` lists them)")
+    options: dict[str, Any] = Field(default_factory=dict, description="options passed to rewards.load")
+    margin: float = Field(0.0, ge=0, allow_inf_nan=False, description="a sample wins at this level only when its value exceeds the other's by more "
+                          "than the margin (margin_scale absolute: in the factor's units; std: times the factor's std); otherwise the next factor decides")
+
+    @field_validator("options")
+    @classmethod
+    def _finite_options(cls, v):
+        return finite_options(v)
+
+
+class HeronConfig(Section):
+    """HERON (Bukharin et al. 2023, arXiv:2309.02632): two samples are compared on the most important
+    factor and fall through to the next when they are within its margin (docs/heron.md). Used by
+    d3po.preference: heron, reward.win_rate.judge: heron and zo_ranksgd.ranker: heron."""
+
+    factors: list[HeronFactor] = Field(..., min_length=1, description="the factors, most important first: [{name, options, margin}, ...]")
+    margin_scale: Literal["absolute", "std"] = Field("absolute", description="absolute: margins in each factor's units; std: margin x the "
+                                                     "factor's standard deviation over the samples labelled (the reference's scale-free margins)")
+
+
 class TrainConfig(Section):
     max_steps: int = Field(100, ge=1, description="optimizer steps")
     batch_size: int = Field(2, ge=1, description="prompts per step per process")
@@ -523,6 +549,7 @@ class RunConfig(Section):
     zo_ranksgd: ZORankSGDSection = Field(default_factory=ZORankSGDSection, description="ZO-RankSGD settings (algorithm: zo_ranksgd)")
     d3po: D3POConfig = Field(default_factory=D3POConfig, description="D3PO settings (algorithm: d3po)")
     itercomp: IterCompSection = Field(default_factory=IterCompSection, description="IterComp settings (algorithm: itercomp)")
+    heron: Optional[HeronConfig] = Field(None, description="HERON hierarchical comparator (ranked factors with margins) for d3po.preference / reward.win_rate.judge / zo_ranksgd.ranker: heron")
     ddpo: DDPOConfig = Field(default_factory=DDPOConfig, description="DDPO settings (algorithm: ddpo)")
     grpo: GRPOConfig = Field(default_factory=GRPOConfig, description="GRPO settings (algorithm: grpo)")
     raft: RaftConfig = Field(default_factory=RaftConfig, description="RAFT settings (algorithm: raft)")
@@ -868,3 +895,19 @@ def describe_fields(model=RunConfig, prefix: str = "") -> list[str]:
         default = "required" if f.is_required() else f"default {f.get_default(call_default_factory=True)!r}"
         out.append(f"{prefix}{name}: {f.description or ''} [{default}]")
     return out
+
+    @model_validator(mode="after")
+    def _heron_checks(self):
+        users = []
+        if self.algorithm == "d3po" and self.d3po.preference == "heron":
+            users.append("d3po.preference: heron")
+        if self.reward.shaping == "win_rate" and self.reward.win_rate.judge == "heron":
+            users.append("reward.win_rate.judge: heron")
+        if self.algorithm == "zo_ranksgd" and self.zo_ranksgd.ranker == "heron":
+            users.append("zo_ranksgd.ranker: heron")
+        if self.algorithm == "itercomp" and self.itercomp.ranker.kind == "heron":
+            users.append("itercomp.ranker.kind: heron")
+        if users and self.heron is None:
+            raise ValueError(f"{users[0]} needs a heron section: heron: {{factors: [{{name: REWARD, margin: M}}, ...]}} "
+                             "(most important factor first; docs/heron.md)")
+        return self

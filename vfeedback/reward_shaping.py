@@ -14,8 +14,10 @@ lives here needs more than one image's scores, and says so:
   comparator, a tie counting 1/2: ``r'_i = (1 / (n_g - 1)) sum_{j in g, j != i} P(i beats j)``.
   The comparator is the scalar reward (``judge: reward``, the ``RewardPreferenceOracle`` rule of
   vfeedback/feedback/oracles.py with ``tie_tol``) or Pareto dominance over the reward's members
-  (``judge: pareto``, the ``ParetoPreferenceOracle``). A sample alone in its group gets 1/2
-  (our choice: no opponent, no information).
+  (``judge: pareto``, the ``ParetoPreferenceOracle``) or HERON's ranked factors with margins
+  (``judge: heron``, the ``heron`` section; vfeedback/feedback/heron.py: each factor is scored on
+  the global batch and a ``std`` margin scale uses the batch's spread). A sample alone in its group
+  gets 1/2 (our choice: no opponent, no information).
 * ``cost`` (Safe RLHF-V's Lagrangian form, Ji et al. 2025, after Safe RLHF, Dai et al. 2023):
   the objective ``r' - lambda * (c - d)`` with ``c`` a cost scorer's value, ``d`` the budget and
   ``lambda >= 0`` the multiplier. After each batch, projected dual ascent on the batch's mean
@@ -122,6 +124,10 @@ def check_config(cfg, method) -> None:
     if cfg.cost is not None and not getattr(method, "supports_cost", False):
         raise UserError(f"cost: algorithm {cfg.algorithm} does not take a cost constraint; remove the cost section "
                         f"(algorithms that do: {', '.join(sorted(_methods_supporting('cost'))) or 'none'})")
+    if shaping == "win_rate" and cfg.reward.win_rate.judge == "heron":
+        from .feedback.heron import check_heron_factors
+
+        check_heron_factors(cfg, "reward.win_rate.judge")
     if shaping == "win_rate" and cfg.reward.win_rate.judge == "pareto" and len(cfg.reward.rewards) < 2:
         raise UserError("reward.win_rate.judge: pareto compares samples on several objectives; list at least two rewards under "
                         "reward.rewards (or use judge: reward)")
@@ -171,6 +177,11 @@ class ScalarReward:
                 self.cost.to(accelerator.device)
             self.cost.requires_grad_(False)
             self.cost.eval()
+        self.heron = None
+        if self.shaping == "win_rate" and cfg.reward.win_rate.judge == "heron":
+            from .feedback.heron import build_heron_oracle
+
+            self.heron = build_heron_oracle(cfg, "reward.win_rate.judge", device=None if accelerator is None else accelerator.device)
         self.lam = float(self.cost_cfg.lambda_init) if self.cost_cfg is not None else 0.0
         self.updates = 0
 
@@ -248,7 +259,7 @@ class ScalarReward:
             shaped = par_shaping(R, Rref)
             mets["reward_ref_mean"] = _finite_mean(Rref)
         elif self.shaping == "win_rate":
-            shaped = self._win_rates(R, gid)
+            shaped = self._win_rates(R, gid, images, prompts)
         if self.shaping != "none":
             mets["reward_shaped_mean"] = _finite_mean(shaped)
         final = shaped
@@ -274,10 +285,16 @@ class ScalarReward:
         starts = [sum(sizes[:p]) for p in range(len(sizes))]
         return list(zip(starts, sizes))
 
-    def _win_rates(self, R: torch.Tensor, gid: torch.Tensor) -> torch.Tensor:
+    def _win_rates(self, R: torch.Tensor, gid: torch.Tensor, images: Optional[torch.Tensor] = None,
+                   prompts: Optional[Sequence[str]] = None) -> torch.Tensor:
         from .feedback.oracles import ParetoPreferenceOracle, _compare_scalar
 
         wr = self.cfg.reward.win_rate
+        if wr.judge == "heron":
+            # every factor on this process's images, gathered: the global batch, labelled at once
+            V, _ = self._gather(self.heron.factor_values(images, list(prompts)).float())
+            _, cmp = self.heron.label_values(V)
+            return win_rates(V, gid, cmp)
         if wr.judge == "pareto":
             comps = getattr(self.reward, "last_components", None) or {}
             if len(comps) < 2:

@@ -148,6 +148,10 @@ class D3PO:
         if d.preference == "pareto" and any(r.weight <= 0 for r in cfg.reward.rewards):
             raise UserError("reward: with d3po.preference: pareto every reward is an objective to maximise; "
                             f"weights must be > 0, got {[r.weight for r in cfg.reward.rewards]}")
+        if d.preference == "heron":
+            from ..feedback.heron import check_heron_factors
+
+            check_heron_factors(cfg, "d3po.preference")
         if d.preference == "file" and Path(d.file).exists():  # a relative path from the config's folder: checked at set-up
             import types
 
@@ -186,6 +190,11 @@ class D3PO:
         from ..feedback.oracles import ParetoPreferenceOracle, RewardPreferenceOracle
 
         d, reward = self.cfg.d3po, self.trainer.reward
+        if d.preference == "heron":
+            from ..feedback.heron import build_heron_oracle
+
+            oracle = build_heron_oracle(self.cfg, "d3po.preference", device=getattr(reward, "device", None))
+            return oracle, "heron(" + " > ".join(oracle.names) + ")"
         if d.preference == "pareto":
             if isinstance(reward, WeightedSum):
                 if any(w <= 0 for w in reward.weights):
@@ -346,7 +355,7 @@ class D3PO:
             if f.numel():
                 mets["reward_mean"] = f.mean().item()
         else:
-            names = getattr(self.trainer.reward, "names", None) or [self.trainer.reward.name]
+            names = getattr(self.oracle, "names", None) or getattr(self.trainer.reward, "names", None) or [self.trainer.reward.name]
             for k in range(t.shape[1]):
                 f = t[:, k][torch.isfinite(t[:, k])]
                 if f.numel():

@@ -74,6 +74,20 @@ class IterComp:
                     raise UserError(f"itercomp.ranker.scorers.{c}.name: {name!r} is not installed: {info[name].install_hint()}")
 
 
+def heron_tie_levels(n: int, compare, ranking: list[int]) -> list[int]:
+    """Rank levels (1 = best; equal = tie) of a HERON-ranked group: walking down the ranking, an
+    image the hierarchy cannot tell from the one above it shares that one's level (as
+    :func:`~vfeedback.itercomp.ranking.tie_levels` does for scores); images on different levels
+    are trained in ranking order."""
+    levels = [0] * n
+    level = 1
+    for pos, i in enumerate(ranking):
+        if pos and compare(ranking[pos - 1], i) is not None:
+            level += 1
+        levels[i] = level
+    return levels
+
+
 def _mean(xs) -> Optional[float]:
     f = [x for x in xs if x is not None and math.isfinite(x)]
     return sum(f) / len(f) if f else None
@@ -127,6 +141,10 @@ class IterCompRun:
         try:
             self.eval_reward = rewards.combine([dict(name=r.name, weight=r.weight, **r.options) for r in cfg.reward.rewards], normalize="none")
             self.scorers = {}
+            if self.ic.ranker.kind == "heron":
+                from ..feedback.heron import build_heron_oracle
+
+                self.heron = build_heron_oracle(cfg, "itercomp.ranker.kind")
             if self.ic.ranker.kind == "auto":
                 for c in self.ic.categories:
                     s = self.ic.ranker.scorers[c]
@@ -385,6 +403,20 @@ class IterCompRun:
                 g.ranking = rank_by_scores(g.scores)
                 if self.ic.ranker.tie_tol > 0:
                     g.ties = tie_levels(g.scores, self.ic.ranker.tie_tol)
+            write_groups(path, groups)
+            return groups
+        if self.ic.ranker.kind == "heron":
+            # every category ranked by the heron section's factors: wins under the hierarchy
+            # (vfeedback/feedback/heron.py); pairs no factor separates are tie levels, not trained
+            from ..feedback.heron import copeland_order
+
+            for g in groups:
+                x = torch.stack([load_image(p) for p in g.images])
+                with torch.no_grad():
+                    v = self.heron.factor_values(x, [g.prompt] * len(g.images))
+                _, cmp = self.heron.label_values(v)
+                g.ranking = copeland_order(len(g.images), cmp)
+                g.ties = heron_tie_levels(len(g.images), cmp, g.ranking)
             write_groups(path, groups)
             return groups
         # human: the rankings file and this iteration's rankings.jsonl; every group of the

@@ -373,6 +373,14 @@ def rank_candidates(oracle, cands: Candidates) -> tuple[list[int], Optional[list
     """
     from ..feedback.oracles import order_scores
 
+    if hasattr(oracle, "rank_groups"):
+        # a hierarchical judge (vfeedback/feedback/heron.py): ranks the candidates' images itself;
+        # the scores returned are the renderer's reward scores, for the logs only
+        order = oracle.rank_groups(cands.images, cands.prompts)
+        if getattr(oracle, "last_decided", 1) == 0:
+            return [], cands.scores  # every pair tied: "cannot tell", not the index order
+        k = getattr(oracle, "top_k", None)
+        return (order if k is None else order[:k]), cands.scores
     if hasattr(oracle, "scores"):
         scores = cands.scores if cands.scores is not None else score_images(oracle, cands.images, cands.prompts)
         if len({s for s in scores if math.isfinite(s)}) <= 1:
@@ -591,6 +599,12 @@ class _Run:
         reward = reward.to(model.device).eval()
         oracle = RewardRankingOracle(reward, top_k=z.top_k, batch_size=max(1, z.batch_size))
         self.oracle = oracle
+        self.ranker = oracle  # who decides each round; the reward oracle still scores the logs
+        if z.ranker == "heron":
+            from ..feedback.heron import build_heron_oracle
+
+            self.ranker = build_heron_oracle(cfg, "zo_ranksgd.ranker", device=model.device, batch_size=max(1, z.batch_size))
+            self.ranker.top_k = z.top_k
         self.drawn_here = 0  # candidates this process rendered
         if not self.main:
             self.target = build_target(model, cfg)
@@ -680,7 +694,7 @@ class _Run:
         bar = tqdm(total=z.rounds, initial=min(session.round, z.rounds), desc="zo_ranksgd", dynamic_ncols=True)
         while session.round < z.rounds:
             t_round = time.time()
-            entry, cands, scores = session.step(oracle)
+            entry, cands, scores = session.step(self.ranker)
             r = entry["round"] + 1  # rounds done
             cur = session.current_images()
             r_cur = _mean_finite(oracle.scores(cur, prompts))
