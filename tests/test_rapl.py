@@ -46,24 +46,38 @@ def test_sinkhorn_2x2_closed_form(eps):
     assert ot_distance(x, y, eps).item() == pytest.approx(1.0 - 2 * b, abs=1e-12)
 
 
-def test_sinkhorn_matches_pot_and_marginals():
-    ot = pytest.importorskip("ot")
+def test_sinkhorn_optimality_conditions():
+    # the entropic optimum is the unique plan with the given marginals and the Gibbs form
+    # P_ij = exp(f_i + g_j - C_ij / eps): log P + C / eps has rank-one (additive) structure
     g = torch.Generator().manual_seed(0)
     C = torch.rand(5, 7, generator=g, dtype=torch.float64) * 2
     for eps in (0.2, 1.0):
         P = sinkhorn_plan(C, eps, iters=300)
-        ref = ot.sinkhorn(np.full(5, 1 / 5), np.full(7, 1 / 7), C.numpy(), reg=eps, numItermax=3000, stopThr=1e-14)
-        assert np.allclose(P.numpy(), ref, atol=1e-10)
         assert torch.allclose(P.sum(1), torch.full((5,), 1 / 5, dtype=torch.float64), atol=1e-12)
         assert torch.allclose(P.sum(0), torch.full((7,), 1 / 7, dtype=torch.float64), atol=1e-12)
+        L = P.log() + C / eps
+        assert torch.allclose(L - L[:, :1] - L[:1, :] + L[0, 0], torch.zeros_like(L), atol=1e-10)
     # the model's default (eps 1, 30 iterations) is converged on [0, 2] costs to float32 precision
     P30 = sinkhorn_plan(C.float(), 1.0, iters=30).double()
     assert torch.allclose(P30, sinkhorn_plan(C, 1.0, iters=300), atol=1e-7)
     # batched: each cost matrix solved on its own
     B = torch.stack([C, C.flip(0)])
-    assert torch.allclose(sinkhorn_plan(B, 0.5, 500)[1], sinkhorn_plan(C.flip(0), 0.5, 500), atol=1e-14)
+    assert torch.allclose(sinkhorn_plan(B, 0.5, 300)[1], sinkhorn_plan(C.flip(0), 0.5, 300), atol=1e-14)
     with pytest.raises(RewardError, match="epsilon"):
         sinkhorn_plan(C, 0.0)
+
+
+@pytest.mark.slow  # importing POT pulls in scipy.stats (seconds on a loaded CI core)
+def test_sinkhorn_matches_pot():
+    ot = pytest.importorskip("ot")
+    g = torch.Generator().manual_seed(1)
+    C = torch.rand(6, 4, generator=g, dtype=torch.float64) * 2
+    for eps in (0.1, 1.0):
+        ref = ot.sinkhorn(np.full(6, 1 / 6), np.full(4, 1 / 4), C.numpy(), reg=eps, numItermax=5000, stopThr=1e-14)
+        assert np.allclose(sinkhorn_plan(C, eps, iters=1000).numpy(), ref, atol=1e-10)
+        assert ot_distance(torch.eye(6, 3, dtype=torch.float64) + 0.1, torch.eye(4, 3, dtype=torch.float64) + 0.2, eps).item() == pytest.approx(
+            float(ot.sinkhorn2(np.full(6, 1 / 6), np.full(4, 1 / 4), cosine_cost(torch.eye(6, 3, dtype=torch.float64) + 0.1,
+                  torch.eye(4, 3, dtype=torch.float64) + 0.2).numpy(), reg=eps, numItermax=5000, stopThr=1e-14)), abs=1e-10)
 
 
 def test_triplet_loss_sign_and_margin():
@@ -178,7 +192,14 @@ def test_save_load_round_trip_and_bad_files(model, episodes, tmp_path):
 def test_env_true_reward_and_person():
     from vfeedback.integrations.shapes_reach import GOAL, ScriptedPerson
 
+    import warnings
+
+    from gymnasium.utils.env_checker import check_env
+
     env = gym.make("vfeedback/ShapesReach-v0", render_mode="rgb_array")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_env(env.unwrapped)
     obs, info = env.reset(seed=4)
     assert info["true_reward"] == pytest.approx(-math.dist(obs[:2], GOAL), abs=1e-6)
     obs, r, term, trunc, info = env.step(np.array([-1.0, -1.0], dtype=np.float32))
