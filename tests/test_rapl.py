@@ -237,6 +237,9 @@ def test_wrapper_rewards_check_env_and_bad_env(model):
     add.reset(seed=0)
     _, r, *_, info = add.step(np.zeros(2, dtype=np.float32))
     assert r == pytest.approx(info["env_reward"] + 0.5 * info["rapl_reward"])
+    # the spec records the wrapper: gymnasium.make(spec) rebuilds it around the same model object
+    again = gym.make(add.spec)
+    assert isinstance(again, RAPLReward) and again.model is model and again.mode == "add" and again.scale == 0.5
     with pytest.raises(RewardError, match="render_mode='rgb_array'"):
         RAPLReward(gym.make("vfeedback/ShapesReach-v0"), model)
     with pytest.raises(RewardError, match="'sideways'"):

@@ -183,6 +183,12 @@ def _gym():
 gym = _gym()
 
 
+#: a pixel task with a known true reward for RAPL / VLM-RM comparisons (vfeedback/integrations/shapes_reach.py)
+SHAPES_REACH_ID = "vfeedback/ShapesReach-v0"
+if SHAPES_REACH_ID not in gym.registry:
+    gym.register(SHAPES_REACH_ID, entry_point="vfeedback.integrations.shapes_reach:ShapesReachEnv", max_episode_steps=16)
+
+
 def _check_mode(mode: str) -> str:
     if mode not in ("replace", "add"):
         raise RewardError(f"mode must be 'replace' or 'add', got {mode!r}")

@@ -7,6 +7,7 @@ does not care about. The true reward of a state is ``-||agent - goal||`` (canvas
 
 Observation: ``[agent x, agent y, distractor x, distractor y]`` in [0, 1] (y down); action:
 a move in ``[-1, 1]^2`` scaled by ``STEP``. Episodes end after ``max_episode_steps`` (16).
+Registered (by importing ``vfeedback.integrations.gym``) as ``vfeedback/ShapesReach-v0``.
 ``render()`` draws the scene with the shapes world's renderer (``vfeedback.world.scenes``),
 the distribution the shapes judges were trained on.
 
@@ -20,7 +21,7 @@ from typing import Optional
 
 import numpy as np
 
-from .gym import gym
+from .gym import SHAPES_REACH_ID as ENV_ID, gym  # noqa: F401  (importing .gym registers the env)
 
 GOAL = (0.25, 0.25)
 LANDMARK = (0.55, 0.55)
@@ -29,7 +30,6 @@ RADIUS = 0.15
 LO, HI = RADIUS, 1.0 - RADIUS
 #: the captions a caption-grounded reward gets: the goal as far as the vocabulary can say it
 GOAL_CAPTIONS = ("a red circle left of a yellow square", "a red circle above a yellow square")
-ENV_ID = "vfeedback/ShapesReach-v0"
 
 
 class ShapesReachEnv(gym.Env):
@@ -83,15 +83,6 @@ class ShapesReachEnv(gym.Env):
                 Obj("circle", "red", float(self.agent[0]), float(self.agent[1]), RADIUS, (0.90, 0.10, 0.10))]
         img = render(Scene(objs, self.background, "free"), self.render_size)
         return (img.permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8)
-
-
-def register() -> None:
-    """Register ``vfeedback/ShapesReach-v0`` with gymnasium (idempotent; done on import)."""
-    if ENV_ID not in gym.registry:
-        gym.register(ENV_ID, entry_point=ShapesReachEnv, max_episode_steps=16)
-
-
-register()
 
 
 def scripted_episodes(n: int, seed: int, steps: int = 16, expert: bool = False):
