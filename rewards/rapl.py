@@ -196,6 +196,8 @@ class RAPLModel(Reward):
     order; returns ``(T,)`` per-frame rewards (:meth:`frame_rewards`). ``demos``: preferred
     demonstrations, a tensor ``(N, S, 3, H, W)`` or a list of videos. The projection starts as a
     seeded random matrix (the *unaligned* encoder); :meth:`fit` aligns it on triplets.
+    ``iters`` Sinkhorn iterations: 30 converge to float32 precision for ``epsilon = 1`` on cosine
+    costs; a smaller ``epsilon`` needs more.
     """
 
     name = "rapl"
@@ -383,6 +385,9 @@ def load_model(path: Union[str, Path]) -> RAPLModel:
     if not isinstance(man, dict) or man.get("format") != FORMAT:
         fmt = man.get("format") if isinstance(man, dict) else None
         raise RewardError(f"rapl: {man_path} is not a RAPL manifest (format {fmt!r}, expected {FORMAT})")
+    absent = [k for k in ("encoder", "dim", "feat_dim", "epsilon", "iters") if k not in man]
+    if absent:
+        raise RewardError(f"rapl: {man_path} lacks field(s) {', '.join(absent)}; save the model again with RAPLModel.save")
     w = man_path.parent / str(man.get("weights", WEIGHTS))
     if not w.is_file():
         raise RewardError(f"rapl: weights file {w} named by {man_path} is missing")

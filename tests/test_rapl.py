@@ -180,6 +180,9 @@ def test_save_load_round_trip_and_bad_files(model, episodes, tmp_path):
     (out / "rapl.safetensors").write_bytes(bytes(raw))
     with pytest.raises(RewardError, match="sha256"):
         rewards.load("rapl", path=str(out), cache=False)
+    (out / "manifest.json").write_text(json.dumps({k: v for k, v in man.items() if k != "epsilon"}))
+    with pytest.raises(RewardError, match="lacks field.*epsilon"):
+        rewards.load("rapl", path=str(out), cache=False)
     (out / "manifest.json").write_text(json.dumps({**man, "format": "other/1"}))
     with pytest.raises(RewardError, match="'other/1'"):
         rewards.load("rapl", path=str(out), cache=False)
