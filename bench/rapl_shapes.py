@@ -51,6 +51,7 @@ def main(argv=None) -> int:
     ap.add_argument("--test", type=int, default=40, help="held-out scripted episodes scored")
     ap.add_argument("--demos", type=int, default=4, help="preferred demonstrations (expert episodes)")
     ap.add_argument("--steps", type=int, default=150, help="gradient steps per alignment")
+    ap.add_argument("--val-fraction", type=float, default=0.0, help="share of the person's triplets held out for early stopping")
     ap.add_argument("--epsilon", type=float, default=1.0, help="Sinkhorn entropic regularisation")
     ap.add_argument("--out", default=None, help="JSON file to write")
     try:
@@ -60,6 +61,8 @@ def main(argv=None) -> int:
         for flag, v, lo in (("--pool", args.pool, 2), ("--test", args.test, 3), ("--demos", args.demos, 1), ("--steps", args.steps, 1)):
             if v < lo:
                 raise SystemExit(f"{flag}: must be >= {lo}, got {v}")
+        if not 0.0 <= args.val_fraction < 1.0:
+            raise SystemExit(f"--val-fraction: must be in [0, 1), got {args.val_fraction}")
         if not (args.epsilon > 0 and math.isfinite(args.epsilon)):
             raise SystemExit(f"--epsilon: must be a finite number > 0, got {args.epsilon}")
     except SystemExit as e:
@@ -118,11 +121,13 @@ def main(argv=None) -> int:
         for s in seeds:
             trip = person.triplets(n, list(range(n_demo)), list(range(n_demo, n_demo + args.pool)), seed=1000 * s + n)
             m = RAPLModel(spec, tchw(demos), epsilon=args.epsilon, seed=s)
-            steps_per_epoch = math.ceil(n / 32)
+            n_train = n - (min(n - 1, max(1, round(args.val_fraction * n))) if args.val_fraction > 0 else 0)
+            steps_per_epoch = math.ceil(n_train / 32)
             t = time.time()
-            hist = m.fit(feats, trip, epochs=max(1, math.ceil(args.steps / steps_per_epoch)), seed=s)
+            hist = m.fit(feats, trip, epochs=max(1, math.ceil(args.steps / steps_per_epoch)), seed=s, val_fraction=args.val_fraction)
             r = corr(score(m), test_rw)
-            r.update(train_accuracy=m.report["train_accuracy"], final_loss=hist[-1], fit_s=round(time.time() - t, 1))
+            r.update(train_accuracy=m.report["train_accuracy"], final_loss=hist[-1], fit_s=round(time.time() - t, 1),
+                     best_epoch=m.report.get("best_epoch"), epochs=len(hist))
             results["rapl"][str(n)][str(s)] = r
             print(f"prefs {n} seed {s}: {r}", file=sys.stderr, flush=True)
 

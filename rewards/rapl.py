@@ -278,13 +278,16 @@ class RAPLModel(Reward):
 
     # -- alignment
     def fit(self, videos, triplets: Sequence[tuple[int, int, int]], epochs: int = 150, lr: float = 3e-3, weight_decay: float = 1e-3,
-            batch_size: int = 32, loss: str = "bt", margin: float = 0.0, seed: int = 0) -> list[float]:
-        """Align the projection on preference triplets; returns the mean loss per epoch.
+            batch_size: int = 32, loss: str = "bt", margin: float = 0.0, seed: int = 0, val_fraction: float = 0.0) -> list[float]:
+        """Align the projection on preference triplets; returns the mean training loss per epoch.
 
         ``videos``: a tensor ``(M, T, 3, H, W)`` (or list) of equal-length videos, or their
         cached encoder features ``(M, T, F)``. ``triplets``: ``(anchor, preferred, other)``
         indices into ``videos``: the person judged ``preferred`` closer to the ``anchor`` (a
         preferred demonstration) than ``other``. Also sets the feature mean from ``videos``.
+        ``val_fraction`` (our addition, for early stopping): that share of the triplets (at least
+        one; a seeded draw) is held out, and the projection of the epoch with the lowest held-out
+        loss is kept (``report["best_epoch"]``, ``report["val_loss"]``).
         """
         trip = [tuple(int(i) for i in t) for t in triplets]
         if not trip:
@@ -295,15 +298,28 @@ class RAPLModel(Reward):
         if bad:
             raise RewardError(f"rapl: triplet {bad[0]} is not three indices into the {m} videos")
         triplet_loss(torch.zeros(1), torch.zeros(1), loss, margin)  # validates loss / margin before training
+        vf = float(val_fraction)
+        if not 0.0 <= vf < 1.0:
+            raise RewardError(f"rapl: val_fraction must be in [0, 1), got {val_fraction!r}")
+        rng = random.Random(seed)
+        val: list = []
+        if vf > 0:
+            if len(trip) < 2:
+                raise RewardError(f"rapl: val_fraction={val_fraction} needs at least 2 triplets, got {len(trip)}")
+            shuffled = trip[:]
+            rng.shuffle(shuffled)
+            n_val = min(len(trip) - 1, max(1, round(vf * len(trip))))
+            val, trip = shuffled[:n_val], shuffled[n_val:]
         with torch.no_grad():
             self.feat_mean.copy_(feats.flatten(0, 1).mean(0))
         idx = torch.tensor(trip)
         self.proj.requires_grad_(True)
         opt = torch.optim.Adam(self.proj.parameters(), lr=lr, weight_decay=weight_decay)
-        rng = random.Random(seed)
         order = list(range(len(trip)))
         history = []
-        for _ in range(int(epochs)):
+        best = (self.triplet_loss_on(feats, val, loss, margin), 0, {k: v.clone() for k, v in self.proj.state_dict().items()}) if val else None
+        val_history = [best[0]] if val else []
+        for epoch in range(1, int(epochs) + 1):
             rng.shuffle(order)
             total = 0.0
             for s in range(0, len(order), batch_size):
@@ -316,12 +332,29 @@ class RAPLModel(Reward):
                 opt.step()
                 total += lo.item() * len(b)
             history.append(total / len(order))
+            if val:
+                v = self.triplet_loss_on(feats, val, loss, margin)
+                val_history.append(v)
+                if v < best[0]:
+                    best = (v, epoch, {k: t.detach().clone() for k, t in self.proj.state_dict().items()})
         self.proj.requires_grad_(False)
         self._demo_emb = None
-        self.report = {"triplets": len(trip), "epochs": int(epochs), "lr": lr, "weight_decay": weight_decay, "loss": loss,
-                       "margin": margin, "final_loss": history[-1] if history else None,
-                       "train_accuracy": self.triplet_accuracy(feats, trip)}
+        self.report = {"triplets": len(trip) + len(val), "epochs": int(epochs), "lr": lr, "weight_decay": weight_decay, "loss": loss,
+                       "margin": margin, "final_loss": history[-1] if history else None}
+        if val:
+            self.proj.load_state_dict(best[2])
+            self.report.update(val_triplets=len(val), val_loss=best[0], best_epoch=best[1], val_history=val_history,
+                               val_accuracy=self.triplet_accuracy(feats, val))
+        self.val_triplets = val  # the held-out split (empty without val_fraction)
+        self.report["train_accuracy"] = self.triplet_accuracy(feats, trip)
         return history
+
+    @torch.no_grad()
+    def triplet_loss_on(self, feats: torch.Tensor, triplets, loss: str = "bt", margin: float = 0.0) -> float:
+        """Mean triplet loss of the current projection on ``triplets`` over features ``(M, T, F)``."""
+        e = self.project(feats[torch.tensor([tuple(t) for t in triplets])])
+        d = ot_distance(e[:, 0:1].expand(-1, 2, -1, -1), e[:, 1:], self.epsilon, self.iters)
+        return float(triplet_loss(d[:, 0], d[:, 1], loss, margin).mean())
 
     def video_features(self, videos) -> torch.Tensor:
         """``(M, T, F)`` frozen features of equal-length videos (passed through when already features)."""

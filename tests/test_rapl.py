@@ -142,6 +142,16 @@ def test_fit_aligns_projection_on_synthetic_triplets(episodes):
     assert before < 0.6 and m.report["train_accuracy"] > 0.95, (before, m.report)
     assert m.triplet_accuracy(feats, held) > held_before + 0.1
     assert m.report["triplets"] == 60 and m.report["train_accuracy"] == m.triplet_accuracy(feats, train)
+    # early stopping on held-out triplets keeps the epoch with the lowest held-out loss
+    m2 = RAPLModel(SPEC, episodes[0][:, :2], seed=1, feat_dim=64)
+    m2.fit(feats, train, epochs=6, lr=1e-2, seed=0, val_fraction=0.25)
+    rep = m2.report
+    assert rep["val_triplets"] == 15 == len(m2.val_triplets) and rep["triplets"] == 60
+    assert not set(m2.val_triplets) - set(train) and len(rep["val_history"]) == 7  # epoch 0 (the start) .. 6
+    assert rep["best_epoch"] == int(np.argmin(rep["val_history"])) and rep["val_loss"] == min(rep["val_history"])
+    assert m2.triplet_loss_on(feats, m2.val_triplets) == pytest.approx(rep["val_loss"], abs=1e-6)  # the kept projection
+    with pytest.raises(RewardError, match="val_fraction"):
+        m2.fit(feats, train, val_fraction=1.0)
     with pytest.raises(RewardError, match=r"triplet \(0, 1, 99\)"):
         m.fit(feats, [(0, 1, 99)])
     with pytest.raises(RewardError, match="no preference triplets"):
