@@ -270,3 +270,5 @@ def test_bench_bad_flags_exit_2(capsys):
     assert "--prefs" in capsys.readouterr().err
     assert mod.main(["--epsilon", "-1"]) == 2
     assert "--epsilon" in capsys.readouterr().err
+    assert mod.main(["--val-fraction", "1"]) == 2
+    assert "--val-fraction" in capsys.readouterr().err
