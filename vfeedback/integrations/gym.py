@@ -20,12 +20,18 @@ Vision Language Foundation Model Feedback", ICML 2024) labels pairs of frames or
 preferences with any scorer or a VLM judge, and :class:`PreferenceRewardModel` learns a
 Bradley-Terry reward on frozen image embeddings from those labels; it is a
 :class:`rewards.Reward`, so the wrapper can use it as its reward.
+
+:class:`RAPLReward` (Tian et al., "What Matters to You? Towards Visual Representation Alignment
+for Robot Learning", ICLR 2024) rewards each step by optimal-transport matching of the
+episode's frames, embedded by a representation aligned to a person's preference triplets, to a
+preferred demonstration (the model and its training: ``rewards/rapl.py``; docs/rapl.md).
 """
 from __future__ import annotations
 
 import logging
 import math
 import random
+from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
@@ -177,6 +183,12 @@ def _gym():
 gym = _gym()
 
 
+#: a pixel task with a known true reward for RAPL / VLM-RM comparisons (vfeedback/integrations/shapes_reach.py)
+SHAPES_REACH_ID = "vfeedback/ShapesReach-v0"
+if SHAPES_REACH_ID not in gym.registry:
+    gym.register(SHAPES_REACH_ID, entry_point="vfeedback.integrations.shapes_reach:ShapesReachEnv", max_episode_steps=16)
+
+
 def _check_mode(mode: str) -> str:
     if mode not in ("replace", "add"):
         raise RewardError(f"mode must be 'replace' or 'add', got {mode!r}")
@@ -294,6 +306,69 @@ class VLMRewardVectorWrapper(gym.vector.VectorWrapper):
         info["_env_reward"] = np.ones_like(scored)
         self._resetting = np.logical_or(terminated, truncated)
         return obs, reward.astype(np.float32), terminated, truncated, info
+
+
+# --------------------------------------------------------------------------------------------
+# RAPL: optimal-transport reward in a preference-aligned representation
+
+
+class RAPLReward(gym.Wrapper, gym.utils.RecordConstructorArgs):
+    """Reward from RAPL (Tian et al. 2024; ``rewards/rapl.py``): the episode's rendered frames,
+    embedded by a preference-aligned encoder, matched by optimal transport to a preferred
+    demonstration.
+
+    ``model``: a :class:`rewards.rapl.RAPLModel` or the folder it was saved to (loaded with
+    ``rewards.load("rapl", path=...)``). After each step the frames so far (the reset frame
+    included) are matched against the demonstrations and the step's reward is the newest
+    frame's OT reward ``-t * sum_s P*_ts C_ts`` (in ``[-2, 0]``); ``info["rapl_reward"]`` holds
+    it and ``info["env_reward"]`` the env's own. When the episode ends,
+    ``info["rapl_episode_rewards"]`` holds every step's reward recomputed on the whole episode,
+    the reference's offline OT reward (``T`` times it). ``mode``: ``replace`` the env's reward
+    or ``add`` ``scale * reward`` to it. The env must have ``render_mode="rgb_array"``.
+    """
+
+    def __init__(self, env, model, mode: str = "replace", scale: float = 1.0):
+        if isinstance(model, _Shared):  # rebuilt from a spec
+            model = model.obj
+        if isinstance(model, (str, Path)):
+            model = rewards.load("rapl", path=str(model))
+        from rewards.rapl import RAPLModel
+
+        if not isinstance(model, RAPLModel):
+            raise RewardError(f"RAPLReward: model must be a rewards.rapl.RAPLModel or its saved folder, got {type(model).__name__}")
+        gym.utils.RecordConstructorArgs.__init__(self, _disable_deepcopy=True, model=_Shared(model), mode=mode, scale=scale)
+        gym.Wrapper.__init__(self, env)
+        if env.render_mode != "rgb_array":
+            raise RewardError(f"RAPLReward needs frames: create the env with render_mode='rgb_array' (got {env.render_mode!r})")
+        self.model = model
+        self.mode = _check_mode(mode)
+        self.scale = float(scale)
+        self.metadata = {**env.metadata, "render_modes": ["rgb_array"]}
+        self._emb: list[torch.Tensor] = []
+
+    def _embed_frame(self) -> None:
+        self._emb.append(self.model.embed(_frames_to_tensor(self.env.render()))[0])
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        self._emb = []
+        self._embed_frame()
+        return obs, info
+
+    def step(self, action):
+        obs, env_reward, terminated, truncated, info = self.env.step(action)
+        if not self._emb:
+            raise RewardError("RAPLReward: step() before reset()")
+        self._embed_frame()
+        rs = self.model.rewards_from_embeddings(torch.stack(self._emb))
+        score = float(rs[-1])
+        info = dict(info)
+        info["rapl_reward"] = score
+        info["env_reward"] = env_reward
+        if terminated or truncated:
+            info["rapl_episode_rewards"] = rs[1:].numpy().astype(np.float64)
+        reward = self.scale * score if self.mode == "replace" else env_reward + self.scale * score
+        return obs, reward, terminated, truncated, info
 
 
 # --------------------------------------------------------------------------------------------
@@ -478,6 +553,7 @@ __all__ = [
     "ClipEmbedder",
     "FrameScorer",
     "PreferenceRewardModel",
+    "RAPLReward",
     "VLMPreferenceLabeler",
     "VLMRewardVectorWrapper",
     "VLMRewardWrapper",
