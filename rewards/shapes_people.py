@@ -60,3 +60,14 @@ class ShapesPerson(Reward):
 
     def forward(self, images: torch.Tensor, prompts: Optional[Sequence[str]] = None, **context) -> torch.Tensor:
         return utility(images, self.person)
+
+
+def _person(person: str):
+    def make() -> ShapesPerson:
+        return ShapesPerson(person)
+
+    return make
+
+
+for _p, _likes in PEOPLE.items():  # one name each, so a run can report all three side by side
+    register(f"shapes_{_p}", differentiable=False, description=f"shapes world: simulated person {_p}, who likes {_likes}; evaluation only")(_person(_p))
