@@ -71,9 +71,9 @@ class Rounds(Backend):
         imgs = [Image.new("RGB", (4, 4), (r % 256, r // 256, k)) for k in range(self.n)]
         return RoundView(self.mode, r, f"prompt {r}", imgs, "title", "instructions", self.max_picks, allow_tie=self.allow_tie)
 
-    def _answer(self, v, kind, ranking):
+    def _answer(self, v, kind, ranking, user=None):
         aid = self.store.add_answer(self.mode, v.round, kind, v.prompt, ranking, [{"k": k} for k in range(self.n)],
-                                    round_id=v.round_id)
+                                    round_id=v.round_id, user=user)
         return aid, "Saved."
 
 
