@@ -180,7 +180,7 @@ def clear_cache() -> None:
         _CACHE.clear()
 
 
-_BUILTIN_MODULES = ["analytic", "clip", "aesthetic", "pickscore", "hpsv2", "imagereward", "vqa", "face", "shapes", "composition", "itercomp_rm", "structure", "heron", "rapl"]
+_BUILTIN_MODULES = ["analytic", "clip", "aesthetic", "pickscore", "hpsv2", "imagereward", "vqa", "face", "shapes", "composition", "itercomp_rm", "structure", "heron", "rapl", "vpl", "shapes_people"]
 _imported = False
 
 

@@ -279,6 +279,7 @@ def test_browser_click_through_zo_round(tmp_path):
             thumbs = page.locator("#rank-cands .thumbnail-item")
             thumbs.first.wait_for(timeout=60000)
             assert thumbs.count() == 6
+            page.locator("#rank-user input, #rank-user textarea").first.fill("alice")  # the user box: stored with each answer
             other = browser.new_page(viewport={"width": 1400, "height": 900})  # a second tab on the same round
             other.goto(app.url)
             other.locator("#rank-cands .thumbnail-item").first.wait_for(timeout=60000)
@@ -312,6 +313,11 @@ def test_browser_click_through_zo_round(tmp_path):
             browser.close()
         rows = _rows(out)
         assert [r[:3] for r in rows] == [(0, "rank", "[2, 4]"), (1, "rank", "[0]")] and rows[1][3] is not None
+        db = sqlite3.connect(str(out / "feedback.sqlite"))
+        try:  # the name typed in the user box is on both answers of that tab
+            assert db.execute("SELECT user FROM answers ORDER BY id").fetchall() == [("alice",), ("alice",)]
+        finally:
+            db.close()
         assert shot.stat().st_size > 10_000
     finally:
         app.close()

@@ -71,9 +71,9 @@ class Rounds(Backend):
         imgs = [Image.new("RGB", (4, 4), (r % 256, r // 256, k)) for k in range(self.n)]
         return RoundView(self.mode, r, f"prompt {r}", imgs, "title", "instructions", self.max_picks, allow_tie=self.allow_tie)
 
-    def _answer(self, v, kind, ranking):
+    def _answer(self, v, kind, ranking, user=None):
         aid = self.store.add_answer(self.mode, v.round, kind, v.prompt, ranking, [{"k": k} for k in range(self.n)],
-                                    round_id=v.round_id)
+                                    round_id=v.round_id, user=user)
         return aid, "Saved."
 
 
@@ -308,8 +308,35 @@ def test_schema_1_store_is_migrated_and_read_only_readable(tmp_path):
         with pytest.raises(StoreError, match="read-only"):
             ro.add_event("x")
     with FeedbackStore(p) as s:
-        assert s.schema_version == SCHEMA_VERSION == 2
-        assert [(a.prompt, a.ranking, a.round_id) for a in s.answers()] == [("a red apple", [1], None)]
+        assert s.schema_version == SCHEMA_VERSION == 3
+        assert [(a.prompt, a.ranking, a.round_id, a.user) for a in s.answers()] == [("a red apple", [1], None, None)]
+
+
+def test_schema_2_store_gains_the_user_column_and_exports_it(tmp_path):
+    from vfeedback.feedback.store import _SCHEMA_V1, _SCHEMA_V2
+
+    p = tmp_path / "feedback.sqlite"
+    db = sqlite3.connect(str(p))
+    db.executescript(_SCHEMA_V1)
+    db.executescript(_SCHEMA_V2)
+    db.execute("INSERT INTO answers(mode, round, kind, prompt, ranking, items, created, round_id, annotator) VALUES('gallery', 0, "
+               "'rank', 'a red apple', '[1]', '[{\"image\": \"a.png\"}, {\"image\": \"b.png\"}]', 1.0, 'r0-00', 'op')")
+    db.execute("PRAGMA user_version=2")
+    db.commit()
+    db.close()
+    with FeedbackStore(p, readonly=True) as ro:  # a schema-2 store reads as it is (no user column yet)
+        assert [(a.round_id, a.user) for a in ro.answers()] == [("r0-00", None)]
+    with FeedbackStore(p) as s:
+        assert s.schema_version == 3
+        cols = [r[1] for r in s._db.execute("PRAGMA table_info(answers)").fetchall()]
+        assert cols[-1] == "user"
+        s.add_answer("gallery", 1, "rank", "a blue cup", [0], [{"image": "c.png"}, {"image": "d.png"}], round_id="r1-00",
+                     user="alice")
+        assert [a.user for a in s.answers()] == [None, "alice"]
+        n = s.export_jsonl(tmp_path / "prefs.jsonl")
+    recs = [json.loads(x) for x in (tmp_path / "prefs.jsonl").read_text().splitlines()]
+    assert n == 2 and ["user" in r for r in recs] == [False, True] and recs[1]["user"] == "alice"
+    assert recs[1]["chosen"]["image"] == "c.png" and recs[0]["annotator"] == "op"
 
 
 # ---------------------------------------------------------------------------- the writer lock
@@ -618,3 +645,15 @@ def test_second_app_on_a_run_folder_in_use_is_refused(zo_app, capsys):
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert _rows(zo_app.out) == before and sorted(p.name for p in zo_app.out.iterdir()) == files
     assert zo_app.client().predict(api_name="/status")["answers"] == zo_app.backend.count()  # the first app serves on
+
+
+def test_user_box_value_is_checked():
+    from vfeedback.app.backend import AnswerError, parse_user
+
+    assert parse_user(None) is None and parse_user("   ") is None
+    assert parse_user("  Ada   Lovelace ") == "Ada Lovelace"
+    assert parse_user("x" * 64) == "x" * 64
+    for bad in ("x" * 65, "a\x00b", 3, ["alice"]):
+        with pytest.raises(AnswerError) as e:
+            parse_user(bad)
+        assert e.value.status == 400 and "user" in e.value.message

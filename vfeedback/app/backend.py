@@ -120,6 +120,22 @@ def _bad(field_: str, message: str) -> AnswerError:
     return AnswerError("bad_request", 400, f"{field_}: {message}", field=field_)
 
 
+USER_MAX = 64
+
+
+def parse_user(user: Any) -> Optional[str]:
+    """The user box's value: a name of at most :data:`USER_MAX` printable characters, trimmed;
+    ``None`` or blank: no name. Raises :class:`AnswerError` ``bad_request`` naming the field."""
+    if user is None:
+        return None
+    if not isinstance(user, str):
+        raise _bad("user", f"expected your name as text, got {_show(user)}")
+    name = " ".join(user.split())
+    if len(name) > USER_MAX or not name.isprintable():
+        raise _bad("user", f"a name of at most {USER_MAX} printable characters, got {_show(user)}")
+    return name or None
+
+
 def parse_answer(round_id: Any, ranking: Any, kind: Any) -> tuple[str, str, list[int]]:
     """Validate a raw answer (any JSON value in each slot) into ``(round_id, kind, picks)``.
 
@@ -233,14 +249,16 @@ class Backend:
                 self._view = v
             return self._view
 
-    def answer(self, round_id: Any, kind: Any, ranking: Any) -> dict:
+    def answer(self, round_id: Any, kind: Any, ranking: Any, user: Any = None) -> dict:
         """Commit an answer to the round ``round_id`` names; returns ``{"ok": True, "message",
         "answer_id", "answered": round_id, "replayed"}``. ``replayed`` is true when that very
         answer was stored before (nothing is stored again). Raises :class:`AnswerError` (nothing
         stored) for a malformed answer, an id that is not the round on screen, a different answer
         to an answered round, or picks the round does not allow. Inputs are validated with
-        :func:`parse_answer`, so they may be any JSON values."""
+        :func:`parse_answer`, so they may be any JSON values. ``user``: who answers (the user box;
+        :func:`parse_user`), stored with the answer."""
         round_id, kind, ranking = parse_answer(round_id, ranking, kind)
+        user = parse_user(user)
         with self.lock:
             done = self.store.answer_for(self.mode, round_id)
             if done is not None:
@@ -270,7 +288,7 @@ class Backend:
                     raise AnswerError("too_many_picks", 422, f"{len(ranking)} picks; this round takes at most {v.max_picks}",
                                       max_picks=v.max_picks)
             try:
-                aid, msg = self._answer(v, kind, ranking)
+                aid, msg = self._answer(v, kind, ranking, user)
             except RoundAnswered:  # the store's unique index; the checks above make this unreachable in one process
                 raise AnswerError("already_answered", 409, f"round {v.round + 1} ({round_id}) was answered already") from None
             finally:  # stored or not (a fault after the commit, e.g. starting an update): draw the view from the store again
@@ -332,7 +350,7 @@ class Backend:
     def _make_view(self) -> RoundView:
         raise NotImplementedError
 
-    def _answer(self, v: RoundView, kind: str, ranking: list[int]) -> tuple[int, str]:
+    def _answer(self, v: RoundView, kind: str, ranking: list[int], user: Optional[str] = None) -> tuple[int, str]:
         """Commit a checked answer to ``v``; returns (the stored answer's id, a message)."""
         raise NotImplementedError
 
@@ -433,7 +451,7 @@ class ZOBackend(Backend):
         prompt = c.prompts[0] if len(set(c.prompts)) == 1 else "; ".join(dict.fromkeys(c.prompts))
         return RoundView(self.mode, c.round, prompt, images, title, instr, 1 if ls else self.top_k)
 
-    def _answer(self, v: RoundView, kind: str, ranking: list[int]) -> tuple[int, str]:
+    def _answer(self, v: RoundView, kind: str, ranking: list[int], user: Optional[str] = None) -> tuple[int, str]:
         c = self.session.ask()
         labels = list(c.labels)
         entry = self.session.tell(ranking)
@@ -443,7 +461,7 @@ class ZOBackend(Backend):
                    "ranking_internal": entry.get("ranking"), "queries": entry.get("queries")}
             items = [{"label": lab} for lab in labels]
             aid = self.store.add_answer(self.mode, v.round, kind, v.prompt, ranking, items, context=ctx, state=state,
-                                        annotator=self.annotator, round_id=v.round_id)
+                                        annotator=self.annotator, round_id=v.round_id, user=user)
         except BaseException:  # not stored: the optimiser goes back to the stored state
             self._undone(None)
             raise
@@ -535,7 +553,7 @@ class D3POBackend(Backend):
             picks = self.group
         return RoundView(self.mode, r, prompt, [_upscale(p, self.size) for p in pil], title, instr, picks, allow_tie=True)
 
-    def _answer(self, v: RoundView, kind: str, ranking: list[int]) -> tuple[int, str]:
+    def _answer(self, v: RoundView, kind: str, ranking: list[int], user: Optional[str] = None) -> tuple[int, str]:
         s = self.cfg.sampling
         n = len(v.images)
         ranks = ranks_from_ranking(ranking, n) if kind == "rank" else ([1] * n if kind == "tie" else None)
@@ -543,7 +561,7 @@ class D3POBackend(Backend):
                "negative_prompt": self.cfg.prompts.negative, "model": self.cfg.model.path}
         items = [{"noise_seed": it["noise_seed"], "image": it["image"]} for it in self._items]
         aid = self.store.add_answer(self.mode, v.round, kind, v.prompt, ranking, items, ranks=ranks, context=ctx,
-                                    annotator=self.annotator, round_id=v.round_id)
+                                    annotator=self.annotator, round_id=v.round_id, user=user)
         msg = {"rank": "Saved.", "tie": "Saved as a tie.", "skip": "Skipped."}[kind]
         started = self.updates.maybe_start()
         if started:
@@ -841,7 +859,7 @@ class GalleryBackend(Backend):
                          "Click the best image, then the next best, ... (unpicked images tie below); Submit. The models are shown in a random order.",
                          len(perm), allow_tie=True)
 
-    def _answer(self, v: RoundView, kind: str, ranking: list[int]) -> tuple[int, str]:
+    def _answer(self, v: RoundView, kind: str, ranking: list[int], user: Optional[str] = None) -> tuple[int, str]:
         d = self._render(v.round)
         meta = json.loads((d / "round.json").read_text())
         rel = d.relative_to(self.root).as_posix()
@@ -852,7 +870,7 @@ class GalleryBackend(Backend):
         ctx = {"trajectories": f"{rel}/trajectories.safetensors", "sampling": meta["sampling"], "negative_prompt": self.cfg.prompts.negative,
                "seed": meta["seed"], "order": self._shown}
         aid = self.store.add_answer(self.mode, v.round, kind, v.prompt, ranking, items, ranks=ranks, context=ctx,
-                                    annotator=self.annotator, round_id=v.round_id)
+                                    annotator=self.annotator, round_id=v.round_id, user=user)
         if kind == "rank":
             order = " > ".join(items[i]["model"] for i in ranking)
             return aid, f"Saved: {order}."

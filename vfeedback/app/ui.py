@@ -178,6 +178,8 @@ def build_app(backend, title: str = "vfeedback rank"):
         with gr.Row():
             with gr.Column(scale=3):
                 head = gr.Markdown(elem_id="rank-header")
+                user_box = gr.Textbox(label="Your name (stored with every answer; tells people apart, e.g. for VPL: docs/vpl.md)",
+                                      value=backend.annotator or "", max_lines=1, max_length=64, elem_id="rank-user")
                 cands = gr.Gallery(label="Candidates — click in order, best first", show_label=True, columns=4, height="auto",
                                    allow_preview=False, interactive=False, object_fit="contain", elem_id="rank-cands",
                                    buttons=[], format="png")
@@ -228,10 +230,10 @@ def build_app(backend, title: str = "vfeedback rank"):
         on_select.__annotations__["evt"] = gr.SelectData  # a real class: this module has postponed annotations
 
         def do(kind):
-            def fn(p, sid, m):
+            def fn(p, sid, m, u):
                 m = list(m or [])
                 try:
-                    r = backend.answer(sid, kind, list(p or []) if kind == "rank" else [])
+                    r = backend.answer(sid, kind, list(p or []) if kind == "rank" else [], u)
                 except AnswerError as e:
                     if e.status == 409:
                         return refresh([], moved_on if e.code in ("stale_round", "already_answered") else f"⚠ {e.message}") + [m]
@@ -258,9 +260,9 @@ def build_app(backend, title: str = "vfeedback rank"):
 
         demo.load(on_load, [picks], outs, api_visibility="private")
         cands.select(on_select, [picks, shown], outs, api_visibility="private")
-        submit.click(do("rank"), [picks, shown, mine], outs + [mine], api_visibility="private")
-        tie.click(do("tie"), [picks, shown, mine], outs + [mine], api_visibility="private")
-        skip.click(do("skip"), [picks, shown, mine], outs + [mine], api_visibility="private")
+        submit.click(do("rank"), [picks, shown, mine, user_box], outs + [mine], api_visibility="private")
+        tie.click(do("tie"), [picks, shown, mine, user_box], outs + [mine], api_visibility="private")
+        skip.click(do("skip"), [picks, shown, mine, user_box], outs + [mine], api_visibility="private")
         clear.click(lambda p: refresh([]), [picks], outs, api_visibility="private")
         undo.click(on_undo, [picks, mine], outs + [mine], api_visibility="private")
         if mode == "d3po":
@@ -272,13 +274,14 @@ def build_app(backend, title: str = "vfeedback rank"):
             timer.tick(lambda: side_values(), None, side, api_visibility="private")
 
         # ---- API for scripts and tests (gradio_client)
-        def answer(round_id: Any = None, ranking: Any = None, kind: Any = "rank") -> dict:
+        def answer(round_id: Any = None, ranking: Any = None, kind: Any = "rank", user: Any = None) -> dict:
             """Answer the round ``round_id`` names (the ``round_id`` of /status): ranking = display
-            indices best first, 0-based, as "2,0,5" (or a JSON list); kind = rank | tie | skip.
+            indices best first, 0-based, as "2,0,5" (or a JSON list); kind = rank | tie | skip;
+            user = who answers (optional, stored with the answer).
             Returns {"ok": true, "message", "answer_id", "answered", "replayed", ...status after}
             or {"ok": false, "code", "status", "error", ...status}: nothing stored."""
             try:
-                r = backend.answer(round_id, kind, ranking)
+                r = backend.answer(round_id, kind, ranking, user)
             except AnswerError as e:
                 return {**backend.status(), **e.to_json()}
             except Exception as e:  # a fault of ours (the store, the disk): logged, reported, not stored
@@ -305,7 +308,7 @@ def build_app(backend, title: str = "vfeedback rank"):
             return backend.status()
 
         gr.api(answer, api_name="answer")
-        _pad_short_calls(demo, "answer", [None, None, "rank"])
+        _pad_short_calls(demo, "answer", [None, None, "rank", None])
         gr.api(undo_answer, api_name="undo_answer")
         _pad_short_calls(demo, "undo_answer", [None, None])
         gr.api(status_, api_name="status")

@@ -30,14 +30,15 @@ Schema (``PRAGMA user_version`` = :data:`SCHEMA_VERSION`)::
             annotator TEXT,
             created REAL,     -- unix time
             undone REAL,      -- unix time of the undo, NULL while the answer counts
-            round_id TEXT)    -- (schema 2) the id of the candidate set answered: "r<round>-<digest>";
+            round_id TEXT,    -- (schema 2) the id of the candidate set answered: "r<round>-<digest>";
                               -- at most one counted answer per (mode, round_id)
+            user TEXT)        -- (schema 3) who answered: the app's user box (NULL: not given)
     events(id INTEGER PRIMARY KEY AUTOINCREMENT, created REAL, kind TEXT, data TEXT)
     meta(key TEXT PRIMARY KEY, value TEXT)    -- mode, config fingerprint, created
 
 :meth:`FeedbackStore.export_jsonl` writes the counted ``d3po`` and ``gallery`` answers in the
 preference format of :mod:`vfeedback.feedback.preferences` (``docs/d3po.md``); the app's own
-fields (``id``, ``mode``, ``annotator``, ``time``, per-item ``model``) ride along and
+fields (``id``, ``mode``, ``annotator``, ``user``, ``time``, per-item ``model``) ride along and
 :func:`~vfeedback.feedback.preferences.load_preferences` ignores them. It writes a temporary file and renames it, and never
 onto the store, its side files, a folder or an existing file that is not an earlier export.
 This module needs only the standard library (any Python reads a store), hence the own lock.
@@ -60,7 +61,7 @@ __all__ = ["FeedbackStore", "Answer", "SCHEMA_VERSION", "STORE_FILE", "LOCK_SUFF
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 STORE_FILE = "feedback.sqlite"
 LOCK_SUFFIX = ".lock"
 #: files SQLite keeps beside a store (WAL, shared memory, rollback journal)
@@ -100,8 +101,13 @@ ALTER TABLE answers ADD COLUMN round_id TEXT;
 CREATE UNIQUE INDEX answers_round_id ON answers(mode, round_id) WHERE undone IS NULL AND round_id IS NOT NULL
 """
 
+# who answered (the app's user box; VPL groups answers by person): NULL in rows of older stores
+_SCHEMA_V3 = """
+ALTER TABLE answers ADD COLUMN user TEXT
+"""
+
 #: version -> SQL that takes a store from version - 1 to version
-_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
+_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3}
 
 
 class StoreError(Exception):
@@ -210,6 +216,7 @@ class Answer:
     undone: Optional[float]
     has_state: bool
     round_id: Optional[str] = None
+    user: Optional[str] = None
 
     def to_json(self) -> dict:
         d = dict(self.__dict__)
@@ -368,10 +375,10 @@ class FeedbackStore:
     # ------------------------------------------------------------------ answers
     def add_answer(self, mode: str, round: int, kind: str, prompt: str, ranking: Iterable[int], items: list[dict],
                    ranks: Optional[list[float]] = None, context: Optional[dict] = None, state: Optional[bytes] = None,
-                   annotator: Optional[str] = None, round_id: Optional[str] = None) -> int:
+                   annotator: Optional[str] = None, round_id: Optional[str] = None, user: Optional[str] = None) -> int:
         """Commit one answer (one transaction); returns its id. ``round_id`` names the candidate
         set answered; a second counted answer to the same ``(mode, round_id)`` raises
-        :class:`RoundAnswered` and stores nothing."""
+        :class:`RoundAnswered` and stores nothing. ``user``: who answered (the app's user box)."""
         self._write()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -381,23 +388,24 @@ class FeedbackStore:
         with self._lock:
             try:
                 cur = self._db.execute(
-                    "INSERT INTO answers(mode, round, kind, prompt, ranking, ranks, items, context, state, annotator, created, round_id) "
-                    "VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO answers(mode, round, kind, prompt, ranking, ranks, items, context, state, annotator, created, round_id, user) "
+                    "VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (mode, int(round), kind, prompt, json.dumps(ranking), None if ranks is None else json.dumps(list(ranks)),
                      json.dumps(items), json.dumps(context or {}), None if state is None else sqlite3.Binary(state), annotator,
-                     time.time(), round_id))
+                     time.time(), round_id, user))
             except sqlite3.IntegrityError:
                 raise RoundAnswered(f"{mode} round {round_id} has a counted answer already") from None
             return int(cur.lastrowid)
 
     def _rows(self, where: str, args: tuple, order: str = "id") -> list[Answer]:
         rid = "round_id" if self._version >= 2 else "NULL"  # a read-only store of schema 1
+        usr = "user" if self._version >= 3 else "NULL"  # a read-only store of schema 1 or 2
         with self._lock:
             rows = self._db.execute(
                 "SELECT id, mode, round, kind, prompt, ranking, ranks, items, context, annotator, created, undone, state IS NOT NULL, "
-                f"{rid} FROM answers WHERE {where} ORDER BY {order}", args).fetchall()
+                f"{rid}, {usr} FROM answers WHERE {where} ORDER BY {order}", args).fetchall()
         return [Answer(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), None if r[6] is None else json.loads(r[6]),
-                       json.loads(r[7]), json.loads(r[8] or "{}"), r[9], r[10], r[11], bool(r[12]), r[13]) for r in rows]
+                       json.loads(r[7]), json.loads(r[8] or "{}"), r[9], r[10], r[11], bool(r[12]), r[13], r[14]) for r in rows]
 
     def answers(self, mode: Optional[str] = None, include_undone: bool = False) -> list[Answer]:
         """Answers in the order given (counted ones only unless ``include_undone``)."""
@@ -506,6 +514,8 @@ class FeedbackStore:
                 rec["round_id"] = a.round_id
             if a.annotator:
                 rec["annotator"] = a.annotator
+            if a.user:
+                rec["user"] = a.user
             out.append(rec)
         return out
 
