@@ -94,6 +94,19 @@ def _alpha(model: DiffusionModel, t: torch.Tensor) -> torch.Tensor:
     return ac[t.clamp(min=0).long().cpu()]
 
 
+def step_gap(num_train_timesteps: int, num_steps: int) -> int:
+    """Training timesteps between two of the ``num_steps`` DDIM steps: ``num_train_timesteps //
+    num_steps`` (diffusers' ``DDIMScheduler.step``); the timestep after t is ``t - step_gap``."""
+    return num_train_timesteps // num_steps
+
+
+def trained_step_count(num_steps: int, fraction: float) -> int:
+    """How many of a trajectory's ``num_steps`` transitions D3PO / DDPO / GRPO train per sample:
+    ``int(num_steps * fraction)`` (the references' ``int(num_steps * timestep_fraction)``), and
+    at least 1 (ours: a fraction below 1 / num_steps would train nothing)."""
+    return max(1, int(num_steps * fraction))
+
+
 def x0_clip(model: DiffusionModel) -> Optional[float]:
     """The x0 clip range the model's scheduler config asks for (``clip_sample`` /
     ``clip_sample_range``), or None. ``thresholding`` (dynamic thresholding, meant for
@@ -216,7 +229,7 @@ def sample(model: DiffusionModel, cond: Conditioning, *, num_steps: int = 50, gu
         latents = initial_latents(model, b, generator)
     x = latents.float().to(model.device)
     timesteps = ddim_timesteps(model, num_steps)
-    step_gap = model.scheduler.config.num_train_timesteps // num_steps
+    gap = step_gap(model.scheduler.config.num_train_timesteps, num_steps)
     pred_type = model.scheduler.config.prediction_type
     clip = x0_clip(model)
     traj = [x.detach()] if return_trajectory else None
@@ -235,7 +248,7 @@ def sample(model: DiffusionModel, cond: Conditioning, *, num_steps: int = 50, gu
                 out = torch.utils.checkpoint.checkpoint(predict_noise, model, x, t, cond, guidance_scale, use_reentrant=False)
             else:
                 out = predict_noise(model, x, t, cond, guidance_scale)
-            a_t, a_prev = _alpha(model, t), _alpha(model, t - step_gap)
+            a_t, a_prev = _alpha(model, t), _alpha(model, t - gap)
             x_prev, lp, x0, _, _ = ddim_step(out, x, a_t, a_prev, eta, pred_type, noise=noise, clip=clip)
         steps_run += 1
         last_grad = with_grad
@@ -268,8 +281,8 @@ def transition_log_prob(model: DiffusionModel, cond: Conditioning, x_t: torch.Te
     The quantity D3PO's loss differentiates (their ``compute_log_prob``): the stored next
     latent scored under the policy's Gaussian at timestep ``t``. Returns shape (B,).
     """
-    step_gap = model.scheduler.config.num_train_timesteps // num_steps
+    gap = step_gap(model.scheduler.config.num_train_timesteps, num_steps)
     out = predict_noise(model, x_t.float(), t, cond, guidance_scale)
-    _, lp, _, _, _ = ddim_step(out, x_t, _alpha(model, t), _alpha(model, torch.as_tensor(t) - step_gap), eta,
+    _, lp, _, _, _ = ddim_step(out, x_t, _alpha(model, t), _alpha(model, torch.as_tensor(t) - gap), eta,
                                model.scheduler.config.prediction_type, prev_sample=x_prev, clip=x0_clip(model))
     return lp

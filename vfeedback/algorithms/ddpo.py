@@ -71,7 +71,7 @@ import torch
 from ..engine import derive_seed
 from ..errors import UserError
 from ..models.loader import Conditioning
-from ..sampling import _alpha, ddim_step, ddim_timesteps, initial_latents, sample, x0_clip
+from ..sampling import _alpha, ddim_step, ddim_timesteps, initial_latents, sample, step_gap, trained_step_count, x0_clip
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ def policy_step(model, cond: Conditioning, x_t: torch.Tensor, t: torch.Tensor, x
         un, te = out.chunk(2)
         out = un + guidance_scale * (te - un)
     out = out.float()
-    gap = model.scheduler.config.num_train_timesteps // num_steps
+    gap = step_gap(model.scheduler.config.num_train_timesteps, num_steps)
     pred, clip = model.scheduler.config.prediction_type, x0_clip(model)
     lps, means, stds = [], [], []
     for i in range(x_t.shape[0]):  # the DDIM arithmetic per row (a scalar a_t each): cheap next to the UNet
@@ -380,7 +380,7 @@ class PolicyGradient:
         tr, sec, s = self.trainer, self.sec, self.cfg.sampling
         m, acc = tr.model, tr.acc
         R, T = smp.traj.shape[0], smp.traj.shape[1] - 1
-        K = max(1, int(T * sec.timestep_fraction))
+        K = trained_step_count(T, sec.timestep_fraction)
         U = sec.updates_per_epoch
         if R % U:
             raise UserError(f"{self.name}.updates_per_epoch ({U}) must divide the {R} samples per process per epoch")

@@ -46,7 +46,7 @@ import logging
 
 import torch
 
-from ..sampling import GradWindow, _alpha, ddim_step, predict_noise, randn, sample, x0_clip
+from ..sampling import GradWindow, _alpha, ddim_step, predict_noise, randn, sample, step_gap, x0_clip
 from .refl import PretrainData, denoising_loss, draw_stop_step, reward_metrics
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ class DRaFT:
             out = sample(m, cond, num_steps=s.steps, guidance_scale=s.guidance_scale, eta=s.eta, generator=generators, decode=False)
         x0 = out.latents.detach().float()
         t1 = out.timesteps[-1]
-        gap = m.scheduler.config.num_train_timesteps // s.steps
+        gap = step_gap(m.scheduler.config.num_train_timesteps, s.steps)
         a_t, a_prev = _alpha(m, t1), _alpha(m, t1 - gap)
         pred_type, clip = m.scheduler.config.prediction_type, x0_clip(m)
         losses, rs = [], []
