@@ -317,6 +317,7 @@ def test_gaussian_kl():
     # mean((1, 9)) / (2 * 0.25) = 10; mean((0, 4)) / (2 * 4) = 0.25
     _same(gaussian_kl(mean, ref, torch.tensor([0.5, 2.0])), [10.0, 0.25])
     _same(gaussian_kl(mean, ref, 1.0), [2.5, 1.0])
+    assert gaussian_kl(mean, ref, torch.tensor([0.5, 2.0], dtype=torch.float64)).dtype == torch.float32
 
 
 def test_per_prompt_stat_tracker():
@@ -339,6 +340,8 @@ def test_per_prompt_stat_tracker():
     _same(t2.update(["b", "b"], [1.0, 3.0]), np.array([1.0 - 3.0, 3.0 - 3.0]) / (math.sqrt(8 / 3) + 1e-6), tol=1e-9)
     assert list(t2.stats["a"]) == [3.0, 6.0, 0.0] and t2.stats["b"].maxlen == 3
     assert t.update(["a"], [NAN]).tolist() == [0.0]
+    t2.load_state_dict({})
+    assert t2.stats == {}
 
 
 def test_batch_and_group_advantages():
@@ -400,26 +403,30 @@ class _Col(Reward):
 
 
 def test_ensemble_combine_modes():
-    r = torch.tensor([[1.0, 3.0, 2.0], [NAN, 2.0, 4.0], [NAN, NAN, NAN], [-1.0, -1.0, 5.0]])
-    _same(ensemble_combine(r, "mean"), [2.0, 3.0, NAN, 1.0])
-    _same(ensemble_combine(r, "wco"), [1.0, 2.0, NAN, -1.0])
-    # population variance: 2/3, 1, -, 8
-    _same(ensemble_combine(r, "uwo", 0.5), [2 - 1 / 3, 3 - 0.5, NAN, 1.0 - 4.0])
-    _same(ensemble_combine(r, "uwo"), [2 - 1 / 3, 3 - 0.5, NAN, 1.0 - 4.0])
-    _same(ensemble_combine(r, "uwo", 0.0), [2.0, 3.0, NAN, 1.0])
+    r = torch.tensor([[1.0, 3.0, 2.0], [NAN, 2.0, 4.0], [NAN, NAN, NAN], [-1.0, -1.0, 5.0], [NAN, 7.0, NAN]])
+    _same(ensemble_combine(r, "mean"), [2.0, 3.0, NAN, 1.0, 7.0])
+    _same(ensemble_combine(r, "wco"), [1.0, 2.0, NAN, -1.0, 7.0])
+    # population variance: 2/3, 1, -, 8, 0
+    _same(ensemble_combine(r, "uwo", 0.5), [2 - 1 / 3, 3 - 0.5, NAN, 1.0 - 4.0, 7.0])
+    _same(ensemble_combine(r, "uwo"), [2 - 1 / 3, 3 - 0.5, NAN, 1.0 - 4.0, 7.0])
+    _same(ensemble_combine(r, "uwo", 0.0), [2.0, 3.0, NAN, 1.0, 7.0])
     with pytest.raises(RewardError, match="ensemble mode"):
         ensemble_combine(r, "max")
 
 
 def test_ensemble_module():
     e = Ensemble([_Col([1.0, NAN], "a"), _Col([3.0, 2.0], "b")], mode="wco")
-    assert e.name == "wco(a,b)" and e.mode == "wco" and e.uwo_lambda == 0.5
+    assert e.name == "wco(a,b)" and e.mode == "wco" and e.uwo_lambda == 0.5 and e.weights == [1.0, 1.0]
+    assert e.normalize == "none" and e.names == ["a", "b"]
     _same(e(torch.zeros(2, 3, 1, 1)), [1.0, 2.0])
     assert set(e.last_components) == {"a", "b"}
     _same(e.last_components["b"], [3.0, 2.0])
     u = Ensemble([_Col([1.0, 0.0], "a"), _Col([3.0, 0.0], "b")], mode="uwo", uwo_lambda=2.0)
     _same(u(torch.zeros(2, 3, 1, 1)), [2.0 - 2.0 * 1.0, 0.0])
     assert Ensemble([_Col([1.0], "a"), _Col([3.0], "b")]).mode == "mean"
+    z = Ensemble([_Col([1.0], "a"), _Col([3.0], "b")], mode="uwo", uwo_lambda=0, names=["x", "y"])
+    assert z.uwo_lambda == 0.0 and z.name == "uwo(x,y)"
+    _same(z(torch.zeros(1, 3, 1, 1)), [2.0])
     with pytest.raises(RewardError, match="at least 2"):
         Ensemble([_Col([1.0], "a")])
     with pytest.raises(RewardError, match="uwo_lambda"):
@@ -442,8 +449,8 @@ def test_par_penalty_and_lagrange_step():
 
 
 def test_win_rates():
-    s = torch.tensor([3.0, 1.0, 2.0, 5.0, 1.0, 1.0, 0.0])
-    groups = torch.tensor([0, 0, 0, 1, 2, 2, 2])
+    s = torch.tensor([3.0, 1.0, 2.0, 5.0, 1.0, 1.0, 0.0, 4.0, 6.0])
+    groups = torch.tensor([0, 0, 0, 1, 2, 2, 2, 3, 3])
 
     def cmp(i, j):
         a, b = float(s[i]), float(s[j])
@@ -452,5 +459,5 @@ def test_win_rates():
     w = win_rates(s, groups, cmp)
     assert w.dtype == torch.float64
     # group 0: 3 beats both, 1 loses both, 2 beats one; group 1 alone: 1/2;
-    # group 2: the tie counts 1/2 each, both beat 0
-    _same(w, [1.0, 0.0, 0.5, 0.5, 0.75, 0.75, 0.0])
+    # group 2: the tie counts 1/2 each, both beat 0; group 3, a pair: 6 beats 4
+    _same(w, [1.0, 0.0, 0.5, 0.5, 0.75, 0.75, 0.0, 0.0, 1.0])
