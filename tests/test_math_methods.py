@@ -449,8 +449,8 @@ def test_par_penalty_and_lagrange_step():
 
 
 def test_win_rates():
-    s = torch.tensor([3.0, 1.0, 2.0, 5.0, 1.0, 1.0, 0.0, 4.0, 6.0])
-    groups = torch.tensor([0, 0, 0, 1, 2, 2, 2, 3, 3])
+    s = torch.tensor([3.0, 1.0, 2.0, 5.0, 1.0, 1.0, 0.0, 4.0, 6.0, 1.0, 2.0, 3.0, 1.0, 1.0, 1.0])
+    groups = torch.tensor([0, 0, 0, 1, 2, 2, 2, 3, 3, 4, 4, 4, 5, 5, 5])
 
     def cmp(i, j):
         a, b = float(s[i]), float(s[j])
@@ -459,5 +459,6 @@ def test_win_rates():
     w = win_rates(s, groups, cmp)
     assert w.dtype == torch.float64
     # group 0: 3 beats both, 1 loses both, 2 beats one; group 1 alone: 1/2;
-    # group 2: the tie counts 1/2 each, both beat 0; group 3, a pair: 6 beats 4
-    _same(w, [1.0, 0.0, 0.5, 0.5, 0.75, 0.75, 0.0, 0.0, 1.0])
+    # group 2: the tie counts 1/2 each, both beat 0; group 3, a pair: 6 beats 4;
+    # group 4: the last beats both earlier ones; group 5: three ties, 1/2 against each
+    _same(w, [1.0, 0.0, 0.5, 0.5, 0.75, 0.75, 0.0, 0.0, 1.0, 0.0, 0.5, 1.0, 0.5, 0.5, 0.5])

@@ -114,11 +114,11 @@ def x0_clip(model: DiffusionModel) -> Optional[float]:
     from .errors import UserError
 
     c = model.scheduler.config
-    if c.get("thresholding", False):
+    if c.get("thresholding"):
         raise UserError(f"model.path: {getattr(model, 'path', '?')}: the scheduler config sets thresholding: true (dynamic thresholding, for "
                         "pixel-space models); vfeedback's DDIM sampler does not implement it. Use a latent diffusion model "
                         "whose scheduler has thresholding: false")
-    if c.get("clip_sample", False):
+    if c.get("clip_sample"):
         return float(c.get("clip_sample_range", 1.0))
     return None
 
