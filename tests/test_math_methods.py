@@ -254,6 +254,12 @@ def test_d3po_loss_values_clip_and_step_prefers_the_winner():
     loss, cw, cl = d3po_loss(lw, rw, ll, rl, 2.0, 0.1)
     _same(cw, [math.log(1.1)]), _same(cl, [math.log(0.9)])
     _same(loss, [math.log1p(math.exp(-2.0 * (math.log(1.1) - math.log(0.9))))])
+    # both sides clamped the other way, with non-zero reference log-probs: lr_w = -0.5, lr_l = 0.5
+    loss, cw, cl = d3po_loss(torch.tensor([-0.3]), torch.tensor([0.2]), torch.tensor([0.1]), torch.tensor([-0.4]), 2.0, 0.1)
+    _same(cw, [math.log(0.9)]), _same(cl, [math.log(1.1)])
+    loss, cw, cl = d3po_loss(torch.tensor([-0.3]), torch.tensor([0.2]), torch.tensor([0.1]), torch.tensor([-0.4]), 2.0, None)
+    _same(cw, [-0.5]), _same(cl, [0.5])
+    _same(loss, [math.log1p(math.exp(2.0))])
     # inside the clip range nothing changes
     loss, cw, cl = d3po_loss(torch.tensor([0.15]), rw, torch.tensor([-0.05]), rl, 2.0, 0.1)
     _same(cw, [0.05]), _same(cl, [-0.05])
@@ -278,6 +284,7 @@ def test_d3po_loss_scale_is_the_mean_over_pairs_and_timesteps():
 
 def test_diffusion_dpo_loss_values_and_step_lowers_the_winners_error():
     err = denoising_error(torch.tensor([[[[1.0, 3.0]]], [[[0.0, 2.0]]]]), torch.tensor([[[[0.0, 0.0]]], [[[1.0, 1.0]]]]))
+    assert err.shape == (2,)
     _same(err, [5.0, 1.0])
     loss, inside = diffusion_dpo_loss(torch.tensor([1.0]), torch.tensor([2.0]), torch.tensor([1.5]), torch.tensor([1.0]), 4.0)
     # -beta / 2 * ((1 - 2) - (1.5 - 1)) = -2 * -1.5 = 3
@@ -340,6 +347,12 @@ def test_per_prompt_stat_tracker():
     _same(t2.update(["b", "b"], [1.0, 3.0]), np.array([1.0 - 3.0, 3.0 - 3.0]) / (math.sqrt(8 / 3) + 1e-6), tol=1e-9)
     assert list(t2.stats["a"]) == [3.0, 6.0, 0.0] and t2.stats["b"].maxlen == 3
     assert t.update(["a"], [NAN]).tolist() == [0.0]
+    # float32 rewards: the statistics in float64 (0.1 is not exact in float32)
+    t3 = PerPromptStatTracker(buffer_size=3, min_count=1)
+    adv = t3.update(["a", "a"], np.array([0.1, 0.3], dtype=np.float32))
+    assert adv.dtype == np.float64
+    r32 = np.array([0.1, 0.3], dtype=np.float32).astype(np.float64)
+    assert adv.tolist() == ((r32 - r32.mean()) / (r32.std() + 1e-6)).tolist()
     t2.load_state_dict({})
     assert t2.stats == {}
 
@@ -348,6 +361,12 @@ def test_batch_and_group_advantages():
     _same(batch_advantages([1.0, 3.0, NAN]), [-1 / (1 + 1e-8), 1 / (1 + 1e-8), 0.0], tol=1e-12)
     _same(batch_advantages([NAN, NAN]), [0.0, 0.0])
     _same(batch_advantages([2.0, 2.0]), [0.0, 0.0])
+    r32 = np.array([0.1, 0.3, 0.7], dtype=np.float32)
+    for f in (batch_advantages, lambda r: group_advantages(["a"] * 3, r)):
+        adv = f(r32)
+        assert adv.dtype == np.float64
+        r64 = r32.astype(np.float64)
+        assert np.allclose(adv, (r64 - r64.mean()) / (r64.std() + (1e-8 if f is batch_advantages else 1e-4)), rtol=0, atol=1e-12)
     p = ["a", "b", "a", "b", "b", "c"]
     r = [1.0, 0.0, 3.0, 1.0, 5.0, NAN]
     sb = math.sqrt(14 / 3)  # b: (0, 1, 5), mean 2

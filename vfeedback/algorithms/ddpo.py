@@ -115,7 +115,7 @@ class PerPromptStatTracker:
     def update(self, prompts: Sequence[str], rewards) -> np.ndarray:
         """``prompts`` (n,), ``rewards`` (n,) -> advantages (n,) float64. Prompts are visited in
         sorted order (the reference's ``np.unique``), their rewards in the given order."""
-        p = np.asarray(list(prompts), dtype=object)
+        p = np.asarray(list(prompts), dtype=object)  # pragma: no mutate: a str array compares with == as an object array does
         r = np.asarray(rewards, dtype=np.float64)
         ok = np.isfinite(r)
         adv = np.zeros_like(r)
