@@ -46,7 +46,7 @@ def refl_loss(r: torch.Tensor, margin: float, grad_scale: float) -> torch.Tensor
     it reaches ``margin``."""
     valid = torch.isfinite(r)
     if not valid.any():
-        return r.sum() * float("nan")
+        return r.sum() * float("nan")  # pragma: no mutate: x * NaN and x / NaN are the same NaN, as is float("NAN")
     return F.relu(margin - r[valid]).mean() * grad_scale
 
 
