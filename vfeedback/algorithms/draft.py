@@ -72,7 +72,7 @@ def draft_loss(r: torch.Tensor, grad_scale: float) -> torch.Tensor:
 def renoise(x0: torch.Tensor, alpha: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """q(x_t | x_0): ``sqrt(alpha) * x0 + sqrt(1 - alpha) * eps`` in float32 (``alpha`` = a_t,
     the cumulative product of the scheduler's alphas at t)."""
-    a = torch.as_tensor(alpha, dtype=torch.float32, device=x0.device)
+    a = torch.as_tensor(alpha, dtype=torch.float32, device=x0.device)  # pragma: no mutate: device placement; a 0-dim alpha leaves the product float32 either way
     return a.sqrt() * x0.float() + (1 - a).sqrt() * eps.float()
 
 
