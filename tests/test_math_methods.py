@@ -433,6 +433,33 @@ class _Col(Reward):
         return torch.tensor(self.values, dtype=torch.float32)
 
 
+class _Echo(Reward):
+    """Scores image i by its mean pixel + len(prompt i) + context["bonus"]: every input counts."""
+
+    def __init__(self, name):
+        super().__init__()
+        self.name = name
+
+    def forward(self, images, prompts=None, **context):
+        return images.float().mean(dim=(1, 2, 3)) + torch.tensor([float(len(p)) for p in prompts]) + context["bonus"]
+
+
+def test_ensemble_passes_images_prompts_context_and_normalises():
+    imgs = torch.stack([torch.full((3, 1, 1), 0.5), torch.full((3, 1, 1), 0.25)])
+    e = Ensemble([_Echo("a"), _Col([1.0, 5.0], "b")], mode="mean")
+    # a: 0.5 + 2 + 10, 0.25 + 4 + 10; mean with b
+    _same(e(imgs, ["ab", "abcd"], bonus=10.0), [(12.5 + 1.0) / 2, (14.25 + 5.0) / 2])
+    # batch z-scores of each member: a (12.5, 14.25) -> (-1, 1) / sqrt(2) ; b (1, 5) -> the same
+    b = Ensemble([_Echo("a"), _Col([1.0, 5.0], "b")], mode="mean", normalize="batch")
+    _same(b(imgs, ["ab", "abcd"], bonus=10.0), [-1 / math.sqrt(2), 1 / math.sqrt(2)], tol=1e-5)
+    # running statistics: updated with each member's scores while update_stats is on
+    r = Ensemble([_Col([1.0, 3.0], "a"), _Col([2.0, 6.0], "b")], mode="wco", normalize="running")
+    r.update_stats = True
+    # a: mean 2, std sqrt(2) -> (-1, 1)/sqrt(2); b: mean 4, std sqrt(8) -> (-1, 1)/sqrt(2)
+    _same(r(imgs, ["x", "y"]), [-1 / math.sqrt(2), 1 / math.sqrt(2)], tol=1e-5)
+    assert float(r.norms[1].mean) == pytest.approx(4.0)
+
+
 def test_ensemble_combine_modes():
     r = torch.tensor([[1.0, 3.0, 2.0], [NAN, 2.0, 4.0], [NAN, NAN, NAN], [-1.0, -1.0, 5.0], [NAN, 7.0, NAN]])
     _same(ensemble_combine(r, "mean"), [2.0, 3.0, NAN, 1.0, 7.0])
