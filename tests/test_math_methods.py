@@ -66,6 +66,7 @@ def test_ddim_step_epsilon_eta_half_mean_std_sample_and_log_prob():
                                         eta, "epsilon", noise=noise)
     s = 0.5 / math.sqrt(6)  # eta * sqrt(1/6); eta**2 in its place would give 0.25 / sqrt(6)
     assert float(std) == pytest.approx(s, rel=1e-6)
+    assert std.dtype == torch.float32 and mean.dtype == torch.float32  # float64 alphas are computed in float32
     x0h = _eps_x0()
     _same(x0, [x0h])
     # mean = sqrt(a_t') x0 + sqrt(1 - a_t' - s^2) eps, s^2 = 1/24
@@ -115,7 +116,7 @@ def test_ddim_step_v_prediction_and_sample_at_eta_zero():
     _same(mean, [want])
     assert torch.equal(prev, mean)
     assert float(std) == 0.0
-    assert math.isnan(float(lp[0]))
+    assert lp.shape == (1,) and math.isnan(float(lp[0]))
     # sample: x0 = the output, eps = (x_t - sqrt(a) x0) / sqrt(1 - a)
     _, _, x0, mean, _ = ddim_step(OUT, X_T, A_T, A_PREV, 0.0, "sample")
     _same(x0, OUT)
