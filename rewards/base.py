@@ -341,11 +341,11 @@ def ensemble_combine(r: torch.Tensor, mode: str, uwo_lambda: float = 0.5) -> tor
         out = torch.where(ok, r, torch.full_like(r, math.inf)).min(dim=1).values
     elif mode == "uwo":
         dev = torch.where(ok, r - mean[:, None], torch.zeros_like(r))
-        var = (dev * dev).sum(dim=1) / n.clamp_min(1)  # population variance: divisor k (Coste et al.)
+        var = (dev * dev).sum(dim=1) / n.clamp_min(1)  # pragma: no mutate: population variance, divisor k (Coste et al.); the clamp only meets k = 1 (variance 0) and k = 0 (NaN row)
         out = mean - uwo_lambda * var
     else:
         raise RewardError(f"ensemble mode must be one of {', '.join(ENSEMBLE_MODES)}, got {mode!r}")
-    return torch.where(n > 0, out, torch.full_like(out, float("nan")))
+    return torch.where(n > 0, out, torch.full_like(out, float("nan")))  # pragma: no mutate: float("NAN") is the same NaN
 
 
 def combine(specs: Sequence[dict], normalize: str = "none", ensemble: Optional[str] = None, uwo_lambda: float = 0.5) -> Reward:

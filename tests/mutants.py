@@ -53,6 +53,25 @@ SCOPE = [
     "vfeedback.integrations.gym.x?VLMRewardWrapper?step__mutmut_*",
     "vfeedback.integrations.gym.x?VLMPreferenceLabeler?label__mutmut_*",
     "vfeedback.integrations.gym.x?PreferenceRewardModel?*",  # Bradley-Terry: init, weights, features, forward, fit, accuracy
+    # the DDIM sampler: step gap, trained-step count, alphas with the clamp, x0 clip, the step and its log-prob, gradient windows
+    *(f"vfeedback.sampling.x_{f}__mutmut_*" for f in ("step_gap", "trained_step_count", "_alpha", "x0_clip", "ddim_step")),
+    "vfeedback.sampling.x?GradWindow?*",
+    # ReFL and DRaFT / AlignProp: stop step and K, the losses, re-noising, reward metrics
+    *(f"vfeedback.algorithms.refl.x_{f}__mutmut_*" for f in ("draw_stop_step", "refl_loss", "reward_metrics")),
+    *(f"vfeedback.algorithms.draft.x_{f}__mutmut_*" for f in ("draw_k", "draft_loss", "renoise")),
+    # D3PO and Diffusion-DPO: the losses and D3PO's gradient scale
+    *(f"vfeedback.algorithms.d3po.x_{f}__mutmut_*" for f in ("d3po_loss", "loss_scale")),
+    *(f"vfeedback.algorithms.diffusion_dpo.x_{f}__mutmut_*" for f in ("denoising_error", "diffusion_dpo_loss")),
+    # DDPO / GRPO: PPO-clip, the KL, the advantages
+    *(f"vfeedback.algorithms.ddpo.x_{f}__mutmut_*" for f in ("ppo_clip_loss", "gaussian_kl", "batch_advantages")),
+    "vfeedback.algorithms.ddpo.x?PerPromptStatTracker?*",
+    "vfeedback.algorithms.grpo.x_group_advantages__mutmut_*",
+    # RAFT: the selection
+    *(f"vfeedback.algorithms.raft.x_{f}__mutmut_*" for f in ("_ranked", "_count", "select", "to_uint8")),
+    # ensembles, PAR, win rate, the Lagrangian cost
+    "rewards.base.x_ensemble_combine__mutmut_*",
+    "rewards.base.x?Ensemble?*",
+    *(f"vfeedback.reward_shaping.x_{f}__mutmut_*" for f in ("par_shaping", "win_rates", "penalise", "lagrange_step")),
 ]
 
 KILLED = {"killed", "timeout", "caught by type check", "segfault"}

@@ -94,6 +94,19 @@ def _alpha(model: DiffusionModel, t: torch.Tensor) -> torch.Tensor:
     return ac[t.clamp(min=0).long().cpu()]
 
 
+def step_gap(num_train_timesteps: int, num_steps: int) -> int:
+    """Training timesteps between two of the ``num_steps`` DDIM steps: ``num_train_timesteps //
+    num_steps`` (diffusers' ``DDIMScheduler.step``); the timestep after t is ``t - step_gap``."""
+    return num_train_timesteps // num_steps
+
+
+def trained_step_count(num_steps: int, fraction: float) -> int:
+    """How many of a trajectory's ``num_steps`` transitions D3PO / DDPO / GRPO train per sample:
+    ``int(num_steps * fraction)`` (the references' ``int(num_steps * timestep_fraction)``), and
+    at least 1 (ours: a fraction below 1 / num_steps would train nothing)."""
+    return max(1, int(num_steps * fraction))
+
+
 def x0_clip(model: DiffusionModel) -> Optional[float]:
     """The x0 clip range the model's scheduler config asks for (``clip_sample`` /
     ``clip_sample_range``), or None. ``thresholding`` (dynamic thresholding, meant for
@@ -101,11 +114,11 @@ def x0_clip(model: DiffusionModel) -> Optional[float]:
     from .errors import UserError
 
     c = model.scheduler.config
-    if c.get("thresholding", False):
+    if c.get("thresholding"):
         raise UserError(f"model.path: {getattr(model, 'path', '?')}: the scheduler config sets thresholding: true (dynamic thresholding, for "
                         "pixel-space models); vfeedback's DDIM sampler does not implement it. Use a latent diffusion model "
                         "whose scheduler has thresholding: false")
-    if c.get("clip_sample", False):
+    if c.get("clip_sample"):
         return float(c.get("clip_sample_range", 1.0))
     return None
 
@@ -126,8 +139,8 @@ def ddim_step(model_output: torch.Tensor, x_t: torch.Tensor, a_t: torch.Tensor, 
     """
     x_t = x_t.float()
     out = model_output.float()
-    a_t = torch.as_tensor(a_t, dtype=torch.float32, device=x_t.device)
-    a_prev = torch.as_tensor(a_prev, dtype=torch.float32, device=x_t.device)
+    a_t = torch.as_tensor(a_t, dtype=torch.float32, device=x_t.device)  # pragma: no mutate: device placement (the dtype: a test checks std's)
+    a_prev = torch.as_tensor(a_prev, dtype=torch.float32, device=x_t.device)  # pragma: no mutate: device placement (as above)
     b_t = 1 - a_t
     if prediction_type == "epsilon":
         x0 = (x_t - b_t.sqrt() * out) / a_t.sqrt()
@@ -149,15 +162,15 @@ def ddim_step(model_output: torch.Tensor, x_t: torch.Tensor, a_t: torch.Tensor, 
         if std > 0:
             if noise is None:
                 raise ValueError("ddim_step: eta > 0 needs noise")
-            prev_sample = mean + std * noise.to(mean)
+            prev_sample = mean + std * noise.to(mean)  # pragma: no mutate: a cast of the noise (prev_sample.float() follows)
         else:
             prev_sample = mean
     prev_sample = prev_sample.float()
-    if std > 0:
+    if std > 0:  # pragma: no mutate: at std = 0 the density below is 0/0 or inf - inf, NaN as well
         lp = -((prev_sample.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
         log_prob = lp.mean(dim=tuple(range(1, lp.ndim)))
     else:
-        log_prob = torch.full((x_t.shape[0],), float("nan"), device=x_t.device)
+        log_prob = torch.full((x_t.shape[0],), float("nan"), device=x_t.device)  # pragma: no mutate: device placement, float("NAN")
     return prev_sample, log_prob, x0, mean, std
 
 
@@ -216,7 +229,7 @@ def sample(model: DiffusionModel, cond: Conditioning, *, num_steps: int = 50, gu
         latents = initial_latents(model, b, generator)
     x = latents.float().to(model.device)
     timesteps = ddim_timesteps(model, num_steps)
-    step_gap = model.scheduler.config.num_train_timesteps // num_steps
+    gap = step_gap(model.scheduler.config.num_train_timesteps, num_steps)
     pred_type = model.scheduler.config.prediction_type
     clip = x0_clip(model)
     traj = [x.detach()] if return_trajectory else None
@@ -235,7 +248,7 @@ def sample(model: DiffusionModel, cond: Conditioning, *, num_steps: int = 50, gu
                 out = torch.utils.checkpoint.checkpoint(predict_noise, model, x, t, cond, guidance_scale, use_reentrant=False)
             else:
                 out = predict_noise(model, x, t, cond, guidance_scale)
-            a_t, a_prev = _alpha(model, t), _alpha(model, t - step_gap)
+            a_t, a_prev = _alpha(model, t), _alpha(model, t - gap)
             x_prev, lp, x0, _, _ = ddim_step(out, x, a_t, a_prev, eta, pred_type, noise=noise, clip=clip)
         steps_run += 1
         last_grad = with_grad
@@ -268,8 +281,8 @@ def transition_log_prob(model: DiffusionModel, cond: Conditioning, x_t: torch.Te
     The quantity D3PO's loss differentiates (their ``compute_log_prob``): the stored next
     latent scored under the policy's Gaussian at timestep ``t``. Returns shape (B,).
     """
-    step_gap = model.scheduler.config.num_train_timesteps // num_steps
+    gap = step_gap(model.scheduler.config.num_train_timesteps, num_steps)
     out = predict_noise(model, x_t.float(), t, cond, guidance_scale)
-    _, lp, _, _, _ = ddim_step(out, x_t, _alpha(model, t), _alpha(model, torch.as_tensor(t) - step_gap), eta,
+    _, lp, _, _, _ = ddim_step(out, x_t, _alpha(model, t), _alpha(model, torch.as_tensor(t) - gap), eta,
                                model.scheduler.config.prediction_type, prev_sample=x_prev, clip=x0_clip(model))
     return lp

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from ..engine import derive_seed
 from ..errors import UserError
 from ..models.loader import Conditioning
-from ..sampling import initial_latents, sample, transition_log_prob
+from ..sampling import initial_latents, sample, trained_step_count, transition_log_prob
 from ..feedback.preferences import PreferenceGroup, PreferenceItem, load_preferences, write_preferences
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,13 @@ def d3po_loss(logp_w: torch.Tensor, ref_w: torch.Tensor, logp_l: torch.Tensor, r
         lo, hi = math.log1p(-clip), math.log1p(clip)
         lr_w, lr_l = lr_w.clamp(lo, hi), lr_l.clamp(lo, hi)
     return -F.logsigmoid(beta * (lr_w - lr_l)), lr_w, lr_l
+
+
+def loss_scale(num_processes: int, timesteps: int, pair_total: int) -> float:
+    """The factor on each timestep's summed pair losses: ``num_processes / (timesteps * pair_total)``,
+    so that the accumulated gradient is the mean over the global batch's ``pair_total`` pairs and
+    the ``timesteps`` trained steps once DDP has averaged it over ``num_processes`` (module docstring)."""
+    return num_processes / (timesteps * pair_total)
 
 
 # --------------------------------------------------------------------------------- helpers
@@ -449,7 +456,7 @@ class D3PO:
         timesteps = _timesteps(m, s.steps)
         if len(timesteps) != T:
             raise UserError(f"d3po: trajectories have {T} steps but sampling.steps is {s.steps}")
-        K = max(1, int(T * d.timestep_fraction))  # the reference's int(num_steps * timestep_fraction)
+        K = trained_step_count(T, d.timestep_fraction)  # the reference's int(num_steps * timestep_fraction)
         n_groups = max(b.group) + 1
         # one random timestep order per group, shared by all its members (so by every pair),
         # drawn from that group's own generator: the same whichever process holds the group
@@ -473,7 +480,7 @@ class D3PO:
         P = len(b.pairs)
         # mean over the global batch's pairs and trained timesteps (see the module docstring);
         # DDP then averages over processes, hence the num_processes factor
-        scale = acc.num_processes / (K * pair_total)
+        scale = loss_scale(acc.num_processes, K, pair_total)
         total, stats = 0.0, {"acc": [], "lr_w": [], "lr_l": [], "clip": []}
         no_sync = getattr(acc, "no_sync", None)
         for n, k in enumerate(ks):

@@ -71,7 +71,7 @@ import torch
 from ..engine import derive_seed
 from ..errors import UserError
 from ..models.loader import Conditioning
-from ..sampling import _alpha, ddim_step, ddim_timesteps, initial_latents, sample, x0_clip
+from ..sampling import _alpha, ddim_step, ddim_timesteps, initial_latents, sample, step_gap, trained_step_count, x0_clip
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def gaussian_kl(mean: torch.Tensor, mean_ref: torch.Tensor, std: torch.Tensor) -
     """KL(N(mean, std^2 I) || N(mean_ref, std^2 I)) per latent dim, averaged over the non-batch
     dims: ``mean((mean - mean_ref)^2) / (2 std^2)``, shape (R,). ``std``: (R,) or a scalar."""
     d = ((mean.float() - mean_ref.float()) ** 2).mean(dim=tuple(range(1, mean.ndim)))
-    return d / (2 * torch.as_tensor(std, dtype=torch.float32, device=d.device).reshape(-1) ** 2)
+    return d / (2 * torch.as_tensor(std, dtype=torch.float32, device=d.device).reshape(-1) ** 2)  # pragma: no mutate: device placement (CPU-only tests)
 
 
 class PerPromptStatTracker:
@@ -115,7 +115,7 @@ class PerPromptStatTracker:
     def update(self, prompts: Sequence[str], rewards) -> np.ndarray:
         """``prompts`` (n,), ``rewards`` (n,) -> advantages (n,) float64. Prompts are visited in
         sorted order (the reference's ``np.unique``), their rewards in the given order."""
-        p = np.asarray(list(prompts), dtype=object)
+        p = np.asarray(list(prompts), dtype=object)  # pragma: no mutate: a str array compares with == as an object array does
         r = np.asarray(rewards, dtype=np.float64)
         ok = np.isfinite(r)
         adv = np.zeros_like(r)
@@ -172,7 +172,7 @@ def policy_step(model, cond: Conditioning, x_t: torch.Tensor, t: torch.Tensor, x
         un, te = out.chunk(2)
         out = un + guidance_scale * (te - un)
     out = out.float()
-    gap = model.scheduler.config.num_train_timesteps // num_steps
+    gap = step_gap(model.scheduler.config.num_train_timesteps, num_steps)
     pred, clip = model.scheduler.config.prediction_type, x0_clip(model)
     lps, means, stds = [], [], []
     for i in range(x_t.shape[0]):  # the DDIM arithmetic per row (a scalar a_t each): cheap next to the UNet
@@ -380,7 +380,7 @@ class PolicyGradient:
         tr, sec, s = self.trainer, self.sec, self.cfg.sampling
         m, acc = tr.model, tr.acc
         R, T = smp.traj.shape[0], smp.traj.shape[1] - 1
-        K = max(1, int(T * sec.timestep_fraction))
+        K = trained_step_count(T, sec.timestep_fraction)
         U = sec.updates_per_epoch
         if R % U:
             raise UserError(f"{self.name}.updates_per_epoch ({U}) must divide the {R} samples per process per epoch")

@@ -46,7 +46,7 @@ import logging
 
 import torch
 
-from ..sampling import GradWindow, _alpha, ddim_step, predict_noise, randn, sample, x0_clip
+from ..sampling import GradWindow, _alpha, ddim_step, predict_noise, randn, sample, step_gap, x0_clip
 from .refl import PretrainData, denoising_loss, draw_stop_step, reward_metrics
 
 log = logging.getLogger(__name__)
@@ -65,14 +65,14 @@ def draft_loss(r: torch.Tensor, grad_scale: float) -> torch.Tensor:
     engine counts and skips such a step). Minimising it raises every reward."""
     valid = torch.isfinite(r)
     if not valid.any():
-        return r.sum() * float("nan")
+        return r.sum() * float("nan")  # pragma: no mutate: x * NaN and x / NaN are the same NaN, as is float("NAN")
     return -r[valid].mean() * grad_scale
 
 
 def renoise(x0: torch.Tensor, alpha: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """q(x_t | x_0): ``sqrt(alpha) * x0 + sqrt(1 - alpha) * eps`` in float32 (``alpha`` = a_t,
     the cumulative product of the scheduler's alphas at t)."""
-    a = torch.as_tensor(alpha, dtype=torch.float32, device=x0.device)
+    a = torch.as_tensor(alpha, dtype=torch.float32, device=x0.device)  # pragma: no mutate: device placement; a 0-dim alpha leaves the product float32 either way
     return a.sqrt() * x0.float() + (1 - a).sqrt() * eps.float()
 
 
@@ -124,7 +124,7 @@ class DRaFT:
             out = sample(m, cond, num_steps=s.steps, guidance_scale=s.guidance_scale, eta=s.eta, generator=generators, decode=False)
         x0 = out.latents.detach().float()
         t1 = out.timesteps[-1]
-        gap = m.scheduler.config.num_train_timesteps // s.steps
+        gap = step_gap(m.scheduler.config.num_train_timesteps, s.steps)
         a_t, a_prev = _alpha(m, t1), _alpha(m, t1 - gap)
         pred_type, clip = m.scheduler.config.prediction_type, x0_clip(m)
         losses, rs = [], []

@@ -45,7 +45,7 @@ def group_advantages(prompts: Sequence[str], rewards, *, global_std: bool = Fals
     Flow-GRPO's ``np.std``); ``global_std``: the std of every finite reward of the batch instead
     of the group's. ``prompts`` (n,), ``rewards`` (n,) -> (n,) float64; a non-finite reward gets
     0 and is left out of the statistics. A group of equal rewards gets 0 (its std is 0)."""
-    p = np.asarray(list(prompts), dtype=object)
+    p = np.asarray(list(prompts), dtype=object)  # pragma: no mutate: a str array compares with == as an object array does
     r = np.asarray(rewards, dtype=np.float64)
     ok = np.isfinite(r)
     adv = np.zeros_like(r)

@@ -46,7 +46,7 @@ def refl_loss(r: torch.Tensor, margin: float, grad_scale: float) -> torch.Tensor
     it reaches ``margin``."""
     valid = torch.isfinite(r)
     if not valid.any():
-        return r.sum() * float("nan")
+        return r.sum() * float("nan")  # pragma: no mutate: x * NaN and x / NaN are the same NaN, as is float("NAN")
     return F.relu(margin - r[valid]).mean() * grad_scale
 
 
@@ -89,7 +89,7 @@ def reward_metrics(r: torch.Tensor, reward) -> dict:
     component a combined ``reward`` scored last (``reward/<name>``); shared by the methods that
     backpropagate a reward (ReFL, DRaFT)."""
     valid = torch.isfinite(r)
-    mets = {"reward_mean": r[valid].mean().item() if valid.any() else float("nan"),
+    mets = {"reward_mean": r[valid].mean().item(),  # none finite: the mean of nothing, NaN
             "reward_std": r[valid].std().item() if valid.sum() > 1 else 0.0}
     for name, v in getattr(reward, "last_components", {}).items():
         fv = v[torch.isfinite(v)]
