@@ -213,8 +213,18 @@ def run_cell(method: str, guard: str, budget: int, evals: int, n_eval: int, out_
     s = cfg.sampling
     curve: list[dict] = []
 
+    # step 0 is the base model (a fresh LoRA is zero) on the same captions, seeds and sampler for every
+    # cell of a method: measured once, then reused
+    step0 = out_dir.parent / f"step0-{method}-n{n_eval}.json"
+
     class Measured(Trainer):
         def evaluate(self, step: int) -> float:
+            if step == 0 and step0.exists():
+                rec = json.loads(step0.read_text())
+                curve[:] = [c for c in curve if c["step"] != 0] + [rec]
+                self.evals = [e for e in self.evals if e["step"] != 0] + [{"step": 0, "eval_reward": rec["proxy0"]}]
+                log.info("%s/%s step 0: the base model's measurement from %s", method, guard, step0.name)
+                return rec["proxy0"]
             t0 = time.time()
             m = self.model
             den, m.denoiser = m.denoiser, None  # the unwrapped UNet, as the engine's own eval
@@ -244,6 +254,8 @@ def run_cell(method: str, guard: str, budget: int, evals: int, n_eval: int, out_
                    "proxy0_acc": _finite_mean([float(v > 0.5) for v in sc["proxy0"]]),
                    "per_image": {**sc, "kl": kl.tolist()}, "eval_seconds": round(time.time() - t0, 1)}
             curve[:] = [c for c in curve if c["step"] != step] + [rec]
+            if step == 0:
+                step0.write_text(json.dumps(rec))
             log.info("%s/%s step %d (%d judged): proxy0 %.3f gold %.3f KL %.3f (%.0fs)", method, guard, step,
                      rec["judged_images"], rec["proxy0"], rec["gold"], rec["kl"], rec["eval_seconds"])
             self.evals = [e for e in self.evals if e["step"] != step] + [{"step": step, "eval_reward": rec["proxy0"]}]
@@ -314,7 +326,7 @@ def figure(results: dict, path: Path) -> None:
     if not guards:
         raise SystemExit("no finished cell to plot")
     colours = dict(zip(METHODS, ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]))
-    fig, axes = plt.subplots(2, len(guards), figsize=(3.0 * len(guards), 5.6), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(2, len(guards), figsize=(max(4.5, 3.0 * len(guards)), 5.6), squeeze=False, sharey=True)
     for j, g in enumerate(guards):
         for c in done:
             if c["guard"] != g:
@@ -332,7 +344,7 @@ def figure(results: dict, path: Path) -> None:
         axes[0][j].legend(fontsize=6)
     axes[0][0].set_ylabel("mean P(match)")
     axes[1][0].set_ylabel("mean P(match)")
-    fig.suptitle("shapes world: gold judge (solid) vs proxy judge 0 (dashed)", fontsize=10)
+    fig.suptitle("gold judge (solid) vs proxy 0 (dashed)", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
