@@ -54,6 +54,8 @@ N_CATEGORIES = len(COLOURS) * len(SHAPES)
 KINDS: tuple[str, ...] = ("attribute", "spatial", "count")
 RESOLUTION = 32  # judges read 32 x 32 images; other sizes are resized inside (antialiased)
 ASSETS = Path(__file__).parent / "assets" / "shapes"
+#: the proxy judges of the over-optimisation study: file names, sha256 and measured accuracy
+PROXY_MANIFEST = ASSETS / "proxies.json"
 
 
 def category(colour: str, shape: str) -> int:
@@ -240,7 +242,13 @@ def load_judge(path) -> nn.Module:
         meta = f.metadata() or {}
     cfg = json.loads(meta.get("config", "{}"))
     net = build_judge(cfg.get("arch", "grid"), **cfg.get("kwargs", {}))
-    net.load_state_dict(load_file(str(path)))
+    state = load_file(str(path))
+    if meta.get("body"):  # heads only (the proxy judges): the conv body comes from another judge's file
+        body = path.parent / meta["body"]
+        if not body.exists():
+            raise RewardError(f"shapes judge {path.name}: its body weights {body} are missing; run `make world`")
+        state = {**{k: v for k, v in load_file(str(body)).items() if k.startswith("body.")}, **state}
+    net.load_state_dict(state)
     net.eval().requires_grad_(False)
     return net
 
@@ -347,3 +355,36 @@ register("shapes_count", differentiable=True,
          description="shapes world: P(the exact counts the caption names); NaN without a number")(_factory("judge", "count"))
 register("shapes_judge_heldout", differentiable=True,
          description="shapes world: the held-out judge (other architecture, seed and data); for evaluation only")(_factory("judge_heldout", "all"))
+
+
+def proxy_weights(index: int) -> Path:
+    """Path of proxy judge ``index`` (``rewards/assets/shapes/proxies.json``), its sha256 checked
+    against the manifest. Raises :class:`RewardError` for an index out of range, a missing
+    manifest or file, or a checksum mismatch."""
+    import hashlib
+
+    if not PROXY_MANIFEST.exists():
+        raise RewardError(f"shapes_judge_proxy: no manifest at {PROXY_MANIFEST}; run `python -m vfeedback.world.proxy_judges` to build the proxies")
+    entries = {e["index"]: e for e in json.loads(PROXY_MANIFEST.read_text())["proxies"]}
+    if isinstance(index, bool) or not isinstance(index, int) or index not in entries:
+        raise RewardError(f"shapes_judge_proxy: index must be one of {sorted(entries)}, got {index!r}")
+    e = entries[index]
+    path = ASSETS / e["file"]
+    if not path.exists():
+        raise RewardError(f"shapes_judge_proxy: weights {path} listed in {PROXY_MANIFEST.name} are missing; "
+                          "run `python -m vfeedback.world.proxy_judges` to rebuild them")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != e["sha256"]:
+        raise RewardError(f"shapes_judge_proxy: {path} has sha256 {digest[:12]}.., the manifest says {e['sha256'][:12]}..; "
+                          "the file is damaged or was rebuilt without its manifest (python -m vfeedback.world.proxy_judges)")
+    return path
+
+
+def _proxy(index: int = 0, log: bool = False, tau: float = 0.04, part: str = "all") -> ShapesJudge:
+    j = ShapesJudge(weights=str(proxy_weights(index)), part=part, log=log, tau=tau)
+    return j
+
+
+register("shapes_judge_proxy", differentiable=True,
+         description="shapes world: small proxy judge number `index` (weak: a small data subset; docs/overoptimisation.md), "
+                     "the reward an over-optimisation study optimises")(_proxy)

@@ -93,14 +93,23 @@ def _loss(net, x, scenes):
     return loss + (pos * present).sum() / present.sum().clamp_min(1)
 
 
-def _phase(net, cfg: dict, name: str, steps: int, lr: float, kinds: list, data_seed: int, g: torch.Generator) -> None:
+def _phase(net, cfg: dict, name: str, steps: int, lr: float, kinds: list, data_seed: int, g: torch.Generator,
+           pool: Optional[int] = None) -> None:
+    """``steps`` AdamW steps on batches of seed ``data_seed + step``; ``pool``: cycle through only
+    that many batches (a fixed data subset, seen again each epoch with fresh augmentation)."""
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     t0 = time.time()
     net.train()
+    cache: dict = {}
     for step in range(steps):
         for pg in opt.param_groups:
             pg["lr"] = lr * (min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps)))
-        x, scenes = make_batch(cfg["batch"], seed=data_seed + step, kinds=kinds)
+        if pool:  # the subset's batches are drawn once and kept
+            if step % pool not in cache:
+                cache[step % pool] = make_batch(cfg["batch"], seed=data_seed + step % pool, kinds=kinds)
+            x, scenes = cache[step % pool]
+        else:
+            x, scenes = make_batch(cfg["batch"], seed=data_seed + step, kinds=kinds)
         x = augment(x, g, cfg["blur"], cfg["noise"], cfg["gain"])
         loss = _loss(net, x, scenes)
         opt.zero_grad(set_to_none=True)
