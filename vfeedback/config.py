@@ -293,6 +293,9 @@ class RankConfig(Section):
     gallery_prompts: Union[list[str], str, None] = Field(None, description="gallery: compositional prompts (list or .txt/.jsonl file); default prompts.train")
     display_size: int = Field(256, ge=32, le=2048, description="pixels each candidate is shown at (small images are upscaled without smoothing)")
     annotator: Optional[str] = Field(None, description="name stored with every answer (default: the --auth user, else none)")
+    probe_prompts: list[str] = Field(default_factory=list, description="d3po: fixed probe captions; after every update the current model's images of them are shown beside the base model's (same seeds), scored by probe_reward (empty: no probe panel)")
+    probe_seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, max_length=16, description="d3po: seeds of the probe images (each probe caption x each seed)")
+    probe_reward: str = Field("shapes_judge_heldout", description="d3po: the reward that scores the probe images (a check shown in the app, never trained on; e.g. shapes_judge_heldout)")
 
     @model_validator(mode="after")
     def _check(self):

@@ -133,8 +133,27 @@ def build_app(backend, title: str = "vfeedback rank"):
             return [s.get("current"), s.get("history", [])]
         if mode == "d3po":
             u = s.get("update") or {}
-            return [update_md(u), update_bar(u), (u.get("last") or {}).get("before_after")]
+            out = [update_md(u), update_bar(u), (u.get("last") or {}).get("before_after")]
+            if probes_on:
+                pr = s.get("probes") or {}
+                out += [probe_md(pr), pr.get("panel"), pr.get("curve")]
+            return out
         return []
+
+    probes_on = mode == "d3po" and bool(backend.cfg.rank.probe_prompts)
+
+    def probe_md(pr: dict) -> str:
+        if not pr:
+            return ""
+        pts = pr["points"]
+        base, last = pts[0], pts[-1]
+        line = (f"**Probe check** ({pr['reward']}, {pr['n']} fixed probe images): base model mean P(match) "
+                f"**{base['mean']:.3f}**, match rate {base['match_rate']:.2f}")
+        if last["update"]:
+            line += (f"; after update {last['update']} ({last['labels']} labels): mean P(match) **{last['mean']:.3f}**, "
+                     f"match rate {last['match_rate']:.2f}")
+        return (line + ".\n\n*A check on what your answers do, measured by a judge that is never trained on; "
+                "it is not what you are asked to optimise: rank by what you see.*")
 
     def update_md(u: dict) -> str:
         if not u:
@@ -202,6 +221,12 @@ def build_app(backend, title: str = "vfeedback rank"):
                     side.append(gr.HTML(elem_id="rank-update-bar"))
                     side.append(gr.Image(label="Last update: before | after", interactive=False, elem_id="rank-before-after", buttons=[]))
                     run_btn = gr.Button("Run a D3PO update now", elem_id="rank-run-update")
+                    if probes_on:  # the probe panel (vfeedback/app/probes.py)
+                        side.append(gr.Markdown(elem_id="rank-probe"))
+                        side.append(gr.Image(label="Probes: base model | current model (same seeds)", interactive=False,
+                                             elem_id="rank-probe-panel", buttons=[], format="png"))
+                        side.append(gr.Image(label="Check (not the objective): held-out judge on the probes", interactive=False,
+                                             elem_id="rank-probe-curve", buttons=[], format="png"))
                     timer = gr.Timer(2.0)
                 else:
                     gr.Markdown("Images of one prompt from several models, same seed, random order. "
