@@ -465,10 +465,51 @@ class ZOBackend(Backend):
         files = [(k, f) for k, f in files if f.exists()][-12:]
         hist = [(_upscale(Image.open(f).convert("RGB"), 96), "start" if k == 0 else f"round {k}") for k, f in files]
         cur = self._current_png(r)
-        return {"current": _upscale(Image.open(cur).convert("RGB"), self.size) if cur.exists() else None, "history": hist}
+        out = {"current": _upscale(Image.open(cur).convert("RGB"), self.size) if cur.exists() else None, "history": hist}
+        if self.cfg.rank.probe_reward:
+            from .probes import zo_curve_png
+
+            pts = self.check_points()
+            curve = self.dir / "check_curve.png"
+            key = json.dumps(pts)
+            if key != getattr(self, "_curve_key", None) or not curve.exists():
+                zo_curve_png(pts, curve, self.cfg.rank.probe_reward)
+                self._curve_key = key
+            out["check"] = {"points": pts, "reward": self.cfg.rank.probe_reward, "curve": str(curve)}
+        return out
+
+    def check_points(self) -> list[dict]:
+        """With ``rank.probe_reward``: ``[{"round": k, "score": P}]``, the check's score of the current
+        image after each round so far (round 0: the start image), read from the saved PNGs (cached
+        per file). One prompt only (the PNG is that image); several prompts score NaN."""
+        import rewards
+        from torchvision.transforms.functional import to_tensor
+        from PIL import Image
+
+        prompts = list(dict.fromkeys(self.session.target.prompts()))
+        judge = rewards.load(self.cfg.rank.probe_reward)
+        cache = self.__dict__.setdefault("_check_cache", {})
+        pts = []
+        for k in range(self.session.round + 1):
+            f = self._current_png(k)
+            if not f.exists():
+                continue
+            key = (k, f.stat().st_mtime_ns)
+            if key not in cache:
+                if len(prompts) != 1:
+                    cache[key] = float("nan")
+                else:
+                    with torch.no_grad():
+                        cache[key] = float(judge(to_tensor(Image.open(f).convert("RGB"))[None], prompts)[0])
+            pts.append({"round": k, "score": cache[key]})
+        return pts
 
     def status(self) -> dict:
         s = super().status()
+        if self.cfg.rank.probe_reward:
+            pts = self.check_points()
+            s["check"] = {"reward": self.cfg.rank.probe_reward, "start": pts[0]["score"] if pts else None,
+                          "now": pts[-1]["score"] if pts else None, "points": pts}
         s["optimizer_round"] = self.session.round
         s["round_mode"] = self.session.opt.mode if self.session.opt._pending is None else self.session.opt._pending["mode"]
         return s
@@ -785,6 +826,9 @@ def _gallery_models(cfg) -> list[dict]:
         if fam is None:
             fam = ("sdxl" if g.path.startswith("tiny:sdxl") else "sd15") if g.path.startswith("tiny:") else cfg.model.family
         name = g.name or (g.path + (f" + {g.lora}" if g.lora else ""))
+        if g.lora and not Path(g.lora).exists():  # at start, not at the first render inside the page
+            raise UserError(f"rank.gallery: {name}: the LoRA {g.lora} does not exist; train it first (for "
+                            "configs/rank/shapes-gallery.yaml: `make quickstart`) or remove that entry")
         out.append({"path": g.path, "family": fam, "lora": g.lora, "name": name})
     names = [m["name"] for m in out]
     if len(set(names)) != len(names):

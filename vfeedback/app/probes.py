@@ -175,6 +175,28 @@ def curve_png(points: list[dict], path: Path, reward: str) -> Path:
     return Path(path)
 
 
+def zo_curve_png(points: list[dict], path: Path, reward: str) -> Path:
+    """zo_ranksgd: a small plot of the check's P(match) of the current image per round, to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.2, 2.2), dpi=100)
+    ax.plot([p["round"] for p in points], [p["score"] for p in points], "o-", color="#e63c1e", markersize=3)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("round (0 = start image)", fontsize=8)
+    ax.set_title(f"check, not your objective: {reward} P(match) of the current image", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = Path(path).with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return Path(path)
+
+
 def run_update(cfg_path: str) -> int:
     """The body of a background update with probes: ``vfeedback train`` on the update config, then
     the current model (base + the LoRA just trained) renders and scores the probes into

@@ -130,7 +130,17 @@ def build_app(backend, title: str = "vfeedback rank"):
     def side_values():
         s = backend.side()
         if mode == "zo_ranksgd":
-            return [s.get("current"), s.get("history", [])]
+            out = [s.get("current"), s.get("history", [])]
+            if zo_check_on:
+                c = s.get("check") or {}
+                pts = c.get("points") or []
+                md = ""
+                if pts:
+                    md = (f"**Check** ({c['reward']}): P(image matches the caption) of the current image: start "
+                          f"**{pts[0]['score']:.3f}**, now (round {pts[-1]['round']}) **{pts[-1]['score']:.3f}**.\n\n"
+                          "*A judge that is never trained on; it is not what you are asked to optimise: pick by what you see.*")
+                out += [md, c.get("curve")]
+            return out
         if mode == "d3po":
             u = s.get("update") or {}
             out = [update_md(u), update_bar(u), (u.get("last") or {}).get("before_after")]
@@ -141,6 +151,7 @@ def build_app(backend, title: str = "vfeedback rank"):
         return []
 
     probes_on = mode == "d3po" and bool(backend.cfg.rank.probe_prompts)
+    zo_check_on = mode == "zo_ranksgd" and bool(backend.cfg.rank.probe_reward)
 
     def probe_md(pr: dict) -> str:
         if not pr:
@@ -216,6 +227,10 @@ def build_app(backend, title: str = "vfeedback rank"):
                     side.append(gr.Image(label="Current best", interactive=False, elem_id="rank-current", height=320, buttons=[]))
                     side.append(gr.Gallery(label="History (start → now, last 12)", columns=6, height=260, allow_preview=True,
                                            fit_columns=False, interactive=False, elem_id="rank-history", buttons=[], format="png"))
+                    if zo_check_on:
+                        side.append(gr.Markdown(elem_id="rank-check"))
+                        side.append(gr.Image(label="Check (not the objective): held-out judge, current image per round", interactive=False,
+                                             elem_id="rank-check-curve", buttons=[], format="png"))
                 elif mode == "d3po":
                     side.append(gr.Markdown(elem_id="rank-update"))
                     side.append(gr.HTML(elem_id="rank-update-bar"))
