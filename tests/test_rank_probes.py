@@ -90,15 +90,17 @@ def _answer_through_page(page, person: JudgePerson, k: int) -> list[int]:
     return picks
 
 
-PROBE_RE = re.compile(r"base model mean P\(match\) ([0-9.]+).*?(?:after update ([0-9]+) \(([0-9]+) labels\): mean P\(match\) ([0-9.]+))?",
-                      re.S)
+BASE_RE = re.compile(r"base model mean P\(match\) ([0-9]+\.[0-9]+)")
+AFTER_RE = re.compile(r"after update ([0-9]+) \(([0-9]+) labels\): mean P\(match\) ([0-9]+\.[0-9]+)")
 
 
 def _probe_text(page) -> dict:
-    m = PROBE_RE.search(page.locator("#rank-probe").inner_text())
-    assert m, page.locator("#rank-probe").inner_text()
-    return {"base": float(m.group(1)), "update": int(m.group(2) or 0), "labels": int(m.group(3) or 0),
-            "now": float(m.group(4)) if m.group(4) else None}
+    """The probe panel's line as the page shows it: base score, and the last update's (if any)."""
+    text = page.locator("#rank-probe").inner_text()
+    base, after = BASE_RE.search(text), AFTER_RE.search(text)
+    assert base, text
+    return {"base": float(base.group(1)), "update": int(after.group(1)) if after else 0,
+            "labels": int(after.group(2)) if after else 0, "now": float(after.group(3)) if after else None}
 
 
 def _browser():
@@ -251,7 +253,7 @@ def test_scripted_person_moves_probe_score(tmp_path, seed):
 MIN_MOVE = 0.0
 
 
-CHECK_RE = re.compile(r"current image: start ([0-9.]+), now \(round ([0-9]+)\) ([0-9.]+)")
+CHECK_RE = re.compile(r"current image: start ([0-9]+\.[0-9]+), now \(round ([0-9]+)\) ([0-9]+\.[0-9]+)")
 
 
 def _check_text(page) -> dict:
