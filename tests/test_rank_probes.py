@@ -366,5 +366,6 @@ def test_scripted_person_zo_moves_check(tmp_path, seed):
         backend.close()
 
 
-#: the least rise of the held-out check on the ZO demo the slow test accepts (docs/rank_app.md)
-ZO_MIN_MOVE = 0.0
+#: the least rise of the held-out check on the ZO demo the slow test accepts: measured +0.511 (seed 0)
+#: and +0.233 (seed 1, after a dip to -0.144 at round 5) in 10 rounds (docs/rank_app.md); under half the smaller
+ZO_MIN_MOVE = 0.1
