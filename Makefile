@@ -49,11 +49,14 @@ bubblewrap:
 world: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m vfeedback.world.train_world
 
-# The ranking app on the tiny model (docs/rank_app.md): http://127.0.0.1:7860, answers saved in
-# runs/rank-tiny-zo/feedback.sqlite (stop and run again to resume).
+# The ranking demo on tiny:shapes (docs/rank_app.md): ZO-RankSGD refines one image of a caption
+# from your clicks, and the image changes every line-search round (the mode where a person sees
+# change soonest; configs/rank/shapes-d3po.yaml is the D3PO one, with the probe panel). Answers
+# are saved in runs/rank-shapes-zo/feedback.sqlite (stop and run again to resume).
 .PHONY: demo
 demo: $(STAMP)
-	$(BIN)/vfeedback rank configs/rank/tiny-zo.yaml
+	@echo "vfeedback rank demo: open http://127.0.0.1:7860 once the model has loaded (Ctrl-C stops; every answer is kept)"
+	$(BIN)/vfeedback rank configs/rank/shapes-zo.yaml
 
 # The measured figures of README.md / docs/ that are cheap on CPU, rerun from their commands and
 # checked against the committed JSON under bench/results/figures/ (bench/reproduce.py); fails,

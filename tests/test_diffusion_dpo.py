@@ -296,7 +296,7 @@ def _app_export(tmp_path) -> Path:
     from vfeedback.app.backend import open_backend
     from vfeedback.config import load_config
 
-    cfg = load_config(ROOT / "configs/rank/tiny-d3po.yaml", [f"output_dir={tmp_path / 'app'}", "sampling.steps=2",
+    cfg = load_config(ROOT / "tests/configs/rank/tiny-d3po.yaml", [f"output_dir={tmp_path / 'app'}", "sampling.steps=2",
                                                              "rank.labels_per_update=0"])
     b = open_backend(cfg)
     try:

@@ -20,7 +20,7 @@ from vfeedback.cli import main  # noqa: E402
 from vfeedback.config import load_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs" / "rank"
+CONFIGS = ROOT / "tests" / "configs" / "rank"  # random-weight tiny:sd15 fixtures (fast); the user-facing configs/rank/ run on tiny:shapes
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from vfeedback.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "configs" / "rank" / "tiny-d3po.yaml"
+CONFIG = ROOT / "tests" / "configs" / "rank" / "tiny-d3po.yaml"
 N = int(os.environ.get("HYPOTHESIS_EXAMPLES", "0"))
 
 

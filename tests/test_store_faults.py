@@ -95,7 +95,7 @@ def _start_app(cfg_path, out, port):
 
 def test_kill_9_the_ranking_app_between_and_during_answers(tmp_path):
     pytest.importorskip("gradio_client")
-    cfg = ROOT / "configs" / "rank" / "tiny-zo.yaml"
+    cfg = ROOT / "tests" / "configs" / "rank" / "tiny-zo.yaml"
     out = tmp_path / "app"
     port = _free_port()
     p, c = _start_app(cfg, out, port)

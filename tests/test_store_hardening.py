@@ -37,7 +37,7 @@ from vfeedback.cli import main
 from vfeedback.feedback.store import SCHEMA_VERSION, FeedbackStore, RoundAnswered, StoreError, StoreLocked
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs" / "rank"
+CONFIGS = ROOT / "tests" / "configs" / "rank"  # random-weight tiny:sd15 fixtures (fast); the user-facing configs/rank/ run on tiny:shapes
 KINDS = ("rank", "tie", "skip")
 
 

@@ -295,11 +295,16 @@ class RankConfig(Section):
     gallery_prompts: Union[list[str], str, None] = Field(None, description="gallery: compositional prompts (list or .txt/.jsonl file); default prompts.train")
     display_size: int = Field(256, ge=32, le=2048, description="pixels each candidate is shown at (small images are upscaled without smoothing)")
     annotator: Optional[str] = Field(None, description="name stored with every answer (default: the --auth user, else none)")
+    probe_prompts: list[str] = Field(default_factory=list, description="d3po: fixed probe captions; after every update the current model's images of them are shown beside the base model's (same seeds), scored by probe_reward (empty: no probe panel)")
+    probe_seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, max_length=16, description="d3po: seeds of the probe images (each probe caption x each seed)")
+    probe_reward: Optional[str] = Field(None, description="a check shown in the app, never trained on (e.g. shapes_judge_heldout): d3po: scores the probe images after each update; zo_ranksgd: scores the current image after each round (none: no check)")
 
     @model_validator(mode="after")
     def _check(self):
         if self.mode == "gallery" and len(self.gallery) < 2:
             raise ValueError(f"mode: gallery compares models; list at least two under rank.gallery (got {len(self.gallery)})")
+        if self.probe_prompts and not self.probe_reward:
+            raise ValueError("probe_prompts: set rank.probe_reward to the judge that scores the probes (e.g. shapes_judge_heldout)")
         return self
 
 

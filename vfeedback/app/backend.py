@@ -483,10 +483,51 @@ class ZOBackend(Backend):
         files = [(k, f) for k, f in files if f.exists()][-12:]
         hist = [(_upscale(Image.open(f).convert("RGB"), 96), "start" if k == 0 else f"round {k}") for k, f in files]
         cur = self._current_png(r)
-        return {"current": _upscale(Image.open(cur).convert("RGB"), self.size) if cur.exists() else None, "history": hist}
+        out = {"current": _upscale(Image.open(cur).convert("RGB"), self.size) if cur.exists() else None, "history": hist}
+        if self.cfg.rank.probe_reward:
+            from .probes import zo_curve_png
+
+            pts = self.check_points()
+            curve = self.dir / "check_curve.png"
+            key = json.dumps(pts)
+            if key != getattr(self, "_curve_key", None) or not curve.exists():
+                zo_curve_png(pts, curve, self.cfg.rank.probe_reward)
+                self._curve_key = key
+            out["check"] = {"points": pts, "reward": self.cfg.rank.probe_reward, "curve": str(curve)}
+        return out
+
+    def check_points(self) -> list[dict]:
+        """With ``rank.probe_reward``: ``[{"round": k, "score": P}]``, the check's score of the current
+        image after each round so far (round 0: the start image), read from the saved PNGs (cached
+        per file). One prompt only (the PNG is that image); several prompts score NaN."""
+        import rewards
+        from torchvision.transforms.functional import to_tensor
+        from PIL import Image
+
+        prompts = list(dict.fromkeys(self.session.target.prompts()))
+        judge = rewards.load(self.cfg.rank.probe_reward)
+        cache = self.__dict__.setdefault("_check_cache", {})
+        pts = []
+        for k in range(self.session.round + 1):
+            f = self._current_png(k)
+            if not f.exists():
+                continue
+            key = (k, f.stat().st_mtime_ns)
+            if key not in cache:
+                if len(prompts) != 1:
+                    cache[key] = float("nan")
+                else:
+                    with torch.no_grad():
+                        cache[key] = float(judge(to_tensor(Image.open(f).convert("RGB"))[None], prompts)[0])
+            pts.append({"round": k, "score": cache[key]})
+        return pts
 
     def status(self) -> dict:
         s = super().status()
+        if self.cfg.rank.probe_reward:
+            pts = self.check_points()
+            s["check"] = {"reward": self.cfg.rank.probe_reward, "start": pts[0]["score"] if pts else None,
+                          "now": pts[-1]["score"] if pts else None, "points": pts}
         s["optimizer_round"] = self.session.round
         s["round_mode"] = self.session.opt.mode if self.session.opt._pending is None else self.session.opt._pending["mode"]
         return s
@@ -519,6 +560,12 @@ class D3POBackend(Backend):
         self.dir = self.root / "rank" / "d3po"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.updates = UpdateRunner(cfg, self.root, store)
+        self.probe_base = None
+        if cfg.rank.probe_prompts:  # the probe panel (vfeedback/app/probes.py): the base model's probes, rendered once
+            from .probes import ensure_base
+
+            self.probe_base = ensure_base(cfg, self.root, self.model)
+        self._curve_key = None
 
     def _round(self) -> int:
         return self.store.count(self.mode)  # skips count: a skipped group is not shown again
@@ -569,12 +616,39 @@ class D3POBackend(Backend):
         return aid, msg
 
     def side(self) -> dict:
-        return {"update": self.updates.status()}
+        out = {"update": self.updates.status()}
+        if self.probe_base is not None:
+            out["probes"] = self.probe_status(images=True)
+        return out
+
+    def probe_status(self, images: bool = False) -> dict:
+        """The probe check: ``points`` (one per model: labels trained on, update number, mean
+        P(match), match rate; the base model first), ``last`` (the newest), ``reward``; with
+        ``images``, ``panel`` (PIL: base | current) and ``curve`` (a PNG path)."""
+        from .probes import curve_png, panel_image
+
+        b = self.probe_base
+        pts = [{"update": 0, "labels": 0, "mean": b["mean"], "match_rate": b["match_rate"]}]
+        for n, u in sorted(self.updates._updates().items()):
+            if u["state"] == "finished" and u.get("probe_mean") is not None:
+                pts.append({"update": n, "labels": u.get("labels", 0), "mean": u["probe_mean"], "match_rate": u["probe_match_rate"]})
+        out = {"reward": self.cfg.rank.probe_reward, "n": b["n"], "points": pts, "last": pts[-1]}
+        if images:
+            out["panel"] = panel_image(self.root, self.cfg, pts[-1]["update"] or None)
+            curve = self.root / "rank" / "probes" / "curve.png"
+            key = json.dumps(pts)
+            if key != self._curve_key or not curve.exists():
+                curve_png(pts, curve, self.cfg.rank.probe_reward)
+                self._curve_key = key
+            out["curve"] = str(curve)
+        return out
 
     def status(self) -> dict:
         s = super().status()
         s["labels"] = self.updates.labels()
         s["update"] = self.updates.status()
+        if self.probe_base is not None:
+            s["probe"] = self.probe_status()
         return s
 
 
@@ -615,9 +689,13 @@ class UpdateRunner:
                 self.store.add_event("d3po_update_interrupted", {"n": n})
 
     def _finish(self, n: int) -> None:
+        from .probes import PROBE_DIR, read_probes
+
         summ = json.loads((self._dir(n) / "summary.json").read_text())
+        probe = read_probes(self._dir(n) / PROBE_DIR) or {}  # written after training by `python -m vfeedback.app.probes`
         self.store.add_event("d3po_update_finished", {"n": n, "win_rate": summ.get("heldout_win_rate"),
-                                                      "reward_before": summ.get("eval_reward_before"), "reward_after": summ.get("eval_reward_after")})
+                                                      "reward_before": summ.get("eval_reward_before"), "reward_after": summ.get("eval_reward_after"),
+                                                      "probe_mean": probe.get("mean"), "probe_match_rate": probe.get("match_rate")})
 
     def running(self) -> Optional[int]:
         if self.proc is not None:
@@ -742,7 +820,9 @@ def start_d3po_update(cfg, root: Path, store: FeedbackStore, n: int) -> subproce
     cfg_path.write_text("# written by `vfeedback rank`: a background D3PO update on the labels so far\n" + yaml.safe_dump(data, sort_keys=False))
     logf = open(updates / f"update-{n:03d}.log", "wb")
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    return subprocess.Popen([sys.executable, "-m", "vfeedback", "train", str(cfg_path)], stdout=logf, stderr=subprocess.STDOUT,
+    # with probes: `vfeedback train`, then the probe images of the new model, in the same subprocess (vfeedback/app/probes.py)
+    cmd = ["-m", "vfeedback.app.probes"] if cfg.rank.probe_prompts else ["-m", "vfeedback", "train"]
+    return subprocess.Popen([sys.executable, *cmd, str(cfg_path)], stdout=logf, stderr=subprocess.STDOUT,
                             env=env, cwd=os.getcwd())
 
 
@@ -764,6 +844,9 @@ def _gallery_models(cfg) -> list[dict]:
         if fam is None:
             fam = ("sdxl" if g.path.startswith("tiny:sdxl") else "sd15") if g.path.startswith("tiny:") else cfg.model.family
         name = g.name or (g.path + (f" + {g.lora}" if g.lora else ""))
+        if g.lora and not Path(g.lora).exists():  # at start, not at the first render inside the page
+            raise UserError(f"rank.gallery: {name}: the LoRA {g.lora} does not exist; train it first (for "
+                            "configs/rank/shapes-gallery.yaml: `make quickstart`) or remove that entry")
         out.append({"path": g.path, "family": fam, "lora": g.lora, "name": name})
     names = [m["name"] for m in out]
     if len(set(names)) != len(names):

@@ -130,11 +130,41 @@ def build_app(backend, title: str = "vfeedback rank"):
     def side_values():
         s = backend.side()
         if mode == "zo_ranksgd":
-            return [s.get("current"), s.get("history", [])]
+            out = [s.get("current"), s.get("history", [])]
+            if zo_check_on:
+                c = s.get("check") or {}
+                pts = c.get("points") or []
+                md = ""
+                if pts:
+                    md = (f"**Check** ({c['reward']}): P(image matches the caption) of the current image: start "
+                          f"**{pts[0]['score']:.3f}**, now (round {pts[-1]['round']}) **{pts[-1]['score']:.3f}**.\n\n"
+                          "*A judge that is never trained on; it is not what you are asked to optimise: pick by what you see.*")
+                out += [md, c.get("curve")]
+            return out
         if mode == "d3po":
             u = s.get("update") or {}
-            return [update_md(u), update_bar(u), (u.get("last") or {}).get("before_after")]
+            out = [update_md(u), update_bar(u), (u.get("last") or {}).get("before_after")]
+            if probes_on:
+                pr = s.get("probes") or {}
+                out += [probe_md(pr), pr.get("panel"), pr.get("curve")]
+            return out
         return []
+
+    probes_on = mode == "d3po" and bool(backend.cfg.rank.probe_prompts)
+    zo_check_on = mode == "zo_ranksgd" and bool(backend.cfg.rank.probe_reward)
+
+    def probe_md(pr: dict) -> str:
+        if not pr:
+            return ""
+        pts = pr["points"]
+        base, last = pts[0], pts[-1]
+        line = (f"**Probe check** ({pr['reward']}, {pr['n']} fixed probe images): base model mean P(match) "
+                f"**{base['mean']:.3f}**, match rate {base['match_rate']:.2f}")
+        if last["update"]:
+            line += (f"; after update {last['update']} ({last['labels']} labels): mean P(match) **{last['mean']:.3f}**, "
+                     f"match rate {last['match_rate']:.2f}")
+        return (line + ".\n\n*A check on what your answers do, measured by a judge that is never trained on; "
+                "it is not what you are asked to optimise: rank by what you see.*")
 
     def update_md(u: dict) -> str:
         if not u:
@@ -199,11 +229,21 @@ def build_app(backend, title: str = "vfeedback rank"):
                     side.append(gr.Image(label="Current best", interactive=False, elem_id="rank-current", height=320, buttons=[]))
                     side.append(gr.Gallery(label="History (start → now, last 12)", columns=6, height=260, allow_preview=True,
                                            fit_columns=False, interactive=False, elem_id="rank-history", buttons=[], format="png"))
+                    if zo_check_on:
+                        side.append(gr.Markdown(elem_id="rank-check"))
+                        side.append(gr.Image(label="Check (not the objective): held-out judge, current image per round", interactive=False,
+                                             elem_id="rank-check-curve", buttons=[], format="png"))
                 elif mode == "d3po":
                     side.append(gr.Markdown(elem_id="rank-update"))
                     side.append(gr.HTML(elem_id="rank-update-bar"))
                     side.append(gr.Image(label="Last update: before | after", interactive=False, elem_id="rank-before-after", buttons=[]))
                     run_btn = gr.Button("Run a D3PO update now", elem_id="rank-run-update")
+                    if probes_on:  # the probe panel (vfeedback/app/probes.py)
+                        side.append(gr.Markdown(elem_id="rank-probe"))
+                        side.append(gr.Image(label="Probes: base model | current model (same seeds)", interactive=False,
+                                             elem_id="rank-probe-panel", buttons=[], format="png"))
+                        side.append(gr.Image(label="Check (not the objective): held-out judge on the probes", interactive=False,
+                                             elem_id="rank-probe-curve", buttons=[], format="png"))
                     timer = gr.Timer(2.0)
                 else:
                     gr.Markdown("Images of one prompt from several models, same seed, random order. "

@@ -1,7 +1,7 @@
 """`vfeedback rank CONFIG [key=value ...]`: the human-ranking app (docs/rank_app.md).
 
-    vfeedback rank configs/rank/tiny-zo.yaml                      # http://127.0.0.1:7860
-    vfeedback rank configs/rank/tiny-d3po.yaml --export labels.jsonl   # write the labels, no app
+    vfeedback rank configs/rank/shapes-d3po.yaml                  # http://127.0.0.1:7860
+    vfeedback rank configs/rank/shapes-d3po.yaml --export labels.jsonl # write the labels, no app
     vfeedback rank CONFIG --share --auth alice:secret             # a public link needs a login
 
 Safe by default: binds 127.0.0.1; ``--share`` and non-loopback hosts refuse to start without
