@@ -212,6 +212,8 @@ def _render_world_compare(r: dict) -> str:
 #: figures rendered from a committed bench JSON but not rerun by `make reproduce` (too slow):
 #: name -> (JSON file, {doc: render})
 DOC_TABLES: dict[str, tuple[Path, dict]] = {
+    "world_compare": (ROOT / "bench" / "results" / "world_compare.json",
+                      {"README.md": _render_world_compare, "docs/world.md": _render_world_compare}),
 }
 
 
