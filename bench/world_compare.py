@@ -132,13 +132,9 @@ def cached_evaluate(cache: Path, key: str, make_model, prompts, kinds, seeds):
 
 
 def _sha256(path: Path) -> str:
-    import hashlib
+    from vfeedback.rundir import sha256_file
 
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 def paired_delta_ci(before, after, n_boot: int = 2000, seed: int = 0) -> list[float]:

@@ -279,12 +279,17 @@ def _flatten(d, prefix: str = "") -> dict:
     return out
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    return "sha256:" + h.hexdigest()
+    return h.hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    return "sha256:" + sha256_file(path)
 
 
 def _sha256_tree(folder: Path) -> str:

@@ -168,6 +168,13 @@ def curve_png(points: list[dict], path: Path, reward: str) -> Path:
     ax.tick_params(labelsize=7)
     ax.legend(fontsize=7, loc="upper left")
     ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def _save(fig, path) -> Path:
+    """Write ``fig`` to ``path`` through a temp file (a reader never sees half a PNG), close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     tmp = Path(path).with_suffix(".tmp.png")
     fig.savefig(tmp)
@@ -191,12 +198,7 @@ def zo_curve_png(points: list[dict], path: Path, reward: str) -> Path:
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.tick_params(labelsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-    return Path(path)
+    return _save(fig, path)
 
 
 def run_update(cfg_path: str) -> int:

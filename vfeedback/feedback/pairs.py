@@ -144,13 +144,9 @@ def _from_preferences(p: Path, field: str) -> PairSet:
 
 
 def _sha256(p: Path) -> str:
-    import hashlib
+    from ..rundir import sha256_file
 
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(p)
 
 
 # ------------------------------------------------------------------------- Pick-a-Pic

@@ -23,7 +23,6 @@ weights as stored), and names the body file in its metadata; both files' sha256 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import time
@@ -35,6 +34,7 @@ import torch
 
 from rewards.shapes import ASSETS, KINDS, PROXY_MANIFEST, build_judge, load_judge, match_prob, spec_terms
 
+from ..rundir import sha256_file
 from .judge import _phase, evaluate
 from .scenes import corrupt, make_batch
 
@@ -53,13 +53,6 @@ def proxy_config(i: int) -> dict:
     """The full training settings of proxy ``i``."""
     return dict(PROXY, seed=11 + i, data_seed=500_000_000 + i * 1_000_000)
 
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @torch.no_grad()
