@@ -58,7 +58,7 @@ SCOPE = [
     "vfeedback.sampling.x?GradWindow?*",
     # ReFL and DRaFT / AlignProp: stop step and K, the losses, re-noising, reward metrics
     *(f"vfeedback.algorithms.refl.x_{f}__mutmut_*" for f in ("draw_stop_step", "refl_loss", "reward_metrics")),
-    *(f"vfeedback.algorithms.draft.x_{f}__mutmut_*" for f in ("draw_k", "draft_loss", "renoise")),
+    *(f"vfeedback.algorithms.draft.x_{f}__mutmut_*" for f in ("draw_k", "draw_k_gaussian", "draft_loss", "renoise")),
     # D3PO and Diffusion-DPO: the losses and D3PO's gradient scale
     *(f"vfeedback.algorithms.d3po.x_{f}__mutmut_*" for f in ("d3po_loss", "loss_scale")),
     *(f"vfeedback.algorithms.diffusion_dpo.x_{f}__mutmut_*" for f in ("denoising_error", "diffusion_dpo_loss")),

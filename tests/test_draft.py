@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import rewards
-from vfeedback.algorithms.draft import DRaFT, draft_loss, draw_k, renoise
+from vfeedback.algorithms.draft import DRaFT, draft_loss, draw_k, draw_k_gaussian, renoise
 from vfeedback.config import RunConfig
 
 PROMPTS = ["a red apple", "a blue lake"]
@@ -122,6 +122,43 @@ def test_k_range_draws_k_per_step_and_the_window_follows(lora_model):
         assert calls == [False] * (STEPS - want) + [True] * want
         seen.add(want)
     assert len(seen) >= 2  # the draw really varies across steps
+
+
+def test_k_gauss_draws_alignprops_gaussian_k_per_step_and_the_window_follows(lora_model):
+    """AlignProp's default truncation on our 5 steps: first index with gradient int(N(2.5, 2)),
+    redrawn into [1, 4], K = 5 - index; the grad window is the last K calls of that step. Seeds
+    0 and 2 draw K = 4 and 1 (hand-computed: tests/test_math_methods.py; here re-derived through
+    draw_k_gaussian for the other seeds)."""
+    m, _, reward = lora_model
+    seen = []
+    for seed in range(4):
+        want = draw_k_gaussian(2.5, 2.0, STEPS, torch.Generator().manual_seed(seed))
+        _, mets, calls = _step(m, reward, step_seed=seed, k_gauss=[2.5, 2.0], unet_checkpoint=False)
+        assert mets["k"] == want
+        assert calls == [False] * (STEPS - want) + [True] * want
+        seen.append(want)
+    assert seen[0] == 4 and len(set(seen)) >= 2
+
+
+@pytest.mark.slow  # 17 s on the shared 2 cores: the model load and the eval grids dominate
+def test_k_gauss_training_draws_k_from_each_steps_generator(tmp_path):
+    """Two optimizer steps of a tiny run through the engine (the CLI's `train`): each step's K in
+    metrics.jsonl is the gaussian draw from that step's seeded generator (engine.generator(seed,
+    "step", step, micro)), so a resumed or multi-process run draws the same K."""
+    import yaml
+
+    from vfeedback.cli import main
+    from vfeedback.engine import generator
+
+    cfg = yaml.safe_load(open("configs/draft/tiny.yaml"))
+    cfg.update(output_dir=str(tmp_path / "run"), seed=3, draft={"k_gauss": [4.0, 2.0], "grad_scale": 1.0})
+    cfg["train"].update(max_steps=2, batch_size=1)
+    cfg["log"] = {"checkpoint_every": 0, "eval_every": 0, "trackers": []}
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(p)]) == 0
+    ks = [json.loads(line)["k"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"k"' in line]
+    assert ks == [draw_k_gaussian(4.0, 2.0, 8, generator(3, "step", s, 0)) for s in (1, 2)]
 
 
 def test_lv_runs_the_chain_without_grad_then_n_last_steps_with_grad(lora_model):
@@ -269,6 +306,15 @@ def test_per_call_checkpointing_gives_the_same_gradient(lora_model):
     ({"k_range": [0, 2]}, "k_range [0, 2] must satisfy 1 <= lo <= hi"),
     ({"lv": 2, "k": 2}, "lv: 2 is DRaFT-LV, defined for K = 1"),
     ({"lv": 2, "k_range": [1, 2]}, "lv: 2 is DRaFT-LV, defined for K = 1"),
+    ({"lv": 2, "k_gauss": [2, 1]}, "lv: 2 is DRaFT-LV, defined for K = 1"),
+    ({"k_gauss": [2, 1], "k_range": [1, 2]}, "k_gauss and k_range are two ways to draw K"),
+    ({"k_gauss": [2, 0]}, "k_gauss [2.0, 0.0]: [mean, std] needs std > 0"),
+    ({"k_gauss": [2, -1]}, "k_gauss [2.0, -1.0]: [mean, std] needs std > 0"),
+    # the first index with gradient lies in [1, steps - 1] = [1, 4]; std at most steps (5)
+    ({"k_gauss": [0.99, 1]}, "draft.k_gauss: mean 0.99 must lie in [1, sampling.steps - 1] = [1, 4]"),
+    ({"k_gauss": [4.01, 1]}, "draft.k_gauss: mean 4.01 must lie in [1, sampling.steps - 1] = [1, 4]"),
+    ({"k_gauss": [2, 5.01]}, "draft.k_gauss: std 5.01 exceeds sampling.steps (5)"),
+    ({"k_gauss": [2, float("nan")]}, "Input should be a finite number"),
 ])
 def test_config_refuses_bad_k(draft, msg):
     from pydantic import ValidationError
@@ -276,6 +322,8 @@ def test_config_refuses_bad_k(draft, msg):
     with pytest.raises(ValidationError, match=msg.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         _cfg(**draft)
     assert _cfg(k=STEPS).draft.k == STEPS and _cfg(k_range=[1, STEPS]).draft.k_range == (1, STEPS)
+    # the edges of k_gauss are allowed (k is then ignored, as with k_range)
+    assert _cfg(k_gauss=[1, STEPS]).draft.k_gauss == (1.0, STEPS) and _cfg(k_gauss=[STEPS - 1, 0.1], k=STEPS + 1).draft.k_gauss
 
 
 def test_validate_names_the_field(capsys):
@@ -284,6 +332,10 @@ def test_validate_names_the_field(capsys):
     assert main(["validate", "configs/draft/tiny.yaml", "draft.k=9"]) == 2
     err = capsys.readouterr()
     assert "draft.k: K up to 9 exceeds sampling.steps (8)" in err.err + err.out
+    assert main(["validate", "configs/draft/tiny.yaml", "draft.k_gauss=[42,5]"]) == 2
+    err = capsys.readouterr()
+    assert "draft.k_gauss: mean 42.0 must lie in [1, sampling.steps - 1] = [1, 7]" in err.err + err.out
+    assert "Traceback" not in err.err + err.out
 
 
 # ----------------------------------------------------------------------------- processes

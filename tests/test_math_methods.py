@@ -17,7 +17,7 @@ from rewards.base import Ensemble, Reward, RewardError, ensemble_combine
 from vfeedback.algorithms.d3po import d3po_loss, loss_scale
 from vfeedback.algorithms.ddpo import PerPromptStatTracker, batch_advantages, gaussian_kl, ppo_clip_loss
 from vfeedback.algorithms.diffusion_dpo import denoising_error, diffusion_dpo_loss
-from vfeedback.algorithms.draft import draft_loss, draw_k, renoise
+from vfeedback.algorithms.draft import draft_loss, draw_k, draw_k_gaussian, renoise
 from vfeedback.algorithms.grpo import group_advantages
 from vfeedback.algorithms.raft import _count, select, to_uint8
 from vfeedback.algorithms.refl import draw_stop_step, refl_loss, reward_metrics
@@ -205,6 +205,46 @@ def test_refl_stop_step_draws_both_ends_of_the_range():
     # draw_k: a fixed K, or AlignProp's uniform K over [lo, hi]
     assert draw_k(4, None, g) == 4
     assert {draw_k(4, (1, 3), g) for _ in range(100)} == {1, 2, 3}
+
+
+def test_draft_gaussian_k_is_alignprops_first_grad_index_by_hand():
+    """AlignProp's gaussian truncation (its sd_pipeline.py lines 124-128, 224): index
+    b = int(mean + std * z), redrawn while b < 1 or b >= steps; K = steps - b. Seed 0 gives the
+    float64 normals z below; with steps 5, mean 2.5, std 2 (x = 2.5 + 2z, b = int(x)):
+      z = 1.5410 x = 5.58 b = 5 redrawn (b = steps)     z = -0.2934 x = 1.91 b = 1 K = 4 (round: 2)
+      z = -2.1788 x = -1.86 b = -1 redrawn              z = 0.5684 x = 3.64 b = 3 K = 2
+      z = -1.0845 x = 0.33 b = 0 redrawn (b = 0)        z = -1.3986 x = -0.30 b = 0 redrawn
+      z = 0.4033 x = 3.31 b = 3 K = 2                   z = 0.8380 x = 4.18 b = 4 K = 1 (b = steps - 1)
+    so four calls on one generator give K = 4, 2, 2, 1 (the redraws consume draws)."""
+    g = torch.Generator().manual_seed(0)
+    zs = [torch.randn((), generator=g, dtype=torch.float64).item() for _ in range(8)]
+    assert zs == pytest.approx([1.5410, -0.2934, -2.1788, 0.5684, -1.0845, -1.3986, 0.4033, 0.8380], abs=1e-4)
+    state = torch.get_rng_state()
+    g = torch.Generator().manual_seed(0)
+    assert [draw_k_gaussian(2.5, 2.0, 5, g) for _ in range(4)] == [4, 2, 2, 1]
+    assert torch.equal(torch.get_rng_state(), state)  # the step's generator only
+    # draw_k dispatches to it (k and k_range ignored), with the run's sampling steps
+    g = torch.Generator().manual_seed(0)
+    assert [draw_k(3, None, g, k_gauss=(2.5, 2.0), steps=5) for _ in range(4)] == [4, 2, 2, 1]
+    # another std: z = 1.5410 -> x = 2.5 + 1.541 = 4.04, b = 4, K = 1 at once
+    assert draw_k_gaussian(2.5, 1.0, 5, torch.Generator().manual_seed(0)) == 1
+    # the reference's recipe, N(42, 5) on 50 steps: the mean and sd of K = 50 - b against the
+    # truncated, redrawn normal computed from its CDF, P(b) = Phi((b + 1 - 42) / 5) - Phi((b - 42) / 5)
+    def phi(x):
+        return 0.5 * (1 + math.erf(x / math.sqrt(2)))
+    p = {50 - b: phi((b + 1 - 42) / 5) - phi((b - 42) / 5) for b in range(1, 50)}
+    tot = sum(p.values())
+    mean = sum(k * q for k, q in p.items()) / tot
+    sd = math.sqrt(sum((k - mean) ** 2 * q for k, q in p.items()) / tot)
+    # 50 - 41.5 = 8.5 before the redraws; dropping b >= 50 (5.5% of the draws) raises it
+    assert (mean, sd, tot) == pytest.approx((9.0887, 4.4734, 0.9452), abs=1e-4)
+    n = 4000
+    g = torch.Generator().manual_seed(1)
+    ks = np.array([draw_k_gaussian(42, 5, 50, g) for _ in range(n)], dtype=np.float64)
+    assert ks.min() >= 1 and ks.max() <= 49
+    # 4 standard errors: the sample mean's sd / sqrt(n), the sample sd's ~ sd / sqrt(2n)
+    assert abs(ks.mean() - mean) < 4 * sd / math.sqrt(n)
+    assert abs(ks.std() - sd) < 4 * sd / math.sqrt(2 * n)
 
 
 def test_refl_loss_hinge_values_and_step_raises_the_low_reward():

@@ -16,14 +16,16 @@ the LoRA weights. Per step (DRaFT's Algorithm 1, "DRaFT with options for DRaFT-K
   reachable from our machine when this was written: the re-noising and the sum are as we read
   Algorithm 1 and Sec. 3 ("lower-variance gradient estimates for K = 1"), checked against
   nothing else; docs/draft.md says so.
-* **AlignProp** (``draft.k_range``): K is drawn afresh at every step. The reference
-  (github:mihirp1998/AlignProp ``sd_pipeline.py`` lines 124-132) draws the index of the first
-  step that keeps the gradient, ``backprop_timestep``, by one of three strategies (``gaussian``
-  N(42, 5), the default in ``config/alignprop_config.py`` lines 111-112; ``uniform``
-  ``randint(0, 50)``; ``fixed`` 49) and redraws until it lies in [1, steps - 1]; the steps
-  before it run the UNet but detach its output (lines 224-225), so K = steps - backprop_timestep.
-  We implement the uniform strategy as K ~ U{lo, ..., hi} (both ends included; the reference's
-  uniform draw is K ~ U{1, ..., 49} on 50 steps); the gaussian one is not implemented.
+* **AlignProp** (``draft.k_range`` or ``draft.k_gauss``): K is drawn afresh at every step. The
+  reference (github:mihirp1998/AlignProp ``sd_pipeline.py`` lines 124-132) draws the index of
+  the first step that keeps the gradient, ``backprop_timestep``, by one of three strategies
+  (``gaussian`` N(42, 5), the default in ``config/alignprop_config.py`` lines 111-112 and the one
+  its ``aesthetic.sh`` / ``hps.sh`` pass, line 6 of each; ``uniform`` ``randint(0, 50)``;
+  ``fixed`` 49, its ``*_k1.sh``) and redraws until it lies in [1, steps - 1]; the steps before it
+  run the UNet but detach its output (lines 224-225), so K = steps - backprop_timestep.
+  ``draft.k_range`` is the uniform strategy as K ~ U{lo, ..., hi} (both ends included; the
+  reference's uniform draw is K ~ U{1, ..., 49} on 50 steps); ``draft.k_gauss`` = [mean, std]
+  is the gaussian one in the reference's terms (:func:`draw_k_gaussian`).
   Where the gradient stops differs in form, not in value: the reference keeps the latent chain
   differentiable and detaches the early UNet outputs, we run the early steps under no_grad;
   the early latents depend on no trainable weight either way, so the LoRA gradient is the same.
@@ -52,12 +54,38 @@ from .refl import PretrainData, denoising_loss, draw_stop_step, reward_metrics
 log = logging.getLogger(__name__)
 
 
-def draw_k(k: int, k_range, gen: torch.Generator) -> int:
-    """K for this step: ``k``, or uniform over ``k_range`` = [lo, hi] with both ends included
-    (AlignProp's randomized truncation)."""
+def draw_k(k: int, k_range, gen: torch.Generator, k_gauss=None, steps: int | None = None) -> int:
+    """K for this step: AlignProp's gaussian draw when ``k_gauss`` = (mean, std) is given (needs
+    ``steps``, the sampling steps: :func:`draw_k_gaussian`), else uniform over ``k_range`` =
+    [lo, hi] with both ends included (AlignProp's uniform truncation), else ``k``."""
+    if k_gauss is not None:
+        return draw_k_gaussian(k_gauss[0], k_gauss[1], steps, gen)
     if k_range is None:
         return int(k)
     return draw_stop_step(k_range, gen)
+
+
+def draw_k_gaussian(mean: float, std: float, steps: int, gen: torch.Generator) -> int:
+    """AlignProp's gaussian truncation (github:mihirp1998/AlignProp ``sd_pipeline.py`` lines
+    124-128): the index of the first sampling step that keeps the gradient is
+    ``b = int(x)``, x ~ N(mean, std) (Python's ``int``: truncation toward zero), redrawn while
+    ``b < 1`` or ``b >= steps``; steps b..steps-1 keep it (line 224: ``i < b`` is detached), so
+    K = ``steps - b`` lies in [1, steps - 1]. Returns K.
+
+    The reference draws one b per sampler call from the process's global torch RNG (a float32
+    ``torch.distributions.Normal`` sample); we draw x = mean + std * z with z ~ N(0, 1) in float64
+    from ``gen``, the step's generator, the same way ``draft.k_range`` does (our choice: every
+    process and a resumed run draw the same K). ``mean`` and ``std`` are in sampling-step
+    indices of this run, as the reference's are of its ``sample_num_steps``: (42, 5) is its
+    recipe for 50 steps; for another step count we do not rescale them (our choice; the config
+    refuses a mean outside [1, steps - 1] and a std above ``steps``, so that a draw lands in
+    range at least about one time in five and the redraw loop ends). Out-of-range draws are
+    redrawn, as the reference does, not clipped."""
+    b = -1
+    while b < 1 or b >= steps:
+        z = torch.randn((), generator=gen, dtype=torch.float64).item()
+        b = int(mean + std * z)
+    return steps - b
 
 
 def draft_loss(r: torch.Tensor, grad_scale: float) -> torch.Tensor:
@@ -102,7 +130,7 @@ class DRaFT:
             loss, r = self._lv_loss(cond, prompts, generators)
             k = 1
         else:
-            k = draw_k(d.k, d.k_range, step_gen)
+            k = draw_k(d.k, d.k_range, step_gen, k_gauss=d.k_gauss, steps=s.steps)
             out = sample(m, cond, num_steps=s.steps, guidance_scale=s.guidance_scale, eta=s.eta, generator=generators,
                          grad=GradWindow.last(k, s.steps), vae_checkpoint=cfg.model.vae_checkpointing,
                          unet_checkpoint=d.unet_checkpoint)
