@@ -140,7 +140,7 @@ def test_k_gauss_draws_alignprops_gaussian_k_per_step_and_the_window_follows(lor
     assert seen[0] == 4 and len(set(seen)) >= 2
 
 
-@pytest.mark.slow  # 17 s on the shared 2 cores: the model load and the eval grids dominate
+@pytest.mark.slow  # 13-17 s on the shared 2 cores: the model load and the eval grids dominate
 def test_k_gauss_training_draws_k_from_each_steps_generator(tmp_path):
     """Two optimizer steps of a tiny run through the engine (the CLI's `train`): each step's K in
     metrics.jsonl is the gaussian draw from that step's seeded generator (engine.generator(seed,

@@ -210,14 +210,14 @@ def test_refl_stop_step_draws_both_ends_of_the_range():
 def test_draft_gaussian_k_is_alignprops_first_grad_index_by_hand():
     """AlignProp's gaussian truncation (its sd_pipeline.py lines 124-128, 224): index
     b = int(mean + std * z), redrawn while b < 1 or b >= steps; K = steps - b. Seed 0 gives the
-    float64 normals z below; with steps 5, mean 2.5, std 2 (x = 2.5 + 2z, b = int(x)):
+    standard normals z below; with steps 5, mean 2.5, std 2 (x = 2.5 + 2z, b = int(x)):
       z = 1.5410 x = 5.58 b = 5 redrawn (b = steps)     z = -0.2934 x = 1.91 b = 1 K = 4 (round: 2)
       z = -2.1788 x = -1.86 b = -1 redrawn              z = 0.5684 x = 3.64 b = 3 K = 2
       z = -1.0845 x = 0.33 b = 0 redrawn (b = 0)        z = -1.3986 x = -0.30 b = 0 redrawn
       z = 0.4033 x = 3.31 b = 3 K = 2                   z = 0.8380 x = 4.18 b = 4 K = 1 (b = steps - 1)
     so four calls on one generator give K = 4, 2, 2, 1 (the redraws consume draws)."""
     g = torch.Generator().manual_seed(0)
-    zs = [torch.randn((), generator=g, dtype=torch.float64).item() for _ in range(8)]
+    zs = [torch.randn((), generator=g).item() for _ in range(8)]
     assert zs == pytest.approx([1.5410, -0.2934, -2.1788, 0.5684, -1.0845, -1.3986, 0.4033, 0.8380], abs=1e-4)
     state = torch.get_rng_state()
     g = torch.Generator().manual_seed(0)

@@ -73,19 +73,18 @@ def draw_k_gaussian(mean: float, std: float, steps: int, gen: torch.Generator) -
     K = ``steps - b`` lies in [1, steps - 1]. Returns K.
 
     The reference draws one b per sampler call from the process's global torch RNG (a float32
-    ``torch.distributions.Normal`` sample); we draw x = mean + std * z with z ~ N(0, 1) in float64
-    from ``gen``, the step's generator, the same way ``draft.k_range`` does (our choice: every
+    ``torch.distributions.Normal`` sample); we draw x = mean + std * z with z ~ N(0, 1) (torch's
+    float32 normal) from ``gen``, the step's generator, as ``draft.k_range`` does (our choice: every
     process and a resumed run draw the same K). ``mean`` and ``std`` are in sampling-step
     indices of this run, as the reference's are of its ``sample_num_steps``: (42, 5) is its
     recipe for 50 steps; for another step count we do not rescale them (our choice; the config
     refuses a mean outside [1, steps - 1] and a std above ``steps``, so that a draw lands in
     range at least about one time in five and the redraw loop ends). Out-of-range draws are
     redrawn, as the reference does, not clipped."""
-    b = -1
-    while b < 1 or b >= steps:
-        z = torch.randn((), generator=gen, dtype=torch.float64).item()
-        b = int(mean + std * z)
-    return steps - b
+    while True:
+        b = int(mean + std * torch.randn((), generator=gen).item())
+        if 1 <= b < steps:
+            return steps - b
 
 
 def draft_loss(r: torch.Tensor, grad_scale: float) -> torch.Tensor:
