@@ -125,7 +125,16 @@ def report(wall: float | None = None) -> int:
     return 0
 
 
+USAGE = "usage: python tests/mutants.py [report | resume]   (no argument: a fresh run over SCOPE)"
+
+
 def main(argv: list[str]) -> int:
+    if argv[:1] in (["-h"], ["--help"]):
+        print(USAGE)
+        return 0
+    if len(argv) > 1 or (argv and argv[0] not in ("report", "resume")):
+        print(f"mutants: unknown argument(s) {' '.join(argv)!r}\n{USAGE}", file=sys.stderr)
+        return 2
     if argv[:1] == ["report"]:
         return report()
     if argv[:1] != ["resume"]:
