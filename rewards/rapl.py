@@ -94,8 +94,8 @@ def sinkhorn_plan(cost: torch.Tensor, epsilon: float = 1.0, iters: int = 200) ->
     """
     eps = _check_eps(epsilon)
     T, S = cost.shape[-2], cost.shape[-1]
-    log_a = cost.new_full(cost.shape[:-1], -math.log(T))  # the cost's dtype and device
-    log_b = cost.new_full(cost.shape[:-2] + (S,), -math.log(S))
+    log_a = cost.new_full((T,), -math.log(T))  # the cost's dtype and device; broadcast over the batch dims
+    log_b = cost.new_full((S,), -math.log(S))
     logK = -cost / eps
     f = torch.zeros_like(log_a)  # f = eps * log u
     g = torch.zeros_like(log_b)
@@ -105,7 +105,8 @@ def sinkhorn_plan(cost: torch.Tensor, epsilon: float = 1.0, iters: int = 200) ->
     return torch.exp(logK + f.unsqueeze(-1) + g.unsqueeze(-2))
 
 
-def ot_frame_costs(x: torch.Tensor, y: torch.Tensor, epsilon: float = 1.0, iters: int = 200) -> torch.Tensor:
+def ot_frame_costs(x: torch.Tensor, y: torch.Tensor, epsilon: float = 1.0,
+                   iters: int = 200) -> torch.Tensor:  # pragma: no mutate  200 or 201: on cosine costs in [0, 2] at eps 1 Sinkhorn is converged to the last bit long before
     """``sum_s P*_ts C_ts`` per frame of ``x``: ``(..., T, D)``, ``(..., S, D)`` -> ``(..., T)``.
 
     The reference's per-frame OT reward is minus this; its sum over ``t`` is the OT distance.
@@ -114,7 +115,8 @@ def ot_frame_costs(x: torch.Tensor, y: torch.Tensor, epsilon: float = 1.0, iters
     return (sinkhorn_plan(c, epsilon, iters) * c).sum(-1)
 
 
-def ot_distance(x: torch.Tensor, y: torch.Tensor, epsilon: float = 1.0, iters: int = 200) -> torch.Tensor:
+def ot_distance(x: torch.Tensor, y: torch.Tensor, epsilon: float = 1.0,
+                iters: int = 200) -> torch.Tensor:  # pragma: no mutate  200 or 201: on cosine costs in [0, 2] at eps 1 Sinkhorn is converged to the last bit long before
     """``<P*, C>`` between two embedded videos: ``(..., T, D)``, ``(..., S, D)`` -> ``(...)``."""
     return ot_frame_costs(x, y, epsilon, iters).sum(-1)
 

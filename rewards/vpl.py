@@ -124,7 +124,7 @@ def elbo_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, mu: Optional[tor
 
 def rescale_latent(z: torch.Tensor) -> torch.Tensor:
     """``z / |z| * sqrt(L)`` per row (``VAEModel.reparameterization``)."""
-    return F.normalize(z, p=2, dim=-1) * math.sqrt(z.shape[-1])
+    return z / z.norm(dim=-1, keepdim=True).clamp_min(1e-12) * math.sqrt(z.shape[-1])  # F.normalize's formula, no p to pass
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,11 +234,12 @@ def sample_contexts(pairs: PairSet, targets: torch.Tensor, context_max: int, g: 
     same = (pairs.user[None, :] == pairs.user[targets][:, None]) & (torch.arange(P)[None, :] != targets[:, None])
     avail = same.sum(1)
     keys = torch.rand(B, P, generator=g) - (~same).float()  # the others' keys in [-1, 0): below every valid one
-    idx = keys.topk(min(context_max, P), dim=1).indices
+    idx = keys.topk(min(context_max, P)).indices  # along the last dim, the P pairs
     idx = torch.cat([idx, idx.new_zeros(B, context_max - idx.shape[1])], 1)  # padded to context_max (width 0 when P >= it)
     hi = avail.clamp(max=context_max)
     lo = avail.clamp(max=context_min)
-    k = lo + (torch.rand(B, generator=g) * (hi - lo + 1)).long().clamp(max=(hi - lo))  # k ~ U{lo, ..., hi}
+    # k ~ U{lo, ..., hi}: float32 rand() <= 1 - 2^-24, and (1 - 2^-24) * n rounds below n for every n < 2^24, so k <= hi
+    k = lo + (torch.rand(B, generator=g) * (hi - lo + 1)).long()
     mask = torch.arange(context_max)[None, :] < k[:, None]
     idx = idx.masked_fill(~mask, 0)
     return idx, mask

@@ -99,6 +99,8 @@ def test_heron_label_pairs_levels_ties():
     lab = heron_label(LAB_V, LAB_G, [2.0, 0.0], "std")
     assert lab.margins == pytest.approx([2.0 * sd, 0.0], rel=1e-14)
     assert lab.pairs == [(1, 0), (0, 2), (1, 2)] and lab.levels == [1, 1, 1] and lab.ties == 3
+    # values are read in float64: 0.3 vs 0.1 + 0.2 ties, as float32 copies (0.30000001 > 0.30000000) would not
+    assert heron_label([[0.1], [0.3]], [0, 0], [0.2]).ties == 1
 
 
 @pytest.mark.parametrize("values, groups, margins", [
@@ -122,6 +124,10 @@ def test_weighted_label_sums_skip_nan_terms_and_all_nan_loses():
     assert exact.ties == 0 and exact.margins == [0.0] and (0, 1) in exact.pairs and (1, 3) in exact.pairs
     with pytest.raises(ValueError, match="weighted_label"):
         weighted_label(v, [0] * 5, [1.0])
+    # values and weights are taken in float64: 0.3 vs 0.1 + 0.2 (both 0.30000000000000004) is a tie,
+    # which float32 copies (0.1 -> 0.10000000149, 0.3 -> 0.30000001192) would decide
+    assert weighted_label([[0.1], [0.3]], [0, 0], [1.0], tol=0.2).ties == 1
+    assert weighted_label(torch.tensor([[3.0], [1.0]], dtype=F64), [0, 0], [0.1], tol=0.2).ties == 1
 
 
 # ============================================================================ HERON: the oracle
@@ -143,6 +149,10 @@ def _red(x, prompts=None, **kw):
 
 def _green(x, prompts=None, **kw):
     return x[:, 1].mean((1, 2))
+
+
+def _prompt_len(x, prompts, **kw):  # a factor that reads the prompt of each image
+    return torch.tensor([float(len(p)) for p in prompts])
 
 
 def _red_unless_blue(x, prompts=None, **kw):  # a factor that does not apply (NaN) to blue images
@@ -187,6 +197,13 @@ def test_oracle_label_values_counts_decided_pairs():
     assert o.last_decided == 0  # reset per batch
     cmp(0, 2)
     assert o.last_decided == 1
+    # the batch is read in float64: 0.3 vs 0.1 + 0.2 ties, as float32 copies would not
+    _, cmp = HeronPreferenceOracle([_red], [0.2]).label_values([[0.1], [0.3]])
+    assert cmp(0, 1) is None
+    # std: the margins are the batch's spread, even before anything was scored
+    s = HeronPreferenceOracle([_red, _green], [1.0, 2.0], margin_scale="std")
+    d, _ = s.label_values(LAB_V)
+    assert d == pytest.approx([statistics.stdev(LAB_V[:, 0].tolist()), 2.0 * statistics.stdev(LAB_V[:, 1].tolist())], rel=1e-14)
 
 
 def test_oracle_rank_and_rank_groups():
@@ -195,6 +212,7 @@ def test_oracle_rank_and_rank_groups():
     # (0,1): red 1.0 leads by 0.5 -> 1; (0,2): green -> 2; (1,2): red -> 1: wins 0, 2, 1
     assert o.rank(imgs) == [1, 2, 0]
     assert o.last_scores.tolist() == [[0.5, 0.0], [1.0, 0.0], [0.5, 0.5]] and o.n_queries == 3
+    assert HeronPreferenceOracle([_prompt_len], [0.0]).rank(imgs, ["a", "ccc", "bb"]) == [1, 2, 0]  # the prompts are passed on
     # candidates of two images each; factor 0 is NaN on blue images, averaged over the rest
     q = HeronPreferenceOracle([_red_unless_blue, _green], [0.0, 0.0])
     cands = torch.stack([
@@ -205,6 +223,9 @@ def test_oracle_rank_and_rank_groups():
     assert q.rank_groups(cands, ["p", "q"]) == [1, 0, 2]
     m = q.last_scores
     assert m[:, 1].tolist() == [0.0, 0.25, 1.0] and m[:2, 0].tolist() == [0.5, 0.75] and math.isnan(m[2, 0])
+    # the i-th prompt goes with the i-th image of every candidate: lengths 1 and 3, mean 2 each
+    p = HeronPreferenceOracle([_prompt_len], [0.0])
+    assert p.rank_groups(cands, ["a", "ccc"]) == [0, 1, 2] and p.last_scores.tolist() == [[2.0], [2.0], [2.0]]
 
 
 # ============================================================================ VPL: the ELBO's terms
@@ -227,6 +248,7 @@ def test_anneal_ends_and_cycle():
     assert anneal(7, 8) == pytest.approx(0.1 + 0.9 * (math.cos(math.pi / 8) + 1) / 2, abs=1e-15)  # near 1 at the end
     assert anneal(0, 8, baseline=0.25) == 0.25 and anneal(4, 8, 0.25) == pytest.approx(0.625, abs=1e-15)
     assert anneal(3, 0) == 1.0 and anneal(3, -2) == 1.0  # no annealing
+    assert anneal(0, 1) == 0.1 and anneal(5, 1) == 0.1  # a cycle of one step: always at its start
 
 
 def test_elbo_loss_terms_and_the_likelihood_sign():
@@ -250,6 +272,8 @@ def test_rescale_latent_to_norm_sqrt_l():
     assert rescale_latent(z).shape == (1, 2, 4)
     assert rescale_latent(z).flatten().tolist() == pytest.approx([1.2, 1.6, 0.0, 0.0, 0.0, 0.0, -2.0, 0.0], rel=1e-15, abs=0)
     assert rescale_latent(torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.25]], dtype=F64)).tolist() == [[0.0] * 8 + [3.0]]
+    # the 2-norm, not another p: (1, 1, 1, 1) has 2-norm 2 -> unchanged; a zero latent stays zero
+    assert rescale_latent(torch.tensor([[1.0, 1.0, 1.0, -1.0], [0.0, 0.0, 0.0, 0.0]], dtype=F64)).tolist() == [[1.0, 1.0, 1.0, -1.0], [0.0] * 4]
 
 
 # ============================================================================ VPL: the model's arithmetic
@@ -260,6 +284,9 @@ def test_vpl_fit_features_and_standardise():
     assert m.feat_std.tolist() == pytest.approx([2.0, 1e-4, math.sqrt(12.0)], rel=1e-6)  # a constant column: the floor
     x = m.standardise(torch.tensor([[7.0, 5.0, 4.0], [1.0, 5.0, 4.0 + math.sqrt(12.0)]], dtype=F64))
     assert x.dtype == torch.float32 and x.flatten().tolist() == pytest.approx([2.0, 0.0, 0.0, -1.0, 0.0, 1.0], abs=1e-5)
+    two = VPLModel(3, 0, 4)
+    two.fit_features(torch.tensor([[0.0, 0.0, 1.0], [2.0, 4.0, 1.0]]))  # two rows: the spread is used
+    assert two.feat_std.tolist() == pytest.approx([math.sqrt(2.0), math.sqrt(8.0), 1e-4], rel=1e-6)
     one = VPLModel(3, 0, 4)
     one.fit_features(torch.tensor([[1.0, 2.0, 3.0]]))  # one row: no spread to scale by
     assert one.feat_mean.tolist() == [1.0, 2.0, 3.0] and one.feat_std.tolist() == [1.0, 1.0, 1.0]
@@ -275,6 +302,9 @@ def test_vpl_reward_feeds_standardised_features_and_the_latent():
     assert torch.allclose(m.reward(f, z), want, atol=0, rtol=0)
     zb = torch.tensor([[0.5, -1.0], [2.0, 0.0]])
     assert torch.equal(m.reward(f, zb), m.decoder(torch.cat([(f - m.feat_mean) / m.feat_std, zb], 1))[:, 0])
+    assert torch.equal(m.reward(f, zb.double()), m.reward(f, zb))  # per-row latents cast too
+    one = VPLModel(3, latent_dim=1, hidden=4)  # a one-dimensional latent is still a latent
+    assert torch.equal(one.reward(f, torch.tensor([0.5])), one.decoder(torch.cat([f, torch.full((2, 1), 0.5)], 1))[:, 0])
     # batched latents (B1, B2, L) with features (B1, B2, D)
     f3, z3 = torch.stack([f, f.flip(0)]), torch.stack([zb, zb])
     assert m.reward(f3, z3).shape == (2, 2) and torch.allclose(m.reward(f3, z3)[0], m.reward(f, zb), rtol=0, atol=1e-6)
@@ -314,7 +344,13 @@ def test_sample_contexts_sizes_and_padding():
     assert idx.tolist() == [[0, 0, 0], [6, 0, 0], [5, 0, 0]]  # the masked slots hold 0
     # user 0 has 4 others; k ~ U{2, 3} with context_max 3, about half each; never the target, no repeat
     t = torch.zeros(400, dtype=torch.long)
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
     idx, mask = sample_contexts(p, t, 3, torch.Generator().manual_seed(1))
+    assert torch.equal(torch.get_rng_state(), state)  # every draw from the generator given, none from the global RNG
+    again = sample_contexts(p, t, 3, torch.Generator().manual_seed(1))
+    assert torch.equal(again[0], idx) and torch.equal(again[1], mask)
+    assert len(set(idx[:, 0].tolist())) == 4  # each target draws its own order of the 4 others
     k = mask.sum(1)
     assert set(k.tolist()) == {2, 3} and 0.4 < float((k == 3).float().mean()) < 0.6
     assert mask[:, 0].all() and mask[:, 1].all()  # valid slots first
@@ -330,7 +366,7 @@ def test_sample_contexts_sizes_and_padding():
 
 
 def test_sample_contexts_top_draw_stays_in_range(monkeypatch):
-    # the largest float32 below 1 times 3 rounds to 3.0: the clamp keeps k = lo + 2 = hi
+    # the largest float32 rand() (1 - 2^-24) times 3 rounds below 3: the top draw gives k = lo + 2 = hi, not hi + 1
     p = _pairs()
     real = torch.rand
 
@@ -395,10 +431,13 @@ def test_sinkhorn_iterations_marginals_and_batches():
     assert torch.allclose(P.sum(0), torch.full((3,), 1 / 3, dtype=F64), rtol=0, atol=1e-14)
     L = P.log() + C / 0.5
     assert torch.allclose(L - L[:, :1] - L[:1, :] + L[0, 0], torch.zeros_like(L), rtol=0, atol=1e-10)
-    # batched: each cost matrix solved on its own
-    B = torch.stack([C, C.flip(1) * 2.0])
+    # batched (3 matrices of 2 x 3): each solved on its own
+    B = torch.stack([C, C.flip(1) * 2.0, C.flip(0)])
     PB = sinkhorn_plan(B, 0.5, iters=300)
-    assert torch.allclose(PB[0], P, rtol=0, atol=1e-15) and torch.allclose(PB[1], sinkhorn_plan(C.flip(1) * 2.0, 0.5, 300), rtol=0, atol=1e-15)
+    assert PB.shape == (3, 2, 3) and torch.allclose(PB[0], P, rtol=0, atol=1e-15)
+    for i in (1, 2):
+        assert torch.allclose(PB[i], sinkhorn_plan(B[i], 0.5, 300), rtol=0, atol=1e-15)
+    assert torch.allclose(sinkhorn_plan(B, 0.5, iters=0), torch.exp(-B / 0.5), rtol=1e-15, atol=0)
     # the defaults are epsilon 1 and 200 iterations (costs of range 40 are not converged by then)
     W = torch.tensor([[0.0, 40.0, 13.0], [29.0, 1.0, 7.0], [3.0, 17.0, 0.5]], dtype=F64)
     assert torch.equal(sinkhorn_plan(W), sinkhorn_plan(W, 1.0, 200))
@@ -412,6 +451,9 @@ def test_ot_frame_costs_and_distance_by_hand():
         fc = ot_frame_costs(x, y, eps)
         assert torch.allclose(fc, torch.full((2,), 0.5 - b, dtype=F64), rtol=0, atol=1e-14)
         assert ot_distance(x, y, eps).item() == pytest.approx(1.0 - 2 * b, abs=1e-14)
+    # the iterations are passed on: none leaves the Gibbs kernel, P = exp(-C / eps), 2 e^-2 in all
+    assert ot_frame_costs(x, y, 0.5, 0).tolist() == pytest.approx([math.exp(-2.0)] * 2, rel=1e-14)
+    assert ot_distance(x, y, 0.5, iters=0).item() == pytest.approx(2 * math.exp(-2.0), rel=1e-14)
     # batched (2, T, D): each pair on its own
     xb, yb = torch.stack([x, x]), torch.stack([y, y.flip(0)])
     assert torch.allclose(ot_distance(xb, yb, 0.5), torch.stack([ot_distance(x, y, 0.5), ot_distance(x, y.flip(0), 0.5)]), rtol=0, atol=1e-15)
@@ -466,6 +508,12 @@ def test_rapl_rewards_against_the_closest_demo(rapl_model):
     m._demo_emb = demos
     want = -2 * ot_frame_costs(emb, demos[1], 0.5, 200)
     assert torch.allclose(m.rewards_from_embeddings(emb), want, rtol=0, atol=1e-6)
+    m.iters = 0  # the model's own iteration count is used (none: the plan is the Gibbs kernel)
+    try:
+        assert torch.allclose(m.rewards_from_embeddings(emb), -2 * ot_frame_costs(emb, demos[1], 0.5, 0), rtol=0, atol=1e-6)
+        assert not torch.allclose(m.rewards_from_embeddings(emb), want, rtol=0, atol=1e-4)
+    finally:
+        m.iters = 200
     m._demo_emb = None
 
 
@@ -487,7 +535,7 @@ def test_rapl_gym_wrapper_reward(rapl_model):
             return np.zeros(1, np.float32), {}
 
         def step(self, action):
-            self.t += 1
+            self.t, self.action = self.t + 1, action
             end = self.t >= 3
             return np.full(1, self.t, np.float32), 0.25, end and self.terminate, end and not self.terminate, {}
 
@@ -506,7 +554,8 @@ def test_rapl_gym_wrapper_reward(rapl_model):
                 env.step(0)
             env.reset(seed=0)
             for t, (w, score) in enumerate(zip(want, [-1.0, -2.0, -1.0]), 1):
-                _, r, term, trunc, info = env.step(0)
+                _, r, term, trunc, info = env.step(1)
+                assert env.unwrapped.action == 1
                 assert r == pytest.approx(w, abs=1e-6) and info["rapl_reward"] == pytest.approx(score, abs=1e-6)
                 assert info["env_reward"] == 0.25
                 assert ("rapl_episode_rewards" in info) == (t == 3)

@@ -149,7 +149,7 @@ class HeronPreferenceOracle:
         finite = torch.isfinite(v)
         s = torch.where(finite, v, torch.zeros_like(v)).sum(1)
         c = finite.sum(1)
-        mean = torch.where(c > 0, s / c.clamp_min(1), torch.full_like(s, float("nan")))
+        mean = torch.where(c > 0, s / c.clamp_min(1), math.nan)
         self.last_scores = mean
         _, cmp = self.label_values(mean)
         return copeland_order(n, cmp)
