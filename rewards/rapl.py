@@ -106,7 +106,8 @@ def sinkhorn_plan(cost: torch.Tensor, epsilon: float = 1.0, iters: int = 200) ->
 
 
 def ot_frame_costs(x: torch.Tensor, y: torch.Tensor, epsilon: float = 1.0,
-                   iters: int = 200) -> torch.Tensor:  # pragma: no mutate  200 or 201: on cosine costs in [0, 2] at eps 1 Sinkhorn is converged to the last bit long before
+                   iters: int = 200,  # pragma: no mutate  200 or 201: on cosine costs in [0, 2] at eps 1 Sinkhorn has converged to the last bit long before
+                   ) -> torch.Tensor:
     """``sum_s P*_ts C_ts`` per frame of ``x``: ``(..., T, D)``, ``(..., S, D)`` -> ``(..., T)``.
 
     The reference's per-frame OT reward is minus this; its sum over ``t`` is the OT distance.
@@ -116,7 +117,8 @@ def ot_frame_costs(x: torch.Tensor, y: torch.Tensor, epsilon: float = 1.0,
 
 
 def ot_distance(x: torch.Tensor, y: torch.Tensor, epsilon: float = 1.0,
-                iters: int = 200) -> torch.Tensor:  # pragma: no mutate  200 or 201: on cosine costs in [0, 2] at eps 1 Sinkhorn is converged to the last bit long before
+                iters: int = 200,  # pragma: no mutate  200 or 201: on cosine costs in [0, 2] at eps 1 Sinkhorn has converged to the last bit long before
+                ) -> torch.Tensor:
     """``<P*, C>`` between two embedded videos: ``(..., T, D)``, ``(..., S, D)`` -> ``(...)``."""
     return ot_frame_costs(x, y, epsilon, iters).sum(-1)
 
