@@ -166,7 +166,7 @@ def weighted_label(values: torch.Tensor, groups: Sequence[int], weights: Sequenc
         raise ValueError(f"weighted_label: values {tuple(v.shape)} for {len(w)} weights")
     terms = v * w
     s = torch.where(torch.isfinite(terms), terms, torch.zeros_like(terms)).sum(1)
-    s = torch.where(torch.isfinite(v).any(1), s, torch.full_like(s, float("nan")))
+    s = torch.where(torch.isfinite(v).any(1), s, math.nan)
     out = HeronLabels(margins=[float(tol)])
     vals = s.tolist()
     for i, j in _group_pairs(groups):

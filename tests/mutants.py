@@ -72,6 +72,17 @@ SCOPE = [
     "rewards.base.x_ensemble_combine__mutmut_*",
     "rewards.base.x?Ensemble?*",
     *(f"vfeedback.reward_shaping.x_{f}__mutmut_*" for f in ("par_shaping", "win_rates", "penalise", "lagrange_step")),
+    # HERON: the comparator, margins, pair labels, the weighted-sum baseline, Copeland ranking, the oracle
+    *(f"rewards.heron.x_{f}__mutmut_*" for f in ("heron_compare", "factor_margins", "heron_label", "weighted_label", "_group_pairs")),
+    "vfeedback.feedback.heron.x_copeland_order__mutmut_*",
+    *(f"vfeedback.feedback.heron.x?HeronPreferenceOracle?{m}__mutmut_*" for m in ("compare_values", "current_margins", "label_values", "rank", "rank_groups")),
+    # VPL: the ELBO's terms, annealing, latent rescaling and draw, standardisation, the decoder input, contexts, ranked pairs
+    *(f"rewards.vpl.x_{f}__mutmut_*" for f in ("kl_standard_normal", "anneal", "elbo_loss", "rescale_latent", "sample_contexts", "_ranked_pairs")),
+    *(f"rewards.vpl.x?VPLModel?{m}__mutmut_*" for m in ("standardise", "reward", "sample", "fit_features")),
+    # RAPL: cosine cost, entropic OT plan and costs, triplet loss, the reward against the closest demo, the gym wrapper's reward
+    *(f"rewards.rapl.x_{f}__mutmut_*" for f in ("cosine_cost", "_check_eps", "sinkhorn_plan", "ot_frame_costs", "ot_distance", "triplet_loss")),
+    "rewards.rapl.x?RAPLModel?rewards_from_embeddings__mutmut_*",
+    "vfeedback.integrations.gym.x?RAPLReward?step__mutmut_*",
 ]
 
 KILLED = {"killed", "timeout", "caught by type check", "segfault"}

@@ -37,7 +37,7 @@ def copeland_order(n: int, compare) -> list[int]:
     """Indices ``0..n-1`` best first by wins over the others (a tie 1/2), ties by index.
 
     ``compare(i, j)``: 0 when i is better, 1 when j is, None for a tie."""
-    won = [0.0] * n
+    won = [0.0] * n  # pragma: no mutate  a common starting count: any constant ranks the same
     for i in range(n):
         for j in range(i + 1, n):
             c = compare(i, j)
@@ -99,7 +99,9 @@ class HeronPreferenceOracle:
         """Absolute margins: for ``std``, over ``values`` when given, else over all rows seen."""
         if self.margin_scale == "absolute":
             return list(self.margins)
-        v = values if values is not None else (torch.cat(self._seen) if self._seen else torch.zeros(0, len(self.factors), dtype=torch.float64))
+        if values is None and not self._seen:
+            return [0.0] * len(self.margins)  # nothing scored yet: no spread to scale by (factor_margins' rule)
+        v = values if values is not None else torch.cat(self._seen)
         return factor_margins(v, self.margins, "std")
 
     def compare_values(self, va: Sequence[float], vb: Sequence[float], margins: Sequence[float]) -> Optional[int]:
@@ -147,7 +149,7 @@ class HeronPreferenceOracle:
         finite = torch.isfinite(v)
         s = torch.where(finite, v, torch.zeros_like(v)).sum(1)
         c = finite.sum(1)
-        mean = torch.where(c > 0, s / c.clamp_min(1), torch.full_like(s, float("nan")))
+        mean = torch.where(c > 0, s / c.clamp_min(1), math.nan)
         self.last_scores = mean
         _, cmp = self.label_values(mean)
         return copeland_order(n, cmp)

@@ -366,7 +366,7 @@ class RAPLReward(gym.Wrapper, gym.utils.RecordConstructorArgs):
         info["rapl_reward"] = score
         info["env_reward"] = env_reward
         if terminated or truncated:
-            info["rapl_episode_rewards"] = rs[1:].numpy().astype(np.float64)
+            info["rapl_episode_rewards"] = np.asarray(rs[1:].numpy(), dtype=np.float64)
         reward = self.scale * score if self.mode == "replace" else env_reward + self.scale * score
         return obs, reward, terminated, truncated, info
 
