@@ -87,7 +87,11 @@ def run(config: Path, out: Path, seed: int, labels: int, margin: float, override
         points = b.probe_status()["points"]
     finally:
         b.close()
-    return {"config": str(config), "overrides": overrides, "seed": seed, "labels": labels, "margin": margin,
+    try:
+        shown = str(Path(config).resolve().relative_to(ROOT))
+    except ValueError:
+        shown = str(config)
+    return {"config": shown, "overrides": overrides, "seed": seed, "labels": labels, "margin": margin,
             "answers": answers, "updates": updates, "points": points,
             "probe_means": [round(p["mean"], 4) for p in points]}
 
