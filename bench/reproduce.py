@@ -54,7 +54,7 @@ def _render_quickstart(r: dict) -> str:
 ITERCOMP_CATS = ("spatial", "attribute", "nonspatial")
 
 
-def _read_itercomp(out) -> dict:
+def _read_itercomp(out, cats=ITERCOMP_CATS) -> dict:
     """The IterComp summary flattened: composition per model, reward-model val accuracy and the
     inner ReFL's reward-model reward per iteration."""
     s = json.loads((Path(out) / "summary.json").read_text())
@@ -62,7 +62,7 @@ def _read_itercomp(out) -> dict:
     for h in s["composition_history"]:
         got["composition_" + ("base" if h["after_iteration"] is None else f"iter{h['after_iteration']}")] = h["all"]
     for r in s["reward_model_accuracy"]:
-        for c in ITERCOMP_CATS:
+        for c in cats:
             got[f"rm_val_iter{r['iteration']}_{c}"] = r[c]["val"]
     for r in s["per_iteration"]:
         got[f"refl_before_iter{r['iteration']}"] = r["refl"]["eval_reward_before"]
@@ -96,6 +96,49 @@ def _render_itercomp_tiny_short(r: dict) -> str:
             f"  category; the composition score {m['composition_base']:.4f} (base) → {m['composition_iter0']:.4f} → "
             f"{m['composition_iter1']:.4f} over two iterations\n  (`bench/results/figures/itercomp_tiny.json`; not a robust "
             f"rise: with random tiny models the gallery has no\n  member better than the base; see the doc).")
+
+
+ITERCOMP_SHAPES_CATS = ("attribute", "spatial", "count")
+
+
+def _read_itercomp_shapes(out) -> dict:
+    """IterComp on the shapes world: :func:`_read_itercomp` plus the held-out judge on each inner
+    ReFL run's eval grid (``iter-K/refl/summary.json``)."""
+    got = _read_itercomp(out, ITERCOMP_SHAPES_CATS)
+    for k in (0, 1):
+        r = json.loads((Path(out) / f"iter-{k}" / "refl" / "summary.json").read_text())
+        got[f"heldout_before_iter{k}"] = r.get("eval_shapes_judge_heldout_before")
+        got[f"heldout_after_iter{k}"] = r.get("eval_shapes_judge_heldout_after")
+    return got
+
+
+def _render_itercomp_shapes(r: dict) -> str:
+    m = r["measured"]
+    acc = lambda i: " / ".join(f"{m[f'rm_val_iter{i}_{c}']:.2f}" for c in ITERCOMP_SHAPES_CATS)
+    mins = round(m["wall_time_s"] / 60)
+    return (f"Measured through each refined model's exported LoRA (`{r['command']}` after `make quickstart`, "
+            f"{r['machine']}, {mins} min; source `bench/results/figures/itercomp_shapes.json`; not rerun by "
+            f"`make reproduce`: `python bench/reproduce.py --only itercomp_shapes` reruns and checks it):\n\n"
+            "| | value |\n|---|---|\n"
+            f"| reward-model val pair accuracy ({' / '.join(ITERCOMP_SHAPES_CATS)}), iteration 0 | {acc(0)} |\n"
+            f"| the same, iteration 1 | {acc(1)} |\n"
+            f"| composition (training judge on the gallery prompts): base -> iter 0 -> iter 1 | "
+            f"{m['composition_base']:.3f} -> {m['composition_iter0']:.3f} -> {m['composition_iter1']:.3f} |\n"
+            f"| held-out judge on the inner ReFL eval grids: base -> iter 0 -> iter 1 | "
+            f"{m['heldout_before_iter0']:.3f} -> {m['heldout_after_iter0']:.3f} -> {m['heldout_after_iter1']:.3f} |")
+
+
+def _render_itercomp_shapes_short(r: dict) -> str:
+    m = r["measured"]
+    accs = [m[f"rm_val_iter{i}_{c}"] for i in (0, 1) for c in ITERCOMP_SHAPES_CATS]
+    return (f"* `configs/itercomp/shapes.yaml` (tiny:shapes, judge-ranked gallery incl. the quickstart's LoRA,\n"
+            f"  after `make quickstart`; every refined model through its exported LoRA): reward-model pair accuracy "
+            f"{min(accs):.2f}–{max(accs):.2f};\n  composition {m['composition_base']:.3f} → {m['composition_iter0']:.3f} → "
+            f"{m['composition_iter1']:.3f} across two iterations, held-out judge on the inner ReFL grids "
+            f"{m['heldout_before_iter0']:.3f} → {m['heldout_after_iter0']:.3f} → {m['heldout_after_iter1']:.3f}:\n"
+            f"  no gain in this world (`bench/results/figures/itercomp_shapes.json`; docs/itercomp.md). Its gallery grid "
+            f"(rows: base, CFG 1.5,\n  CFG 8, the quickstart LoRA, after iteration 0, after iteration 1): "
+            f"[docs/itercomp_shapes_gallery.png](docs/itercomp_shapes_gallery.png).")
 
 
 def _read_d3po(out) -> dict:
@@ -247,6 +290,21 @@ FIGURES: dict[str, dict] = {
                  **{f"refl_{w}_iter{i}": 0.5 for i in (0, 1) for w in ("before", "after")}},
         "docs": {"docs/itercomp.md": _render_itercomp_tiny, "README.md": _render_itercomp_tiny_short},
     },
+    "itercomp_shapes": {
+        "command": "vfeedback train configs/itercomp/shapes.yaml output_dir={out}",
+        "shown": "vfeedback train configs/itercomp/shapes.yaml",
+        "slow": True,  # ~15 min on 2 idle cores plus the quickstart's LoRA: only with --only
+        "needs": "runs/quickstart/lora",
+        "read": _read_itercomp_shapes,
+        "keys": ["wall_time_s", "composition_base", "composition_iter0", "composition_iter1",
+                 *[f"rm_val_iter{i}_{c}" for i in (0, 1) for c in ITERCOMP_SHAPES_CATS],
+                 *[f"heldout_{w}_iter{i}" for i in (0, 1) for w in ("before", "after")]],
+        # our choice, not measured by a rerun on another machine: composition is a mean over 24
+        # prompts x 16 seeds, the held-out judge over 16 eval images
+        "band": {"composition_base": 0.01, "composition_iter0": 0.01, "composition_iter1": 0.01,
+                 **{f"heldout_after_iter{i}": 0.03 for i in (0, 1)}},
+        "docs": {"docs/itercomp.md": _render_itercomp_shapes, "README.md": _render_itercomp_shapes_short},
+    },
     "zo_ranksgd_tiny": {
         "command": "vfeedback train configs/zo_ranksgd/tiny.yaml output_dir={out}",
         "shown": "vfeedback train configs/zo_ranksgd/tiny.yaml",
@@ -288,6 +346,8 @@ def machine() -> str:
 def run_figure(name: str) -> dict:
     """Run the figure's command in a temp folder; return its record (command, measured, band)."""
     spec = FIGURES[name]
+    if spec.get("needs") and not (ROOT / spec["needs"]).exists():
+        raise SystemExit(f"reproduce: figure {name!r} needs {spec['needs']}: run `make quickstart` first")
     with tempfile.TemporaryDirectory(prefix=f"reproduce-{name}-") as tmp:
         out = Path(tmp) / "out"
         cmd = spec["command"].format(out=out).split()
@@ -359,7 +419,7 @@ def main(argv=None) -> int:
     ap.add_argument("--docs", action="store_true", help="rewrite the docs' figure blocks from the JSON; run nothing")
     ap.add_argument("--check-docs", action="store_true", help="exit 1 if a figure block differs from its JSON; run nothing")
     args = ap.parse_args(argv)
-    names = [n for n in args.only.split(",") if n] or list(FIGURES)
+    names = [n for n in args.only.split(",") if n] or [n for n, spec in FIGURES.items() if not spec.get("slow")]
     unknown = [n for n in names if n not in FIGURES]
     if unknown:
         print(f"reproduce: --only: unknown figure(s) {', '.join(unknown)}; choose from {', '.join(FIGURES)}", file=sys.stderr)
