@@ -4,7 +4,7 @@ page calls (docs/rank_app.md, "What N answers do").
 A scripted person answers ``--labels`` groups of the D3PO app: it ranks the images the page
 would show (``Backend.view().images``, the upscaled PNGs) by the training judge ``shapes_judge``
 P(match), picks those more than ``--margin`` above the worst, best first, and answers Tie when
-none is (the rule of ``JudgePerson`` in tests/test_rank_probes.py). Every answer goes through
+none is (``vfeedback.app.probes.JudgePerson``, the tests' scripted person). Every answer goes through
 ``Backend.answer`` (the store, the export, ``UpdateRunner.maybe_start`` and the background
 ``start_d3po_update`` subprocess, exactly as from the page). The person waits for each update
 to finish before the next answer, so update k trains on exactly ``k * labels_per_update`` labels
@@ -28,33 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class JudgeChoice:
-    """The scripted person: prefers images the training judge scores as matching the caption."""
-
-    def __init__(self, margin: float):
-        import rewards
-
-        self.judge = rewards.load("shapes_judge")
-        self.margin = margin
-
-    def __call__(self, images: list, prompt: str) -> list[int]:
-        from torchvision.transforms.functional import to_tensor
-
-        x = torch.stack([to_tensor(im.convert("RGB")) for im in images])
-        with torch.no_grad():
-            p = self.judge(x, [prompt] * len(images)).tolist()
-        worst = min(p)
-        return [i for i in sorted(range(len(p)), key=lambda i: -p[i]) if p[i] - worst > self.margin]
-
-
-def _children_cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
 
 
 def run(config: Path, out: Path, seed: int, labels: int, margin: float, overrides: list[str]) -> dict:
@@ -62,7 +36,9 @@ def run(config: Path, out: Path, seed: int, labels: int, margin: float, override
     from vfeedback.config import load_config
 
     cfg = load_config(config, [f"output_dir={out}", f"seed={seed}", *overrides])
-    person = JudgeChoice(margin)
+    from vfeedback.app.probes import JudgePerson
+
+    person = JudgePerson(margin)
     b = open_backend(cfg)
     answers, updates = [], []
     try:
@@ -70,7 +46,7 @@ def run(config: Path, out: Path, seed: int, labels: int, margin: float, override
         print(f"base probe mean {base['mean']:.3f} match {base['match_rate']:.3f}", flush=True)
         while b.updates.labels() < labels:
             v = b.view()
-            picks = person(v.images, v.prompt)
+            picks = person.choose(v.images, v.prompt)
             b.answer(v.round_id, "rank" if picks else "tie", picks)
             answers.append({"round": v.round, "prompt": v.prompt, "kind": "rank" if picks else "tie", "picks": picks})
             n = b.updates.running()

@@ -94,33 +94,7 @@ def test_probe_base_once_scores_and_update_points(tmp_path):
 # ---------------------------------------------------------------------------- the scripted person
 
 
-class JudgePerson:
-    """A scripted person who prefers images that match the caption: ranks the shown images by the
-    shapes judge's P(match), picks those clearly better than the worst (by more than ``margin``),
-    best first, and answers Tie when none is."""
-
-    def __init__(self, margin: float = 0.1):
-        import rewards
-
-        self.judge = rewards.load("shapes_judge")
-        self.margin = margin
-
-    def choose(self, images: list, prompt: str) -> list[int]:
-        from torchvision.transforms.functional import to_tensor
-
-        x = torch.stack([to_tensor(im.convert("RGB")) for im in images])
-        with torch.no_grad():
-            p = self.judge(x, [prompt] * len(images)).tolist()
-        worst = min(p)
-        return [i for i in sorted(range(len(p)), key=lambda i: -p[i]) if p[i] - worst > self.margin]
-
-
-def _page_images(page) -> list:
-    """The candidate images as the page shows them (fetched from their src URLs)."""
-    from PIL import Image
-
-    srcs = page.eval_on_selector_all("#rank-cands .thumbnail-item img", "els => els.map(e => e.src)")
-    return [Image.open(io.BytesIO(page.request.get(s).body())) for s in srcs]
+from vfeedback.app.probes import JudgePerson  # noqa: E402  (the scripted person, shared with bench/rank_d3po_probes.py)
 
 
 def _answer_through_page(page, person: JudgePerson, k: int) -> list[int]:

@@ -223,6 +223,30 @@ def run_update(cfg_path: str) -> int:
     return 0
 
 
+class JudgePerson:
+    """A scripted person who prefers images that match the caption (the rank app's tests and
+    ``bench/rank_d3po_probes.py``): ranks the shown images by the training judge ``shapes_judge``'s
+    P(match), picks those clearly better than the worst (by more than ``margin``), best first,
+    and answers Tie (an empty list) when none is."""
+
+    def __init__(self, margin: float = 0.1):
+        import rewards
+
+        self.judge = rewards.load("shapes_judge")
+        self.margin = margin
+
+    def choose(self, images: list, prompt: str) -> list[int]:
+        """Indices of ``images`` (PIL images) picked for ``prompt``, best first."""
+        from torchvision.transforms.functional import to_tensor
+
+        x = torch.stack([to_tensor(im.convert("RGB")) for im in images])
+        with torch.no_grad():
+            p = self.judge(x, [prompt] * len(images)).tolist()
+        worst = min(p)
+        return [i for i in sorted(range(len(p)), key=lambda i: -p[i]) if p[i] - worst > self.margin]
+
+
 if __name__ == "__main__":  # python -m vfeedback.app.probes UPDATE_CONFIG (started by start_d3po_update)
     logging.basicConfig(level=logging.INFO)
     sys.exit(run_update(sys.argv[1]))
+
