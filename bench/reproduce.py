@@ -89,10 +89,15 @@ def _render_itercomp_tiny(r: dict) -> str:
             + "\n".join(rows))
 
 
+def _rm_acc_span(m: dict, cats) -> str:
+    """"lo–hi" of the reward models' validation pair accuracies over both iterations and ``cats``."""
+    accs = [m[f"rm_val_iter{i}_{c}"] for i in (0, 1) for c in cats]
+    return f"{min(accs):.2f}–{max(accs):.2f}"
+
+
 def _render_itercomp_tiny_short(r: dict) -> str:
     m = r["measured"]
-    accs = [m[f"rm_val_iter{i}_{c}"] for i in (0, 1) for c in ITERCOMP_CATS]
-    return (f"* `configs/itercomp/tiny.yaml`: reward-model validation pair accuracy {min(accs):.2f}–{max(accs):.2f} per\n"
+    return (f"* `configs/itercomp/tiny.yaml`: reward-model validation pair accuracy {_rm_acc_span(m, ITERCOMP_CATS)} per\n"
             f"  category; the composition score {m['composition_base']:.4f} (base) → {m['composition_iter0']:.4f} → "
             f"{m['composition_iter1']:.4f} over two iterations\n  (`bench/results/figures/itercomp_tiny.json`; not a robust "
             f"rise: with random tiny models the gallery has no\n  member better than the base; see the doc).")
@@ -130,10 +135,9 @@ def _render_itercomp_shapes(r: dict) -> str:
 
 def _render_itercomp_shapes_short(r: dict) -> str:
     m = r["measured"]
-    accs = [m[f"rm_val_iter{i}_{c}"] for i in (0, 1) for c in ITERCOMP_SHAPES_CATS]
     return (f"* `configs/itercomp/shapes.yaml` (tiny:shapes, judge-ranked gallery incl. the quickstart's LoRA,\n"
             f"  after `make quickstart`; every refined model through its exported LoRA): reward-model pair accuracy "
-            f"{min(accs):.2f}–{max(accs):.2f};\n  composition {m['composition_base']:.3f} → {m['composition_iter0']:.3f} → "
+            f"{_rm_acc_span(m, ITERCOMP_SHAPES_CATS)};\n  composition {m['composition_base']:.3f} → {m['composition_iter0']:.3f} → "
             f"{m['composition_iter1']:.3f} across two iterations, held-out judge on the inner ReFL grids "
             f"{m['heldout_before_iter0']:.3f} → {m['heldout_after_iter0']:.3f} → {m['heldout_after_iter1']:.3f}:\n"
             f"  no gain in this world (`bench/results/figures/itercomp_shapes.json`; docs/itercomp.md). Its gallery grid "
