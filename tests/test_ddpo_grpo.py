@@ -262,9 +262,11 @@ def test_inner_updates_are_made_by_the_method_and_the_last_left_to_the_engine(fr
 @pytest.mark.parametrize("shaping", ["win_rate", pytest.param("par", marks=pytest.mark.slow)])
 def test_a_grpo_step_trains_on_the_shaped_reward(fresh_sd15, shaping):
     """Rewards go through trainer.scalar_reward (vfeedback/reward_shaping.py) with a prompt's
-    images as one group. win_rate: a group of 3 gets 0, 1/2, 1 in the raw reward's order; par
-    with the policy equal to the base (LoRA B = 0): sigmoid(r - r_ref) = sigmoid(0) = 1/2 for
-    every image (the base re-renders the same seeds), so every advantage is 0."""
+    images as one group. win_rate: a group of 3 gets 0, 1/2, 1 in the raw reward's order; par:
+    sigmoid(r - r_ref) with ONE reference per prompt draw, the base model's image from the draw's
+    own "par-ref" seeds (PAR's reference: an independent base sample per prompt), so even with
+    the policy equal to the base (LoRA B = 0) the advantages are not 0 and follow the raw order.
+    (Rendering each sample's own seed made every image its reference: r' = 1/2, advantages 0.)"""
     import rewards
 
     from vfeedback.models import add_lora
@@ -286,9 +288,22 @@ def test_a_grpo_step_trains_on_the_shaped_reward(fresh_sd15, shaping):
         assert smp.rewards.double().tolist() == pytest.approx(want.tolist(), abs=1e-12)
         assert (adv.argsort() == raw.argsort()).all()
     else:
-        assert smp.rewards.tolist() == pytest.approx([0.5] * 3, abs=1e-6)
-        assert mets["reward_ref_mean"] == pytest.approx(float(raw.mean()), rel=1e-5)
-        assert adv.abs().max() < 1e-2  # (0.5 - 0.5) / (0 + 1e-4), up to float noise in r - r_ref
+        from vfeedback.engine import derive_seed
+        from vfeedback.sampling import initial_latents, sample
+
+        # the reference, rendered here from its documented seeds: base model (LoRA B = 0), the
+        # draw's prompt, x_T from derive_seed(seed, "par-ref-latent"), noise from "par-ref-noise"
+        s, m = cfg.sampling, fresh_sd15
+        with torch.no_grad():
+            cond = m.encode_prompt(["a red apple"], [cfg.prompts.negative], cfg=s.guidance_scale > 1)
+            x_T = initial_latents(m, 1, torch.Generator().manual_seed(derive_seed(3, "par-ref-latent")))
+            ref = sample(m, cond, num_steps=s.steps, guidance_scale=s.guidance_scale, eta=s.eta, latents=x_T,
+                         generator=[torch.Generator().manual_seed(derive_seed(3, "par-ref-noise"))]).images.float()
+            r_ref = float(rewards.load("color")(ref, ["a red apple"]).double())
+        assert mets["reward_ref_mean"] == pytest.approx(r_ref, rel=1e-5)  # one image shared by the 3 rows
+        assert all(abs(r_ref - v) > 1e-4 for v in raw.tolist())  # an independent draw, not a sample's own seed
+        assert smp.rewards.double().tolist() == pytest.approx(torch.sigmoid(raw - r_ref).tolist(), abs=1e-5)
+        assert (adv.argsort() == raw.argsort()).all() and adv.abs().max() > 0.5  # group-normalised: order kept, not all 0
 
 
 # ----------------------------------------------------------------------------- config

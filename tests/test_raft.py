@@ -178,9 +178,9 @@ def test_online_par_and_cost_resume_restores_lambda_exactly(tmp_path):
     assert main(["train", str(cfg)]) == 0
     run = tmp_path / "run"
     (m0,) = _metrics(run)
-    # PAR's reference is the base model on the same prompts and seeds: in round 0 the LoRA is still
-    # zero, so every image equals its reference and sigmoid(r - r_ref) is exactly 1/2
-    assert m0["reward_shaped_mean"] == 0.5 and m0["reward_ref_mean"] == m0["reward_raw_mean"]
+    # PAR's reference is one base-model image per prompt from its own seed (pinned in
+    # test_online_par_reference_is_one_base_image_per_prompt): not the samples even at LoRA zero
+    assert m0["reward_ref_mean"] != m0["reward_raw_mean"] and m0["reward_shaped_mean"] != 0.5
     # one multiplier step per round: lambda <- lambda + 2 * (mean brightness - 0), from lambda_init
     assert m0["lambda"] == 0.1 and m0["lambda_next"] == pytest.approx(0.1 + 2.0 * m0["cost_mean"], rel=1e-12)
     ck = json.loads((run / "checkpoints" / "step-000001" / "reward_shaping.json").read_text())
@@ -220,6 +220,48 @@ def test_offline_collection_scored_by_the_reward_in_chunks(tmp_path):
     assert k.prompts == ["a red apple", "a blue lake"]
     assert k.images[0, :, 0, 0].tolist() == [250, 0, 0] and k.images[1, :, 0, 0].tolist() == [0, 0, 250]
     assert tr.scalar_reward.updates == 2  # one scoring batch (and multiplier step) per prompt
+
+
+def test_online_par_reference_is_one_base_image_per_prompt(tmp_path):
+    """_collect_online with PAR, the renders faked: the reference is rendered once per prompt with
+    the adapter off from derive_seed(seed, "raft-par-ref", round, prompt), not from the samples'
+    seeds, and every sample of the prompt is shaped against it: sigmoid(r - r_ref)."""
+    from types import SimpleNamespace
+
+    import rewards
+    from vfeedback.algorithms.raft import RAFT
+    from vfeedback.config import RunConfig
+    from vfeedback.engine import derive_seed
+    from vfeedback.reward_shaping import ScalarReward
+
+    c = json.loads(json.dumps(BASE))
+    c.update(output_dir=str(tmp_path / "o"), reward={"rewards": [{"name": "color"}], "shaping": "par"})
+    cfg = RunConfig.model_validate(c)  # 2 prompts a round, K = 3
+    tr = SimpleNamespace(acc=SimpleNamespace(num_processes=1, process_index=0), config_source=None,
+                         train_prompts=list(BASE["prompts"]["train"]), model=SimpleNamespace(resolution=8, device=torch.device("cpu")))
+    tr.scalar_reward = ScalarReward(cfg, rewards.load("color"), None)
+    raft, calls = RAFT(cfg, tr), []
+
+    def render(prompts, seeds, which="current"):  # an image whose red level is set by its seed
+        calls.append((which, list(prompts), list(seeds)))
+        x = torch.zeros(len(seeds), 3, 8, 8)
+        x[:, 0] = torch.tensor([(s % 1000) / 1000 for s in seeds]).view(-1, 1, 1)
+        return x
+
+    raft.render = render
+    k = raft._collect_online(rnd=1)
+    prompts = raft._round_prompts(1)
+    (w0, p0, s0), (w1, p1, s1) = calls
+    assert (w0, p0) == ("current", [p for p in prompts for _ in range(3)])
+    assert (w1, p1, s1) == ("ref", prompts, [derive_seed(0, "raft-par-ref", 1, p) for p in range(2)])
+    color = rewards.load("color")
+    r = color(render(p0, s0), p0).double()
+    r_ref = color(render(p1, s1), p1).double().repeat_interleave(3)
+    want = torch.sigmoid(r - r_ref)
+    assert k.mets["reward_ref_mean"] == pytest.approx(float(r_ref.mean()), rel=1e-6)
+    assert k.mets["raft/round_score_mean"] == pytest.approx(float(want.mean()), rel=1e-6)
+    best = [max(range(3), key=lambda i: float(want[g * 3 + i])) for g in range(2)]  # keep_fraction 1: each prompt's best
+    assert k.mets["raft/kept_score_mean"] == pytest.approx(float(sum(want[g * 3 + b] for g, b in enumerate(best)) / 2), rel=1e-6)
 
 
 @pytest.mark.slow

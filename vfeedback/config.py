@@ -154,8 +154,8 @@ class RewardConfig(Section):
     normalize: Literal["none", "batch", "running"] = Field("none", description="per-reward normalisation before weighting")
     ensemble: Optional[EnsembleConfig] = Field(None, description="combine reward.rewards as an ensemble (mean / wco / uwo) instead of a weighted sum; every weight must be 1")
     shaping: Literal["none", "par", "win_rate"] = Field(
-        "none", description="par: sigmoid(r - r_ref), r_ref the reward of the frozen base model's image for the same prompt and seed "
-        "(Fu et al. 2025); win_rate: each sample's share of the other samples of its group it beats (Swamy et al. 2024, SPO); "
+        "none", description="par: sigmoid(r - r_ref), r_ref the reward of one frozen-base-model image for the same prompt, "
+        "drawn from its own seed and shared by the prompt's samples (Fu et al. 2025); win_rate: each sample's share of the other samples of its group it beats (Swamy et al. 2024, SPO); "
         "computed over the global batch")
     win_rate: WinRateConfig = Field(default_factory=WinRateConfig, description="shaping: win_rate settings")
 
@@ -643,8 +643,8 @@ class RunConfig(Section):
     @model_validator(mode="after")
     def _raft_checks(self):
         if self.algorithm == "raft" and self.raft.mode == "offline" and self.reward.shaping == "par":
-            raise ValueError("reward.shaping: par compares each image with the base model's image for the same prompt and seed; "
-                             "raft.mode: offline images have no seed to re-render; use shaping none or win_rate")
+            raise ValueError("reward.shaping: par compares each image with a base-model image rendered for its prompt in the same round; "
+                             "raft.mode: offline scores stored images and renders nothing; use shaping none or win_rate")
         if self.algorithm == "raft" and self.raft.mode == "offline" and self.raft.offline_scores == "file" and (
                 self.reward.shaping != "none" or self.cost is not None or self.reward.ensemble is not None):
             raise ValueError("raft.offline_scores: file takes the scores as given; reward.ensemble / reward.shaping / cost apply to scores "

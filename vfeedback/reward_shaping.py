@@ -6,9 +6,16 @@ Ensembles need only scores and live in ``rewards`` (:class:`rewards.Ensemble`, b
 lives here needs more than one image's scores, and says so:
 
 * ``reward.shaping: par`` (Preference As Reward; Fu et al. 2025, "Reward Shaping to Mitigate
-  Reward Hacking in RLHF"): ``r' = sigmoid(r - r_ref)``, ``r_ref`` the reward of the frozen base
-  model's image for the same prompt and seed (one reference per sample: their M = 1). Needs the
-  base model's images: the method passes ``reference``, a callable that renders them.
+  Reward Hacking in RLHF"): ``r' = sigmoid(r - r_ref)``, ``r_ref`` the reward of a sample of the
+  frozen base model for the same prompt. As in their code (github.com/PorUna-byte/PAR,
+  ``trainers/reward_shaper.py`` ``calculate_relative_sigmoid`` over ``sftref_rewards``: rewards of
+  SFT-model responses stored per prompt, shared by every response to it), the reference is
+  drawn independently of the policy's sample and shared by all samples of the prompt; one
+  reference (their M = 1, which they find enough). The method passes ``reference``, a callable
+  giving one base-model image per row, the same image for the rows of one prompt draw. (Rendering
+  the base from the *same* seed as each sample, as this module first did, makes every image equal
+  its reference while the LoRA is still zero: r' = 1/2 everywhere, group advantages 0, and DDPO /
+  GRPO never leave the base.)
 * ``reward.shaping: win_rate`` (Swamy et al. 2024, "A Minimaximalist Approach to RLHF", SPO):
   a sample's reward is the fraction of the *other* samples of its group that it beats under a
   comparator, a tie counting 1/2: ``r'_i = (1 / (n_g - 1)) sum_{j in g, j != i} P(i beats j)``.
@@ -114,7 +121,7 @@ def check_config(cfg, method) -> None:
     supported = tuple(getattr(method, "reward_shaping", ()))
     if shaping != "none" and shaping not in supported:
         why = {
-            "par": "it needs the frozen base model's image for the same prompt and seed, which this method does not render",
+            "par": "it needs a frozen-base-model image rendered for each prompt while it samples, which this method does not do",
             "win_rate": "it needs groups of samples of one prompt scored without gradient",
         }[shaping]
         grad = " (and it backpropagates through the reward: a shaped reward has no gradient)" if getattr(method, "needs_differentiable_reward", False) else ""
@@ -222,7 +229,8 @@ class ScalarReward:
 
         ``groups``: LongTensor (B,) of group ids local to this process (samples of one group share
         a prompt; None: every image its own group); ``reference``: zero-argument callable giving
-        the frozen base model's images for the same prompts and seeds (called only when
+        one frozen-base-model image per row, the same image for the rows of one prompt draw (PAR's
+        reference, module docstring; called only when
         :attr:`needs_reference`). Returns (Tensor (B,) float32 on ``images.device``, no grad;
         dict of floats, identical on every process).
         """

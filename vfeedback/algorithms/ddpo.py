@@ -310,11 +310,16 @@ class PolicyGradient:
         groups = torch.tensor([uniq[p] for p in rows], dtype=torch.long)  # a prompt's images: one group
 
         def reference() -> torch.Tensor:
-            """The frozen base model's images from the same x_T and DDIM noise (PAR)."""
-            gens = [torch.Generator().manual_seed(g.initial_seed()) for g in noise_gens]
+            """PAR's reference (vfeedback/reward_shaping.py): ONE image of the frozen base model per
+            prompt draw, from its own x_T and DDIM noise (seeds derived from the draw's generator,
+            tagged "par-ref"), shared by the draw's G samples: rows j*G .. j*G+G-1 get image j."""
+            rl = [torch.Generator().manual_seed(derive_seed(g.initial_seed(), "par-ref-latent")) for g in generators]
+            rn = [torch.Generator().manual_seed(derive_seed(g.initial_seed(), "par-ref-noise")) for g in generators]
+            x_T = torch.cat([initial_latents(m, 1, g) for g in rl])
             with torch.no_grad(), self.policy("ref"), tr.acc.autocast():
-                return sample(m, cond, num_steps=s.steps, guidance_scale=s.guidance_scale, eta=s.eta, latents=latents,
-                              generator=gens).images.float()
+                img = sample(m, base, num_steps=s.steps, guidance_scale=s.guidance_scale, eta=s.eta, latents=x_T,
+                             generator=rn).images.float()
+            return img.repeat_interleave(G, dim=0)
 
         r, mets = self.score(out.images.float(), rows, groups, reference=reference)
         self._score_metrics.append(mets)

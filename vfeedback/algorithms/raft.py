@@ -23,8 +23,8 @@ Here:
   the same whatever the number of processes. Ties keep the lower index (the order images were
   drawn in); an image no scorer could score (NaN) is never kept.
 * Rewards go through ``trainer.scalar_reward`` with the K images of a prompt as one group, so
-  ``reward.ensemble`` / ``reward.shaping`` (PAR, win rate) / ``cost`` apply (PAR's reference: the
-  same prompt and seeds rendered with the LoRA adapter off).
+  ``reward.ensemble`` / ``reward.shaping`` (PAR, win rate) / ``cost`` apply (PAR's reference: one
+  image per prompt, rendered with the LoRA adapter off from its own seed, shared by the prompt's K).
 * The kept images are stored as 8-bit RGB (the reference saves PNGs and trains on them) and
   fine-tuned on for ``raft.steps_per_round`` optimizer steps; each step takes a global mini-batch
   from the kept set (a fresh permutation drawn from the step's generator, cycled when the set is
@@ -354,7 +354,11 @@ class RAFT:
         my_prompts = [prompts[i // K] for i in idx]
         images = self.render(my_prompts, seeds) if idx else self._empty()
         groups = torch.tensor([i // K - lo for i in idx], dtype=torch.long)
-        ref = (lambda: self.render(my_prompts, seeds, "ref")) if tr.scalar_reward.needs_reference else None
+        ref = None
+        if tr.scalar_reward.needs_reference:
+            # PAR's reference: one base-model image per prompt, from its own seed, shared by the K
+            ref_seeds = [derive_seed(cfg.seed, "raft-par-ref", rnd, p) for p in range(lo, hi)]
+            ref = lambda: self.render(prompts[lo:hi], ref_seeds, "ref").repeat_interleave(K, dim=0)  # noqa: E731
         final, mets = tr.scalar_reward(images, my_prompts, groups=groups, reference=ref)
         scores = self._gather([float(v) for v in final.tolist()])
         kept = select(scores, [i // K for i in range(len(scores))], cfg.raft.selection, cfg.raft.keep_fraction)
