@@ -578,7 +578,9 @@ class Trainer:
                 if step % cfg.log.every == 0 or step == cfg.train.max_steps:
                     self.run.append_metrics(rec)
                     acc.log({k: v for k, v in rec.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}, step=step)
-                bar.set_postfix(reward=f"{rec.get('reward_mean', float('nan')):.4f}", loss=f"{rec.get('loss', float('nan')):.3g}")
+                # a method whose labels come from several factors (D3PO with HERON) logs no scalar reward_mean
+                post = {"reward": f"{rec['reward_mean']:.4f}"} if "reward_mean" in rec else {}
+                bar.set_postfix(**post, loss=f"{rec.get('loss', float('nan')):.3g}")
             bar.update(1)
             if self.nan_streak >= cfg.train.max_consecutive_nan:
                 bar.close()
