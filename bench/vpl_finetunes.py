@@ -54,7 +54,7 @@ def duel(u_own: torch.Tensor, u_other: torch.Tensor) -> dict:
     s = prefers(u_own, u_other)
     w, l = int((s > 0).sum()), int((s < 0).sum())
     return {"wins": w, "losses": l, "ties": int((s == 0).sum()),
-            "own_share": round(w / (w + l), 4) if w + l else float("nan"), "sign_test_p": round(sign_test(w, l), 6)}
+            "own_share": round(w / (w + l), 4) if w + l else float("nan"), "sign_test_p": float(f"{sign_test(w, l):.3g}")}
 
 
 def measure(images: torch.Tensor, prompts, kinds) -> dict:
