@@ -357,15 +357,19 @@ def _lora(out):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["ddpo", "grpo"])
-def test_two_process_matches_one_process(tmp_path, algorithm):
+@pytest.mark.parametrize("algorithm,shaping", [("ddpo", "none"), ("grpo", "none"), ("grpo", "par")])
+def test_two_process_matches_one_process(tmp_path, algorithm, shaping):
     """Per-prompt statistics and group advantages over the GLOBAL batch: 2 processes x 1 prompt
     equal 1 process x 2 prompts (the same global batch), weights and metrics. DDPO's only
-    prompt makes both processes' rewards one statistic; min_count 1 uses its buffer at once."""
+    prompt makes both processes' rewards one statistic; min_count 1 uses its buffer at once.
+    par: each prompt draw's reference image comes from the draw's own seeds, whichever process
+    renders it."""
     from tests.test_multiprocess import TRAINED_REL, WEIGHT_ATOL
 
     common = [f"configs/{algorithm}/tiny.yaml", "train.max_steps=2", "sampling.steps=4", "prompts.train=[a red apple]",
               "train.adam_eps=1e-4", "train.max_grad_norm=null", f"{algorithm}.updates_per_epoch=1", "log.checkpoint_every=0"]
+    if shaping != "none":
+        common.append('reward={"rewards": [{"name": "color"}], "shaping": "%s"}' % shaping)
     if algorithm == "ddpo":
         common.append("ddpo.min_count=1")
     one, two = tmp_path / "one", tmp_path / "two"
@@ -378,7 +382,7 @@ def test_two_process_matches_one_process(tmp_path, algorithm):
     ma = [json.loads(l) for l in (one / "metrics.jsonl").read_text().splitlines()]
     mb = [json.loads(l) for l in (two / "metrics.jsonl").read_text().splitlines()]
     for ra, rb in zip(ma, mb):
-        for k in ("reward_mean", "reward_std", f"{algorithm}/advantage_abs_mean"):
+        for k in ("reward_mean", "reward_std", f"{algorithm}/advantage_abs_mean") + (("reward_ref_mean",) if shaping == "par" else ()):
             assert ra[k] == pytest.approx(rb[k], rel=TRAINED_REL), k
     assert json.loads((two / "summary.json").read_text())["replicas_identical"] is True
 
