@@ -50,6 +50,21 @@ def test_overrides_typed(tmp_path):
         apply_overrides({}, ["novalue"])
 
 
+def test_override_inside_a_shorthand_is_refused_not_dropped(tmp_path):
+    """`reward.shaping=par` on `reward: color` used to replace the reward by {shaping: par}, so the
+    error spoke of a missing `reward.rewards`; a value that is not a mapping is never silently replaced."""
+    data = {"reward": "clip", "train": {"max_steps": 4}, "cost": None}
+    with pytest.raises(UserError, match=r"reward is 'clip'.*reward=\{rewards: \[\{name: clip\}\], shaping: \.\.\.\}"):
+        apply_overrides(data, ["reward.shaping=par"])
+    with pytest.raises(UserError, match=r"train.max_steps is 4 in this config"):
+        apply_overrides(data, ["train.max_steps.x=1"])
+    assert data["reward"] == "clip" and data["train"] == {"max_steps": 4}  # nothing replaced
+    assert apply_overrides(data, ["cost.name=color", "new.key=1"])["cost"] == {"name": "color"}  # absent / null: a new section
+    assert data["new"] == {"key": 1}
+    cfg = load_config(write(tmp_path, GOOD.format(out=tmp_path / "r")), ["reward={rewards: [{name: color}], shaping: par}"])
+    assert cfg.reward.shaping == "par" and [r.name for r in cfg.reward.rewards] == ["color"]
+
+
 @pytest.mark.parametrize("text,match", [
     ("algorithm: refl\n  bad: [", "YAML syntax error at line"),
     ("", "empty"),

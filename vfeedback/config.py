@@ -720,9 +720,16 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     for ov in overrides:
         keys, value = parse_override(ov)
         d = data
-        for k in keys[:-1]:
-            if not isinstance(d.get(k), dict):
+        for i, k in enumerate(keys[:-1]):
+            if d.get(k) is None:
                 d[k] = {}
+            elif not isinstance(d[k], dict):
+                # a shorthand (`reward: color`) or a list: setting one key inside it would silently drop it
+                path = ".".join(keys[:i + 1])
+                hint = (f"{path}={{rewards: [{{name: {d[k]}}}], {keys[i + 1]}: ...}}" if path == "reward" and isinstance(d[k], str)
+                        else f"{path}={{...}} with every field it needs")
+                raise UserError(f"override {ov!r}: {path} is {d[k]!r} in this config, not a mapping of fields, so "
+                                f"{'.'.join(keys)} cannot be set inside it; override the whole field in its long form, e.g. {hint}")
             d = d[k]
         d[keys[-1]] = value
     return data
