@@ -3,6 +3,7 @@ headless Chromium inside the boundary, scripted interaction, and a hostile page.
 from __future__ import annotations
 
 import socket
+import sys
 
 import pytest
 import torch
@@ -100,7 +101,9 @@ def test_without_bubblewrap_pages_are_refused_unless_weak(monkeypatch, tmp_path)
     sandbox.bwrap_status.cache_clear()
     try:
         page = "<html><body style='margin:0;background:#0f0'><button id=b onclick=\"o.textContent='ok'\">b</button><p id=o></p></body></html>"
-        gui = interaction_reward_function(WebPage(viewport=(64, 48), steps=[{"click": "#b"}], checks=[{"text": "ok", "selector": "#o"}]))
+        # the refusal comes before the browser starts: any executable stands in where Chromium is absent
+        gui = interaction_reward_function(WebPage(viewport=(64, 48), steps=[{"click": "#b"}], checks=[{"text": "ok", "selector": "#o"}],
+                                                  browser=BROWSER or sys.executable))
         assert gui(["p"], [page]) == [None]
         assert gui.last_errors[0].startswith("sandbox: refused to run untrusted code: bubblewrap is not installed")
         assert gui.isolation == {"none": 1}
