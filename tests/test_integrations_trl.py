@@ -111,6 +111,12 @@ def test_grpo_conversational_captions(tiny_lm, clip, tmp_path):
     assert fn(["q"], [[{"role": "assistant", "content": "a cat"}]], picture=[t])[0] == pytest.approx(clip(t[None], ["a cat"]).item(), abs=1e-5)
 
 
+# untrusted code renders inside bubblewrap (strict, the default) and is refused without it: CI installs
+# it (`make test`: apt-get where root); elsewhere these checks skip rather than read the refusal as a result
+needs_bwrap = pytest.mark.skipif(not sandbox.bwrap_status()[0], reason=f"needs bubblewrap: {sandbox.bwrap_status()[1]}")
+
+
+@needs_bwrap
 def test_grpo_svg_render_and_compare(tiny_lm, clip, tmp_path):
     from datasets import Dataset
 
@@ -127,6 +133,7 @@ def test_grpo_svg_render_and_compare(tiny_lm, clip, tmp_path):
     assert "external" in fn.last_errors[3] and fn.failures["ParseError"] >= 1
 
 
+@needs_bwrap
 def test_svg_with_clip_text_target(clip):
     fn = reward_function(clip, render=CodeToImage("svg", size=48))
     out = fn(["draw"] * 3, [f"Here:\n```svg\n{SVG_RED}\n```", SVG_BROKEN, ""], target=["a red square"] * 3)
@@ -134,6 +141,7 @@ def test_svg_with_clip_text_target(clip):
     assert fn.failed == 2
 
 
+@needs_bwrap
 @pytest.mark.parametrize("code,ok", [
     ("```python\nplt.plot([0, 1], [1, 0])\n```", True),
     ("import socket\nsocket.create_connection(('example.com', 80))", False),
@@ -146,12 +154,12 @@ def test_chart_sandbox(code, ok):
     kind, src = sandbox.extract_code(code)
     r = sandbox.render(src, kind, width=40, height=30, timeout=30)
     assert (r.image is not None) == ok, r.error
-    # every renderer runs inside the boundary where bubblewrap can run (CI installs it)
-    assert r.isolation == ("bwrap+seccomp" if sandbox.bwrap_status()[0] else "none")
+    assert r.isolation == "bwrap+seccomp"  # every renderer runs inside the boundary
     if ok:
         assert r.image.shape == (3, 30, 40)
 
 
+@needs_bwrap
 def test_sandbox_time_limit():
     r = sandbox.render("while True:\n    pass", "matplotlib", timeout=2)
     assert r.image is None and "timeout" in r.error
