@@ -64,6 +64,7 @@ GUARDS = ("none", "kl", "mean", "wco", "uwo", "par", "win_rate")
 #: cells in the order they run (issue #18's priorities); --methods / --guards filter this list
 PLAN = [("grpo", g) for g in GUARDS] + [("refl", g) for g in ("none", "mean", "wco", "uwo")] + \
        [("ddpo", "none"), ("ddpo", "kl"), ("raft", "none"), ("raft", "wco"), ("d3po", "none")]
+PLAN += [(m, g) for m in ("ddpo", "raft", "d3po") for g in GUARDS if (m, g) not in PLAN]  # the rest of the matrix
 from vfeedback.world.proxy_judges import N_PROXIES  # noqa: E402  (3: the ensemble guards use all)
 KL_COEF = 0.01  # Flow-GRPO's PickScore setting, configs/grpo/shapes.yaml's value
 UWO_LAMBDA = 0.5
@@ -309,7 +310,7 @@ def table(results: dict, methods=METHODS, guards=GUARDS) -> str:
             else:
                 s = summarise(c)
                 mark = " **falls**" if s["gold_falls"] else ""
-                row.append(f"{s['proxy0_delta']:+.3f} / {s['gold_delta']:+.3f}±{s['gold_delta_se']:.3f}{mark} (KL {s['kl']:.2f})")
+                row.append(f"{s['proxy0_delta']:+.3f} / {s['gold_delta']:+.3f}±{s['gold_delta_se']:.3f}{mark} (KL {s['kl']:.0f})")
         lines.append(f"| {m} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 

@@ -140,7 +140,7 @@ def _fake_cell(method, guard, gold_end, proxy_end):
                 "proxy2": proxy, "per_image": {"gold": gold}}
 
     return {"method": method, "guard": guard, "status": "done",
-            "curve": [ev(0, 0, [0.5] * 4, 0.2, 0.0), ev(10, 80, [0.6] * 4, 0.3, 2.0), ev(20, 160, gold_end, proxy_end, 5.5)]}
+            "curve": [ev(0, 0, [0.5] * 4, 0.2, 0.0), ev(10, 80, [0.6] * 4, 0.3, 2.0), ev(20, 160, gold_end, proxy_end, 1234.6)]}
 
 
 def test_summary_table_and_figure(tmp_path):
@@ -151,7 +151,7 @@ def test_summary_table_and_figure(tmp_path):
     assert s["gold_falls"] and s["gold_from_peak"] == pytest.approx(0.4 - 0.6) and s["proxy0_delta"] == pytest.approx(0.2)
     assert not oo.summarise(res["cells"][1])["gold_falls"]
     t = oo.table(res, methods=("grpo", "refl"), guards=("none", "kl", "wco")).splitlines()
-    assert t[2] == "| grpo | +0.200 / -0.100±0.041 **falls** (KL 5.50) | not run | +0.050 / +0.100±0.041 (KL 5.50) |"
+    assert t[2] == "| grpo | +0.200 / -0.100±0.041 **falls** (KL 1235) | not run | +0.050 / +0.100±0.041 (KL 1235) |"
     assert t[3] == "| refl | not run | n/a (no KL term) | not run |"
     oo.figure(res, tmp_path / "f.png")
     from PIL import Image
