@@ -56,6 +56,8 @@ def test_override_inside_a_shorthand_is_refused_not_dropped(tmp_path):
     data = {"reward": "clip", "train": {"max_steps": 4}, "cost": None}
     with pytest.raises(UserError, match=r"reward is 'clip'.*reward=\{rewards: \[\{name: clip\}\], shaping: \.\.\.\}"):
         apply_overrides(data, ["reward.shaping=par"])
+    with pytest.raises(UserError, match=r"reward.ensemble.mode cannot be set.*\{rewards: \[\{name: clip\}\], ensemble: \.\.\.\}"):
+        apply_overrides(data, ["reward.ensemble.mode=wco"])
     with pytest.raises(UserError, match=r"train.max_steps is 4 in this config"):
         apply_overrides(data, ["train.max_steps.x=1"])
     assert data["reward"] == "clip" and data["train"] == {"max_steps": 4}  # nothing replaced
