@@ -259,13 +259,11 @@ def _render_world_compare(r: dict) -> str:
 def _render_overopt(r: dict) -> str:
     """The over-optimisation table at one budget from its bench JSON (bench/overoptimisation.py's
     own ``table``: `--report` prints the same; the cells take hours of CPU, not rerun here)."""
-    import importlib.util
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # the bench scripts import each other this way
+    from overoptimisation import table
 
-    spec = importlib.util.spec_from_file_location("_overoptimisation", Path(__file__).resolve().parent / "overoptimisation.py")
-    oo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(oo)
     done = sum(c.get("status") == "done" for c in r["cells"])
-    return oo.table(r) + (f"\n\n{done} cells at {r['budget']} judged images; each: `proxy 0 change / gold change ± paired "
+    return table(r) + (f"\n\n{done} cells at {r['budget']} judged images; each: `proxy 0 change / gold change ± paired "
                           f"standard error over the measurement images (KL to the base, nats per image)`, "
                           f"**falls** where gold dropped by more than two standard errors.")
 
