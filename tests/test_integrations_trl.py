@@ -113,7 +113,7 @@ def test_grpo_conversational_captions(tiny_lm, clip, tmp_path):
 
 # untrusted code renders inside bubblewrap (strict, the default) and is refused without it: CI installs
 # it (`make test`: apt-get where root); elsewhere these checks skip rather than read the refusal as a result
-needs_bwrap = pytest.mark.skipif(not sandbox.bwrap_status()[0], reason=f"needs bubblewrap: {sandbox.bwrap_status()[1]}")
+from tests.test_sandbox import needs_bwrap  # noqa: E402
 
 
 @needs_bwrap
