@@ -231,3 +231,131 @@ def test_thresholding_is_refused_with_a_message(fresh_sd15):
     m = _with_scheduler(fresh_sd15, thresholding=True)
     with pytest.raises(UserError, match="thresholding"):
         sample(m, m.encode_prompt(["a"], cfg=False), num_steps=2, guidance_scale=1.0)
+
+
+# ---------------------------------------------------------------- no host synchronisation in the loop (#21)
+
+#: Tensor methods that read a value back to the host (a CUDA synchronisation: what
+#: ``torch.cuda.set_sync_debug_mode("error")`` refuses), and CPU-side draws / tensor builds that
+#: a CUDA loop would have to copy to the device with a blocking transfer
+HOST_READS = {"__bool__", "item", "tolist", "numpy", "cpu", "__int__", "__float__", "__index__", "nonzero", "is_nonzero", "equal"}
+HOST_BUILDS = {"randn", "rand", "tensor"}
+
+
+class _LoopRecorder:
+    """Records, from the first UNet call of a sampling run on, every torch call that would make
+    the host wait on a CUDA device (``HOST_READS``), every CPU draw or tensor built from host
+    data (``HOST_BUILDS``, and ``as_tensor`` of anything but a tensor), with the module that made
+    it. A CPU stand-in for the ``gpu`` test below: the CPU has no stream to wait for, so it looks at
+    what the loop asks for instead."""
+
+    def __init__(self, model):
+        from torch.overrides import TorchFunctionMode
+
+        self.calls, self.in_loop, rec = [], False, self
+
+        class Mode(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                name = getattr(func, "__name__", "")
+                if rec.in_loop and (name in HOST_READS or name in HOST_BUILDS
+                                    or (name == "as_tensor" and args and not isinstance(args[0], torch.Tensor))):
+                    import sys
+
+                    rec.calls.append((name, sys._getframe(1).f_globals.get("__name__")))
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+        self.hook = model.unet.register_forward_pre_hook(lambda *a: setattr(self, "in_loop", True))
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+        self.hook.remove()
+
+
+SYNC_FREE_CASES = [
+    ("sd15", dict(eta=1.0, log_probs=True, return_trajectory=True)),  # D3PO / DDPO / GRPO rollouts
+    ("sd15", dict(eta=0.0, grad=GradWindow.refl(2))),  # ReFL
+    ("sd15", dict(eta=1.0, grad=GradWindow.last(2, 4), unet_checkpoint=True, vae_checkpoint=True)),  # DRaFT-K
+    ("sdxl", dict(eta=1.0, log_probs=True)),
+]
+
+
+@pytest.mark.parametrize("family,kw", SYNC_FREE_CASES, ids=["rollout", "refl", "draft", "sdxl"])
+def test_sampling_loop_reads_nothing_back_to_the_host(family, kw, tiny_sd15, tiny_sdxl):
+    m = tiny_sd15 if family == "sd15" else tiny_sdxl
+    cond = m.encode_prompt(["a red ball", "a cat"], cfg=True)
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    with _LoopRecorder(m) as rec:
+        out = sample(m, cond, num_steps=4, guidance_scale=5.0, generator=gens, **kw)
+    assert rec.in_loop and out.images is not None
+    assert rec.calls == []
+
+
+def test_the_recorder_sees_the_host_reads_the_loop_used_to_make(tiny_sd15):
+    """The stand-in can fail: a step that branches on a device value (``std > 0``), looks its
+    alphas up through ``.cpu()`` and draws its noise on the CPU, as the loop did before #21, is
+    caught, once per step."""
+    from vfeedback.sampling import predict_noise, randn, step_gap
+
+    m = tiny_sd15
+    cond = m.encode_prompt(["a"], cfg=False)
+    ts = ddim_timesteps(m, 3)
+    gap, g = step_gap(m.scheduler.config.num_train_timesteps, 3), torch.Generator().manual_seed(0)
+    x = randn((1, *m.latent_shape), g, m.device)
+    with _LoopRecorder(m) as rec:
+        for t in ts:
+            out = predict_noise(m, x, t, cond, 1.0)
+            x = ddim_step(out, x, _alpha(m, t), _alpha(m, t - gap), 1.0, noise=randn(x.shape, g, x.device))[0]
+    names = [n for n, _ in rec.calls]
+    assert names.count("__bool__") == 3  # ddim_step's own std > 0, once per step
+    assert names.count("cpu") == 2 * 3  # _alpha's .cpu(), for a_t and a_t' each step
+    assert names.count("randn") == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family,kw", SYNC_FREE_CASES, ids=["rollout", "refl", "draft", "sdxl"])
+def test_sampling_loop_makes_no_cuda_synchronisation(family, kw):
+    """The loop, from its first UNet call to the decoded images, under
+    ``torch.cuda.set_sync_debug_mode("error")``: any host synchronisation raises."""
+    from vfeedback.models import load_model
+
+    m = load_model(family, f"tiny:{family}", device=torch.device("cuda"))
+    cond = m.encode_prompt(["a red ball", "a cat"], cfg=True)
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    ref = sample(m, cond, num_steps=4, guidance_scale=5.0, generator=gens, **kw)
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    hook = m.unet.register_forward_pre_hook(lambda *a: torch.cuda.set_sync_debug_mode("error"))
+    try:
+        out = sample(m, cond, num_steps=4, guidance_scale=5.0, generator=gens, **kw)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        hook.remove()
+    assert torch.equal(out.images, ref.images)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("steps", [4, 1000])
+def test_step_coefficients_are_the_per_step_values(fresh_sd15, eta, steps):
+    """The schedule computed once per run equals what each step computed for itself: a_t, a_t'
+    (``_alpha``, float32) and whether the step's std is positive; without a steps offset the
+    last step (t = 0, t' clamped to 0) has std 0 at any eta, so the flag is not all-or-nothing."""
+    from vfeedback.sampling import step_coefficients, step_gap
+
+    m = _with_scheduler(fresh_sd15, steps_offset=0)
+    ts = ddim_timesteps(m, steps)
+    gap = step_gap(m.scheduler.config.num_train_timesteps, steps)
+    co = step_coefficients(m, ts, gap, eta, m.device)
+    assert torch.equal(co.timesteps, ts) and co.a_t.dtype == co.a_prev.dtype == torch.float32
+    x = torch.zeros(1, 1)
+    want = []
+    for i, t in enumerate(ts):
+        assert co.a_t[i].item() == torch.tensor(_alpha(m, t).item(), dtype=torch.float32).item()
+        assert co.a_prev[i].item() == torch.tensor(_alpha(m, t - gap).item(), dtype=torch.float32).item()
+        want.append(bool(ddim_step(x, x, _alpha(m, t), _alpha(m, t - gap), eta, noise=x)[4] > 0))
+    assert list(co.stochastic) == want
+    assert sum(want) == (0 if eta == 0 else steps - 1) and not want[-1]

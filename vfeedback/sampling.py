@@ -94,6 +94,48 @@ def _alpha(model: DiffusionModel, t: torch.Tensor) -> torch.Tensor:
     return ac[t.clamp(min=0).long().cpu()]
 
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """``t`` (on the CPU) on ``device`` without making the host wait: to a CUDA device through
+    pinned memory with ``non_blocking=True`` (a pageable host-to-device copy synchronises the
+    stream: PyTorch's ``copy_`` calls ``stream_synchronize`` for a blocking copy, which
+    ``torch.cuda.set_sync_debug_mode("error")`` refuses); elsewhere a plain ``.to``. The caching
+    host allocator keeps the pinned block until the copy has run."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+@dataclass(frozen=True)
+class StepCoefficients:
+    """What one sampling run needs per step, computed once before its loop (:func:`step_coefficients`).
+
+    ``a_t`` / ``a_prev`` are float32 on the model's device (the float64 schedule rounded once,
+    the values :func:`ddim_step` built per step before); ``stochastic[i]`` says on the host
+    whether step i's std is positive, so the loop never reads a device value to branch on it
+    (``std > 0`` on a CUDA tensor is a host synchronisation).
+    """
+
+    timesteps: torch.Tensor  # (T,) int64 on the device (the UNet's timestep input)
+    a_t: torch.Tensor  # (T,) float32 on the device
+    a_prev: torch.Tensor  # (T,) float32 on the device
+    stochastic: tuple  # (T,) bool: std_i > 0 at this eta
+
+
+def step_coefficients(model: DiffusionModel, timesteps: torch.Tensor, gap: int, eta: float, device) -> StepCoefficients:
+    """The schedule of one run: a_t and a_t' (``_alpha``'s clamp) for every timestep, and whether
+    each step draws noise, from the CPU copy of ``alphas_cumprod`` in two copies to the device.
+    The std is computed here with :func:`ddim_step`'s float32 formula, so ``stochastic`` is the
+    same test ``std > 0`` made on the values the step itself uses."""
+    ts = torch.as_tensor(timesteps).cpu().long()
+    a_t = _alpha(model, ts).float()
+    a_prev = _alpha(model, ts - gap).float()
+    variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+    std = eta * variance.clamp(min=0).sqrt()
+    both = to_device(torch.stack([a_t, a_prev]), device)
+    return StepCoefficients(to_device(ts, device), both[0], both[1], tuple(bool(s > 0) for s in std))
+
+
 def step_gap(num_train_timesteps: int, num_steps: int) -> int:
     """Training timesteps between two of the ``num_steps`` DDIM steps: ``num_train_timesteps //
     num_steps`` (diffusers' ``DDIMScheduler.step``); the timestep after t is ``t - step_gap``."""
@@ -125,7 +167,7 @@ def x0_clip(model: DiffusionModel) -> Optional[float]:
 
 def ddim_step(model_output: torch.Tensor, x_t: torch.Tensor, a_t: torch.Tensor, a_prev: torch.Tensor, eta: float,
               prediction_type: str = "epsilon", prev_sample: Optional[torch.Tensor] = None,
-              noise: Optional[torch.Tensor] = None, clip: Optional[float] = None):
+              noise: Optional[torch.Tensor] = None, clip: Optional[float] = None, stochastic: Optional[bool] = None):
     """One DDIM transition (equation in the module docstring), in float32.
 
     ``clip``: clamp the x0 prediction to ``[-clip, clip]`` before the mean is formed, as
@@ -135,7 +177,8 @@ def ddim_step(model_output: torch.Tensor, x_t: torch.Tensor, a_t: torch.Tensor, 
     Returns ``(prev_sample, log_prob, x0_pred, mean, std)``; ``log_prob`` is
     ``log N(prev_sample; mean, std^2)`` averaged over all non-batch dims (NaN when std = 0).
     ``prev_sample`` given: score that sample (D3PO recomputing a stored transition) instead of
-    drawing one with ``noise``.
+    drawing one with ``noise``. ``stochastic``: whether std > 0, when the caller knows it on the
+    host (:class:`StepCoefficients`); None: read from ``std`` (a host synchronisation on CUDA).
     """
     x_t = x_t.float()
     out = model_output.float()
@@ -158,15 +201,17 @@ def ddim_step(model_output: torch.Tensor, x_t: torch.Tensor, a_t: torch.Tensor, 
     variance = (1 - a_prev) / b_t * (1 - a_t / a_prev)
     std = eta * variance.clamp(min=0).sqrt()
     mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).clamp(min=0).sqrt() * eps
+    if stochastic is None:
+        stochastic = bool(std > 0)
     if prev_sample is None:
-        if std > 0:
+        if stochastic:
             if noise is None:
                 raise ValueError("ddim_step: eta > 0 needs noise")
             prev_sample = mean + std * noise.to(mean)  # pragma: no mutate: a cast of the noise (prev_sample.float() follows)
         else:
             prev_sample = mean
     prev_sample = prev_sample.float()
-    if std > 0:  # pragma: no mutate: at std = 0 the density below is 0/0 or inf - inf, NaN as well
+    if stochastic:  # pragma: no mutate: at std = 0 the density below is 0/0 or inf - inf, NaN as well
         lp = -((prev_sample.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
         log_prob = lp.mean(dim=tuple(range(1, lp.ndim)))
     else:
@@ -182,7 +227,7 @@ def predict_noise(model: DiffusionModel, x_t: torch.Tensor, t, cond: Conditionin
     dtype = model.unet.dtype
     if added is not None:
         added = {k: v.to(dtype) for k, v in added.items()}
-    tt = torch.as_tensor(t, device=x_t.device)
+    tt = t if isinstance(t, torch.Tensor) and t.device == x_t.device else torch.as_tensor(t, device=x_t.device)
     net = model.denoiser if model.denoiser is not None else model.unet
     out = net(inp.to(dtype), tt, encoder_hidden_states=hs.to(dtype), added_cond_kwargs=added).sample
     if cfg:
@@ -202,8 +247,8 @@ def randn(shape, generator: Generators, device) -> torch.Tensor:
         if len(generator) != shape[0]:
             raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
         rows = [torch.randn((1, *shape[1:]), generator=g, dtype=torch.float32) for g in generator]
-        return torch.cat(rows).to(device)
-    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+        return to_device(torch.cat(rows), device)
+    return to_device(torch.randn(shape, generator=generator, dtype=torch.float32), device)
 
 
 def initial_latents(model: DiffusionModel, batch: int, generator: Generators = None) -> torch.Tensor:
@@ -227,19 +272,26 @@ def sample(model: DiffusionModel, cond: Conditioning, *, num_steps: int = 50, gu
     b = cond.embeds.shape[0]
     if latents is None:
         latents = initial_latents(model, b, generator)
-    x = latents.float().to(model.device)
+    x = to_device(latents.float(), model.device)
     timesteps = ddim_timesteps(model, num_steps)
     gap = step_gap(model.scheduler.config.num_train_timesteps, num_steps)
     pred_type = model.scheduler.config.prediction_type
     clip = x0_clip(model)
+    # everything the loop reads is computed here, once: the timesteps and alphas on the device,
+    # whether each step is stochastic on the host, and (eta > 0) the noise of every step the
+    # run reaches, drawn in the order the loop drew it (per generator: step 0, 1, ...) and copied
+    # in one transfer; the loop itself then makes no host synchronisation (issue #21)
+    co = step_coefficients(model, timesteps, gap, eta, x.device)
+    n_run = len(timesteps) if grad.stop_at is None else min(len(timesteps), grad.stop_at + 1)
+    noise = None
+    if eta > 0 and n_run:
+        noise = to_device(torch.stack([randn(x.shape, generator, "cpu") for _ in range(n_run)]), x.device)
     traj = [x.detach()] if return_trajectory else None
     lps = [] if log_probs else None
     steps_run = 0
     last_grad = False
-    for i, t in enumerate(timesteps):
-        noise = None
-        if eta > 0:
-            noise = randn(x.shape, generator, x.device)
+    for i in range(n_run):
+        t = co.timesteps[i]
         with_grad = i in grad.grad_steps
         if with_grad and not last_grad:
             x = x.detach()
@@ -248,8 +300,8 @@ def sample(model: DiffusionModel, cond: Conditioning, *, num_steps: int = 50, gu
                 out = torch.utils.checkpoint.checkpoint(predict_noise, model, x, t, cond, guidance_scale, use_reentrant=False)
             else:
                 out = predict_noise(model, x, t, cond, guidance_scale)
-            a_t, a_prev = _alpha(model, t), _alpha(model, t - gap)
-            x_prev, lp, x0, _, _ = ddim_step(out, x, a_t, a_prev, eta, pred_type, noise=noise, clip=clip)
+            x_prev, lp, x0, _, _ = ddim_step(out, x, co.a_t[i], co.a_prev[i], eta, pred_type,
+                                             noise=None if noise is None else noise[i], clip=clip, stochastic=co.stochastic[i])
         steps_run += 1
         last_grad = with_grad
         if grad.stop_at is not None and i == grad.stop_at:
