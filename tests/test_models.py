@@ -91,3 +91,39 @@ def test_lora_from_another_architecture_is_a_clear_error(tmp_path):
         load_lora_into(sd, tmp_path / "xl")
     with pytest.raises(UserError, match="does not exist"):
         load_lora_into(sd, tmp_path / "nope")
+
+
+def test_vae_checkpointing_decodes_by_blocks_with_the_same_gradient(fresh_sd15):
+    """``decode(checkpoint=True)``: one checkpoint around the decode and the decoder's own
+    per-block checkpointing inside it, in the forward and again in the backward's rerun (each up
+    block runs three times: forward, the outer rerun, its own rerun; twice with the outer
+    checkpoint alone), with the image and the gradient on the latents equal to a plain decode;
+    the decoder's flag is left as it was."""
+    m = fresh_sd15
+    ups = m.vae.decoder.up_blocks
+    calls = []
+    hooks = [b.register_forward_pre_hook(lambda mod, a, i=i: calls.append(i)) for i, b in enumerate(ups)]
+    torch.manual_seed(0)
+    z = torch.randn(2, *m.latent_shape)
+    weight = torch.rand(2, 3, m.resolution, m.resolution)
+    got = {}
+    for ckpt in (False, True):
+        calls.clear()
+        zz = z.clone().requires_grad_(True)
+        img = m.decode(zz, checkpoint=ckpt)
+        (img * weight).sum().backward()
+        got[ckpt] = (img.detach(), zz.grad, list(calls))
+    for h in hooks:
+        h.remove()
+    assert torch.equal(got[True][0], got[False][0]) and torch.equal(got[True][1], got[False][1])
+    assert got[False][2] == list(range(len(ups)))
+    assert sorted(got[True][2]) == sorted(list(range(len(ups))) * 3)
+    assert m.vae.decoder.gradient_checkpointing is False
+    with torch.no_grad():  # without grad nothing is checkpointed: each block once
+        calls.clear()
+        hooks = [b.register_forward_pre_hook(lambda mod, a, i=i: calls.append(i)) for i, b in enumerate(ups)]
+        assert torch.equal(m.decode(z, checkpoint=True), got[False][0])
+        assert calls == list(range(len(ups)))
+        for h in hooks:
+            h.remove()
+    assert got[True][0].dtype == torch.float32

@@ -172,14 +172,42 @@ class DiffusionModel:
         return lat * self.vae.config.scaling_factor
 
     def decode(self, latents: torch.Tensor, checkpoint: bool = False) -> torch.Tensor:
-        """Scaled latents -> images (B,3,H,W) in [0,1], keeping autograd; optionally with
-        activation checkpointing through the decoder (saves most of the decode memory)."""
+        """Scaled latents -> images (B,3,H,W) in [0,1] (float32, whatever the VAE's dtype: the
+        reward's input), keeping autograd; optionally with activation checkpointing.
+
+        ``checkpoint``: the whole decode runs under one checkpoint (nothing of it is kept while
+        the reward runs forward and backward: only the latents), and inside it the decoder's own
+        per-block checkpointing (diffusers' ``Decoder`` with ``gradient_checkpointing``: the
+        mid block and each up block) is on, so the backward pass recomputes one block's
+        activations at a time instead of the whole decoder's at once. The gradients are the
+        same (the recomputation repeats the forward); the peak is measured by
+        ``bench/vae_decode_memory.py``."""
         z = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
         if checkpoint and torch.is_grad_enabled():
-            out = torch.utils.checkpoint.checkpoint(lambda t: self.vae.decode(t).sample, z, use_reentrant=False)
+            out = torch.utils.checkpoint.checkpoint(self._decode_by_blocks, z, use_reentrant=False)
         else:
             out = self.vae.decode(z).sample
         return (out.float() / 2 + 0.5).clamp(0, 1)
+
+    def _decode_by_blocks(self, z: torch.Tensor) -> torch.Tensor:
+        """``vae.decode`` with the decoder's per-block checkpointing on, for this call only (the
+        outer checkpoint calls it twice: forward, then the backward's rerun, and the flag must be
+        on in both). diffusers' ``Decoder`` reads ``gradient_checkpointing`` and calls
+        ``_gradient_checkpointing_func(block, ...)`` for its mid block and each up block when grad
+        is on; we give it the non-reentrant ``torch.utils.checkpoint`` (what
+        ``ModelMixin.enable_gradient_checkpointing`` gives by default)."""
+        dec = self.vae.decoder
+        before = getattr(dec, "gradient_checkpointing", False), getattr(dec, "_gradient_checkpointing_func", None)
+        dec._gradient_checkpointing_func = _checkpoint_block
+        dec.gradient_checkpointing = True
+        try:
+            return self.vae.decode(z).sample
+        finally:
+            dec.gradient_checkpointing, dec._gradient_checkpointing_func = before
+
+
+def _checkpoint_block(block, *args):
+    return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
 
 
 def _detect_family(folder: Path) -> Optional[str]:
