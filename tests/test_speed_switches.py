@@ -206,6 +206,9 @@ def test_cache_text_embeddings(family):
     mixed = m.encode_prompt([PROMPTS[0], "a tree"], ["blurry", ""], cfg=True)
     assert calls.rows[n_first:] == [1] * (2 * len(m.text_encoders))
     torch.testing.assert_close(mixed.embeds[:1], want.embeds[:1])
+    torch.testing.assert_close(mixed.neg_embeds[1:], want.neg_embeds[1:], atol=1e-6, rtol=1e-6)  # "" as negative
+    # one stored copy per negative string, shared by the rows
+    assert m.text_cache[("a tree", "")]["neg_embeds"] is m.text_cache[(PROMPTS[1], "")]["neg_embeds"]
     # without CFG the negative is no part of the key
     nocfg = m.encode_prompt(PROMPTS[:1], cfg=False)
     assert nocfg.neg_embeds is None

@@ -179,8 +179,15 @@ class DiffusionModel:
             with torch.no_grad():
                 c = self._encode([p for p, _ in todo], [n if n is not None else "" for _, n in todo], cfg, enc_dev)
             for i, k in enumerate(todo):
-                self.text_cache[k] = {f: None if getattr(c, f) is None else getattr(c, f)[i : i + 1].to(dev)
-                                      for f in self._TEXT_FIELDS}
+                row = {f: None if getattr(c, f) is None else getattr(c, f)[i : i + 1].to(dev, copy=True)
+                       for f in self._TEXT_FIELDS}
+                # a negative's embedding does not depend on its prompt: one copy per negative
+                # string is kept (usually one, ""), so the cache holds about one row per prompt
+                # (a 3-tuple key: the rows' keys are pairs)
+                if k[1] is not None:
+                    shared = self.text_cache.setdefault(("negative", k[1], None), row)
+                    row["neg_embeds"], row["neg_pooled"] = shared["neg_embeds"], shared["neg_pooled"]
+                self.text_cache[k] = row
         rows = [self.text_cache[k] for k in keys]
         cat = {f: None if rows[0][f] is None else torch.cat([r[f] for r in rows]) for f in self._TEXT_FIELDS}
         tid = None

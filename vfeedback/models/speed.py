@@ -26,8 +26,10 @@ the tiny models) and only changes how fast or in how much memory it is computed.
     where that cannot happen (see :func:`fuse_qkv_projections`), log which, and never a LoRA.
 ``model.cache_text_embeddings``
     Each (prompt, negative) pair is encoded once; the text encoders then live on the CPU (their
-    accelerator memory is freed) and only a new prompt runs them there. Refused while a
-    text-encoder LoRA trains (the embeddings would change under the cache).
+    accelerator memory is freed) and only a new prompt runs them there. The cache keeps one
+    embedding per distinct prompt on the accelerator (SDXL: 77 x 2048 values, about 0.3 MB in
+    bf16; one copy per distinct negative). Refused while a text-encoder LoRA trains (the
+    embeddings would change under the cache).
 ``train.optimizer``
     ``adamw`` (torch.optim.AdamW) or ``adamw8bit`` (bitsandbytes' ``AdamW8bit``: 8-bit optimizer
     states, a quarter of AdamW's state memory); see :func:`make_optimizer`.
