@@ -155,8 +155,7 @@ def _check_compile(monkeypatch, backend):
     assert blocks and all(type(m.unet.get_submodule(n)).__name__ == "BasicTransformerBlock" for n in blocks)
     assert set(lora_state_dict(m)) == names  # in place: no _orig_mod. in any name
     _compare(ref, _refl_step(m), atol=1e-4, rtol=1e-3)
-    # and once more (the compiled graphs are reused, the gradients accumulate like eager's)
-    torch._dynamo.reset()
+    torch._dynamo.reset()  # later tests start without these compiled graphs
 
 
 def test_compile_same_images_and_gradients(monkeypatch):
