@@ -159,6 +159,11 @@ def check_run(cfg: RunConfig, resume: bool = False, main_process: bool = True) -
 
         if not (gpu and xformers_usable(torch.device("cuda"))):
             raise UserError("model.attention: xformers needs CUDA and `pip install 'vfeedback[gpu]'`; use attention: auto or sdpa")
+    if cfg.train.optimizer == "adamw8bit":
+        from .models.speed import bitsandbytes_missing
+
+        if bitsandbytes_missing():
+            raise UserError(bitsandbytes_missing())
     from .models.loader import model_source
 
     src = model_source(cfg.model.family, cfg.model.path)

@@ -69,6 +69,15 @@ class ModelConfig(Section):
     vae_checkpointing: bool = Field(True, description="checkpoint the VAE decode that rewards backprop through")
     attention: Literal["auto", "sdpa", "xformers"] = Field("auto", description="auto: xformers when installed on CUDA, else PyTorch SDPA")
     ip_adapter: Optional[IPAdapterConfig] = Field(None, description="optional IP-Adapter conditioned on a reference face (ID-Aligner's adapter variant)")
+    # performance switches (vfeedback/models/speed.py): each leaves the results unchanged to
+    # floating-point tolerance (tests/test_speed_switches.py)
+    compile: bool = Field(False, description="regional torch.compile of the UNet's repeated blocks (compile time stays small; the "
+                                             "first steps are slow while they compile; needs a C compiler for inductor)")
+    channels_last: bool = Field(False, description="UNet and VAE in channels-last (NHWC) memory format (faster convolutions on GPU)")
+    fuse_qkv: bool = Field(False, description="fuse the attention q/k/v projections into one matmul (diffusers' fused projections) "
+                                              "where no LoRA or trainable weight sits on them; a LoRA is never fused away")
+    cache_text_embeddings: bool = Field(False, description="encode each prompt once and keep the text encoders on the CPU (frees their "
+                                                           "GPU memory); not with model.lora.text_encoder: true")
 
     @field_validator("resolution")
     @classmethod
@@ -529,6 +538,8 @@ class TrainConfig(Section):
     adam_betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field(
         (0.9, 0.999), description="AdamW (beta1, beta2), each in [0, 1)")
     adam_eps: float = Field(1e-8, gt=0)
+    optimizer: Literal["adamw", "adamw8bit"] = Field("adamw", description="adamw (torch) or adamw8bit (bitsandbytes' 8-bit AdamW: "
+                                                     "a quarter of the optimizer-state memory; `pip install bitsandbytes`)")
     max_grad_norm: Optional[float] = Field(1.0, gt=0, description="gradient clipping (null: off)")
     lr_warmup_steps: int = Field(0, ge=0)
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field("auto", description="auto: bf16 on a GPU that has it, else fp16 on GPU, fp32 on CPU")
@@ -578,6 +589,13 @@ class RunConfig(Section):
         lo, hi = self.refl.stop_range
         if self.algorithm in ("refl", "itercomp") and not (0 <= lo <= hi < self.sampling.steps):
             raise ValueError(f"refl.stop_range {list(self.refl.stop_range)} must satisfy 0 <= lo <= hi < sampling.steps ({self.sampling.steps})")
+        return self
+
+    @model_validator(mode="after")
+    def _speed_checks(self):
+        if self.model.cache_text_embeddings and self.model.lora.text_encoder:
+            raise ValueError("model.cache_text_embeddings: the text encoders train (model.lora.text_encoder: true), so their "
+                             "embeddings change every step and cannot be cached; set one of the two to false")
         return self
 
     @model_validator(mode="after")

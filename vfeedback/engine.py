@@ -145,8 +145,14 @@ class Trainer:
             params = [p for p in m.unet.parameters()]
         m.unet.train()
         self.params = params
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas),
-                                           eps=cfg.train.adam_eps, weight_decay=cfg.train.weight_decay)
+        from .models.speed import SWITCHES, apply_speed_switches, make_optimizer
+
+        # after the LoRA and the casts (fusion must see which projections carry a LoRA; the
+        # compiled blocks must hold the final modules), before accelerate wraps the UNet
+        apply_speed_switches(m, **{k: getattr(cfg.model, k) for k in SWITCHES},
+                             lora_text_encoder=cfg.model.finetune == "lora" and cfg.model.lora.text_encoder)
+        self.optimizer = make_optimizer(params, cfg.train.optimizer, lr=cfg.train.lr, betas=cfg.train.adam_betas,
+                                        eps=cfg.train.adam_eps, weight_decay=cfg.train.weight_decay)
         from diffusers.optimization import get_scheduler
 
         self.lr_scheduler = get_scheduler("constant_with_warmup" if cfg.train.lr_warmup_steps else "constant", self.optimizer,

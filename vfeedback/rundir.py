@@ -312,6 +312,16 @@ def fingerprint(cfg) -> dict:
 
     data = json.loads(cfg.model_dump_json())
     data.pop("output_dir", None)
+    # the speed switches (vfeedback/models/speed.py) change how fast a run computes, not what:
+    # a run may resume with them flipped, and a run saved before they existed still resumes.
+    # train.optimizer does define the run (its checkpointed state); its default adds nothing, so
+    # the fingerprint of an adamw run is what it was before the field existed
+    from .models.speed import SWITCHES
+
+    for k in SWITCHES:
+        (data.get("model") or {}).pop(k, None)
+    if (data.get("train") or {}).get("optimizer") == "adamw":
+        data["train"].pop("optimizer")
     pr = data["prompts"]
     for name in ("train", "eval"):
         if isinstance(pr.get(name), str):

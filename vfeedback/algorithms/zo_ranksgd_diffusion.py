@@ -534,6 +534,11 @@ def load_model_for(cfg, device=None):
         device = torch.device(cfg.train.device) if cfg.train.device else torch.device("cuda" if cuda else "cpu")
     mp = resolve_mixed_precision(cfg.train.mixed_precision, device.type)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mp, torch.float32)
+    from ..models.speed import SWITCHES
+
+    on = [f"model.{k}" for k in SWITCHES if getattr(cfg.model, k)] + (["train.optimizer"] if cfg.train.optimizer != "adamw" else [])
+    if on:  # the speed switches are applied by the Trainer of the gradient methods only
+        log.warning("%s: not applied by zo_ranksgd (it runs outside the gradient trainer); the run proceeds without", ", ".join(on))
     return load_model(cfg.model.family, cfg.model.path, resolution=cfg.model.resolution, dtype=dtype, device=device,
                       revision=cfg.model.revision, variant=cfg.model.variant, attention=cfg.model.attention,
                       ip_adapter=cfg.model.ip_adapter)

@@ -104,6 +104,9 @@ class DiffusionModel:
     #: IP-Adapter: (positive, negative) reference image embeddings per adapter, batch 1, computed
     #: once at load (the reference face does not change during training); None: no adapter
     ip_image_embeds: Optional[list] = None
+    #: model.cache_text_embeddings: {(prompt, negative or None): one row of each text tensor},
+    #: the text encoders on the CPU (vfeedback/models/speed.py); None: no cache
+    text_cache: Optional[dict] = None
 
     @property
     def unet(self):
@@ -139,10 +142,15 @@ class DiffusionModel:
 
     def encode_prompt(self, prompts: Sequence[str], negative: Optional[Sequence[str]] = None, cfg: bool = True) -> Conditioning:
         """Text conditioning through the pipeline's own ``encode_prompt`` (keeps autograd when
-        a text-encoder LoRA trains)."""
+        a text-encoder LoRA trains). With the text-embedding cache on (:attr:`text_cache`), rows
+        already encoded come from the cache and only new ones run the encoders (on the CPU)."""
         prompts = list(prompts)
         neg = list(negative) if negative is not None else [""] * len(prompts)
-        dev = self.device
+        if self.text_cache is not None:
+            return self._cached_encode(prompts, neg, cfg)
+        return self._encode(prompts, neg, cfg, self.device)
+
+    def _encode(self, prompts: list, neg: list, cfg: bool, dev) -> Conditioning:
         if self.family == "sdxl":
             pe, npe, pooled, npooled = self.pipe.encode_prompt(
                 prompt=prompts, device=dev, num_images_per_prompt=1, do_classifier_free_guidance=cfg, negative_prompt=neg
@@ -154,6 +162,39 @@ class DiffusionModel:
             return self._with_image_embeds(Conditioning(pe, npe if cfg else None, pooled, npooled if cfg else None, tid), cfg)
         pe, npe = self.pipe.encode_prompt(prompts, dev, 1, cfg, neg)
         return self._with_image_embeds(Conditioning(pe, npe if cfg else None), cfg)
+
+    _TEXT_FIELDS = ("embeds", "neg_embeds", "pooled", "neg_pooled")
+
+    def _cached_encode(self, prompts: list, neg: list, cfg: bool) -> Conditioning:
+        """:meth:`encode_prompt` through :attr:`text_cache`, one entry per (prompt, negative) row
+        (the negative only with CFG): CLIP encodes every row on its own (padded to the
+        tokenizer's length), so a row's embedding does not depend on the batch it came in, and a
+        training batch drawn anew each step still hits the cache row by row. Misses are encoded
+        together on the CPU, where the encoders live, and moved to the UNet's device."""
+        dev = self.device
+        keys = [(p, n if cfg else None) for p, n in zip(prompts, neg)]
+        todo = list(dict.fromkeys(k for k in keys if k not in self.text_cache))
+        if todo:
+            enc_dev = self.text_encoders[0].device
+            with torch.no_grad():
+                c = self._encode([p for p, _ in todo], [n if n is not None else "" for _, n in todo], cfg, enc_dev)
+            for i, k in enumerate(todo):
+                row = {f: None if getattr(c, f) is None else getattr(c, f)[i : i + 1].to(dev, copy=True)
+                       for f in self._TEXT_FIELDS}
+                # a negative's embedding does not depend on its prompt: one copy per negative
+                # string is kept (usually one, ""), so the cache holds about one row per prompt
+                # (a 3-tuple key: the rows' keys are pairs)
+                if k[1] is not None:
+                    shared = self.text_cache.setdefault(("negative", k[1], None), row)
+                    row["neg_embeds"], row["neg_pooled"] = shared["neg_embeds"], shared["neg_pooled"]
+                self.text_cache[k] = row
+        rows = [self.text_cache[k] for k in keys]
+        cat = {f: None if rows[0][f] is None else torch.cat([r[f] for r in rows]) for f in self._TEXT_FIELDS}
+        tid = None
+        if self.family == "sdxl":
+            r = self.resolution
+            tid = torch.tensor([r, r, 0, 0, r, r], device=dev, dtype=cat["embeds"].dtype).expand(len(prompts), 6)
+        return self._with_image_embeds(Conditioning(cat["embeds"], cat["neg_embeds"], cat["pooled"], cat["neg_pooled"], tid), cfg)
 
     def _with_image_embeds(self, cond: Conditioning, cfg: bool) -> Conditioning:
         """Attach the IP-Adapter reference embeddings, one copy per row (the same face for every prompt)."""
