@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_sweep
 
 STEPS, STOP, BATCH = 20, 15, 2
 PROMPTS = ["a red apple", "a blue lake"]
