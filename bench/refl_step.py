@@ -465,13 +465,27 @@ def run_full(args, device) -> dict:
         budget = None
         if args.budget_s is not None:
             budget = max(0.0, args.budget_s - (time.monotonic() - t_start)) / (len(families) - fi)
-        rows = gpu_sweep.sweep(fam, names, batches, runner, peak_flops_per_s=peak["flops_per_s"], budget_s=budget, device=device,
-                               skip=skip, on_row=lambda r: print(json.dumps({k: v for k, v in r.items() if k != "times_s"}), flush=True))
+        n0 = len(result["rows"])
+        result["rows"][n0:] = gpu_sweep.sweep(fam, names, batches, runner, peak_flops_per_s=peak["flops_per_s"], budget_s=budget,
+                                              device=device, skip=skip, on_row=partial_writer(args, result))
+        rows = result["rows"][n0:]
         gpu_sweep.free_memory(device)
-        result["rows"] += rows
         if fam == "sdxl":
             result["sdxl_memory"] = sdxl_memory_check(rows)
     return result
+
+
+def partial_writer(args, result: dict):
+    """on_row for :func:`gpu_sweep.sweep`: print the row, append it to ``result["rows"]`` and
+    rewrite the JSON with ``"complete": false``, so a sweep killed by a timeout keeps what it measured."""
+    import gpu_sweep
+
+    def on_row(r):
+        print(json.dumps({k: v for k, v in r.items() if k != "times_s"}), flush=True)
+        result["rows"].append(r)
+        gpu_sweep.write_json(args.out, {**result, "complete": False})
+
+    return on_row
 
 
 def sdxl_memory_check(rows) -> list[dict]:
@@ -502,7 +516,7 @@ def add_sweep_args(ap, *, budget_default=None):
     ap.add_argument("--matmul-n", type=int, default=None, help="matrix size of the peak-FLOP/s measurement (default 8192 CUDA, 1024 CPU)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/<bench>-<device>.json)")
-    ap.add_argument("--table", default=None, metavar="JSON", help="print the Markdown table of a result file and exit")
+    ap.add_argument("--table", nargs="+", default=None, metavar="JSON", help="print the Markdown table of result files and exit")
 
 
 def sweep_main(args, bench: str, run, default_steps: int):
@@ -510,30 +524,38 @@ def sweep_main(args, bench: str, run, default_steps: int):
     import gpu_sweep
 
     if args.table:
-        print(gpu_sweep.render_table(json.loads(Path(args.table).read_text())))
+        for f in args.table:
+            print(f"\n### {f}\n")
+            print(gpu_sweep.render_table(json.loads(Path(f).read_text())))
         return 0
     device = torch.device(args.device)
     if args.model == "full" and device.type != "cuda":
         raise SystemExit(f"{bench}: full-size models need a GPU (--device cuda); use --model tiny on the CPU")
     args.reward = args.reward or ("vitl" if args.model == "full" else "color")
     args.sampling_steps = args.sampling_steps or default_steps
-    result = run(args, device)
     tag = gpu_sweep.device_tag(device) + ("" if args.model == "full" else "-tiny")
-    out = gpu_sweep.write_json(args.out or Path(__file__).parent / "results" / f"{bench}-{tag}.json", result)
+    args.out = args.out or Path(__file__).parent / "results" / f"{bench}-{tag}.json"
+    result = run(args, device)
+    result["complete"] = True
+    out = gpu_sweep.write_json(args.out, result)
     print(gpu_sweep.render_table(result))
     print(f"wrote {out}")
     bad = [r for r in result["rows"] if r.get("status") == "error"]
     return 1 if bad else 0
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=8, help="tiny overhead mode: steps per variant (the first is warm-up)")
     ap.add_argument("--full", default="", help="comma list of families to sweep: sd15,sdxl (the --full sweep; else the tiny overhead mode)")
     ap.add_argument("--sampling-steps", type=int, default=None, help=f"--full: DDIM steps per image (default {FULL_STEPS})")
     ap.add_argument("--stop-step", type=int, default=FULL_STOP, help="--full: ReFL step index that keeps the graph")
     add_sweep_args(ap)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     if args.full or args.table:
         return sweep_main(args, "refl_step_full", run_full, FULL_STEPS)
     device = torch.device(args.device)

@@ -23,7 +23,6 @@ Writes bench/results/rollout_step-<device>[-tiny].json.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -36,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import gpu_sweep  # noqa: E402
 from refl_step import (CONFIGS, LORA_RANK, PROMPTS, SPEED_MISSING, add_sweep_args, autocast, build_model, generators,  # noqa: E402
-                       make_reward, pipe_text, speed_module, sweep_main, CellRunner)
+                       make_reward, partial_writer, pipe_text, speed_module, sweep_main, CellRunner)
 
 ROLLOUT_STEPS, ROLLOUT_GUIDANCE, ETA = 50, 5.0, 1.0
 DEFAULT_CONFIGS = "toolkit,fast,reference"
@@ -163,19 +162,24 @@ def run_rollouts(args, device) -> dict:
         budget = None
         if args.budget_s is not None:
             budget = max(0.0, args.budget_s - (time.monotonic() - t_start)) / (len(families) - fi)
-        result["rows"] += gpu_sweep.sweep(fam, names, batches, runner, peak_flops_per_s=peak["flops_per_s"], budget_s=budget, device=device,
-                                          skip=skip, on_row=lambda r: print(json.dumps({k: v for k, v in r.items() if k != "times_s"}), flush=True))
+        n0 = len(result["rows"])
+        result["rows"][n0:] = gpu_sweep.sweep(fam, names, batches, runner, peak_flops_per_s=peak["flops_per_s"], budget_s=budget,
+                                              device=device, skip=skip, on_row=partial_writer(args, result))
         gpu_sweep.free_memory(device)
     return result
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", default="sd15", help="comma list: sd15,sdxl")
     ap.add_argument("--sampling-steps", type=int, default=None, help=f"DDIM steps per rollout (default {ROLLOUT_STEPS}: DDPO / GRPO; D3PO: 20)")
     ap.add_argument("--guidance", type=float, default=ROLLOUT_GUIDANCE, help="CFG scale (the online configs: 5)")
     add_sweep_args(ap)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     return sweep_main(args, "rollout_step", run_rollouts, ROLLOUT_STEPS)
 
 
