@@ -36,7 +36,7 @@ if [[ "${CPU:-0}" == "1" ]]; then
   DDPO_STEPS=(); D3PO_STEPS=()   # --sampling-steps 4 from COMMON
 else
   DEVICE=cuda
-  COMMON=(--model full --device cuda --warmup "${WARMUP:-2}" --timed "${TIMED:-10}")
+  COMMON=(--model full --device cuda --warmup "${WARMUP:-1}" --timed "${TIMED:-10}")
   REFL_EXTRA=()
   SD15_BATCHES=1,2,4,8,16; SDXL_BATCHES=1,2; ROLLOUT_BATCHES=1,2,4,8,16
   SWITCHES=${SWITCHES:-compile,channels_last,fuse_qkv,cache_text_embeddings}

@@ -424,16 +424,19 @@ class CellRunner:
         step, info, model = self.builders[cfg["kind"]](self.family, self.model_kind, self.device, self.dtype, batch, cfg, **self.kw)
         info["resolution"] = model.resolution
         compiled = cfg["fast"] and "compile" in self.kw.get("switches", ())
-        got = gpu_sweep.measure(step, warmup=self.warmup, timed=self.timed, device=self.device, flops=not compiled)
-        if compiled:  # the flop counter does not see inside compiled graphs: the same math uncompiled
-            got["flops_per_step"] = self.flops_by_batch.get(batch)
+        # a compiled config is not run under the flop counter (it does not see inside compiled
+        # graphs); that step becomes one more warm-up, so every config runs warmup + 1 untimed steps
+        got = gpu_sweep.measure(step, warmup=self.warmup + compiled, timed=self.timed, device=self.device, flops=not compiled)
+        key = (batch, cfg["gc"], cfg["vae"])
+        if compiled:  # the same arithmetic, uncompiled: the toolkit config with the same memory switches at this batch
+            got["flops_per_step"] = self.flops_by_batch.get(key)
             got["flops_source"] = "the uncompiled toolkit config at this batch (compile hides ops from the counter)"
         else:
             got["flops_source"] = "torch.utils.flop_counter.FlopCounterMode, one step (includes checkpointing recompute)"
             if cfg["kind"] == "toolkit":
-                self.flops_by_batch.setdefault(batch, got["flops_per_step"])
+                self.flops_by_batch.setdefault(key, got["flops_per_step"])
         del step, model
-        return {**info, **self.extra, "warmup": self.warmup, "timed": self.timed, **got}
+        return {**info, **self.extra, "warmup": self.warmup, "untimed_steps": self.warmup + 1, "timed": self.timed, **got}
 
 
 def run_full(args, device) -> dict:
@@ -507,7 +510,7 @@ def add_sweep_args(ap, *, budget_default=None):
     ap.add_argument("--batches", default="1,2,4,8,16", help="batch sizes, in order; a config stops at its first out-of-memory")
     ap.add_argument("--configs", default="", help=f"comma list of {', '.join(CONFIGS)} (default per family)")
     ap.add_argument("--switches", default=",".join(SWITCHES), help="speed switches of the fast configs (vfeedback.models.speed)")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per cell before the FLOP count and the timed steps")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps per cell before the FLOP-count step (itself untimed) and the timed steps")
     ap.add_argument("--timed", type=int, default=10, help="timed steps per cell (min and median reported)")
     ap.add_argument("--budget-s", type=float, default=budget_default, help="wall seconds for the whole sweep; batch sizes that would "
                     "not fit are recorded as skipped")
