@@ -232,6 +232,19 @@ def sweep(family: str, configs: Sequence[str], batches: Sequence[int], run_cell:
     return rows
 
 
+def best_rows(rows: list[dict]) -> list[dict]:
+    """Per (family, config): the measured batch size with the most images/s."""
+    best: dict = {}
+    for r in rows:
+        if r.get("status") != "ok":
+            continue
+        k = (r["family"], r["config"])
+        if k not in best or r["images_per_s"] > best[k]["images_per_s"]:
+            best[k] = r
+    return [{"family": f, "config": c, "batch": r["batch"], "images_per_s": r["images_per_s"], "mfu": r.get("mfu"),
+             "peak_mem_gib": r.get("peak_mem_gib"), "vs_reference": r.get("vs_reference")} for (f, c), r in best.items()]
+
+
 def write_json(path, result: dict) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -257,6 +270,10 @@ def render_table(result: dict) -> str:
         ratio = None if r.get("vs_reference") is None else f"{r['vs_reference']:.2f}x"
         lines.append(f"| {r['config']} | {r['family']} | {r['batch']} | {r['images_per_s']:.3g} | {r['median_s']:.3f} | "
                      f"{r['min_s']:.3f} | {_fmt(mfu, '.1f')} | {_fmt(r.get('peak_mem_gib'), '.2f')} | {ratio or '–'} |")
+    best = best_rows(result["rows"])
+    if best:
+        lines += ["", "Best batch size per configuration: " + "; ".join(
+            f"{b['config']} ({b['family']}): {b['images_per_s']:.3g} images/s at batch {b['batch']}" for b in best)]
     return "\n".join(lines)
 
 

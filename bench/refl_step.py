@@ -373,10 +373,10 @@ def reference_refl_step(family, model_kind, device, dtype, batch, cfg, *, steps,
     c, s = unet.config.in_channels, model.resolution // model.vae_scale_factor
 
     def step(i):
-        g = torch.Generator().manual_seed(i)
+        torch.manual_seed(i)  # ImageReward draws the initial latents on the device, no generator
         with autocast(device):
             hs, added = pipe_text(pipe, family, prompts, device, model.resolution)
-            latents = torch.randn((batch, c, s, s), generator=g).to(device) * noise_scheduler.init_noise_sigma
+            latents = torch.randn((batch, c, s, s), device=device) * noise_scheduler.init_noise_sigma
             noise_scheduler.set_timesteps(steps, device=device)
             timesteps = noise_scheduler.timesteps
             with torch.no_grad():
@@ -539,6 +539,7 @@ def sweep_main(args, bench: str, run, default_steps: int):
     tag = gpu_sweep.device_tag(device) + ("" if args.model == "full" else "-tiny")
     args.out = args.out or Path(__file__).parent / "results" / f"{bench}-{tag}.json"
     result = run(args, device)
+    result["best"] = gpu_sweep.best_rows(result["rows"])
     result["complete"] = True
     out = gpu_sweep.write_json(args.out, result)
     print(gpu_sweep.render_table(result))

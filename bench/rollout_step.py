@@ -85,7 +85,7 @@ def ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta, gener
     std_dev_t = eta * variance**0.5
     pred_sample_direction = (1 - alpha_prod_t_prev - std_dev_t**2) ** 0.5 * pred_epsilon
     prev_sample_mean = alpha_prod_t_prev**0.5 * pred_original_sample + pred_sample_direction
-    variance_noise = torch.randn(model_output.shape, generator=generator, dtype=model_output.dtype).to(model_output.device)
+    variance_noise = torch.randn(model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
     prev_sample = prev_sample_mean + std_dev_t * variance_noise
     log_prob = (-((prev_sample.detach() - prev_sample_mean) ** 2) / (2 * (std_dev_t**2)) - torch.log(std_dev_t)
                 - torch.log(torch.sqrt(2 * torch.as_tensor(math.pi))))
@@ -113,19 +113,19 @@ def reference_rollout(family, model_kind, device, dtype, batch, cfg, *, steps, r
 
     @torch.no_grad()
     def step(i):
-        g = torch.Generator().manual_seed(i)
+        torch.manual_seed(i)  # ddpo-pytorch passes no generator: the noise is drawn on the device
         with autocast(device):
             hs, added = pipe_text(pipe, family, prompts, device, model.resolution)
             scheduler.set_timesteps(steps, device=device)
             timesteps = scheduler.timesteps
-            latents = torch.randn((batch, c, s, s), generator=g).to(device) * scheduler.init_noise_sigma
+            latents = torch.randn((batch, c, s, s), device=device) * scheduler.init_noise_sigma
             all_latents, all_log_probs = [latents], []
             for t in timesteps:
                 latent_model_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)
                 noise_pred = unet(latent_model_input, t, encoder_hidden_states=hs, added_cond_kwargs=added, return_dict=False)[0]
                 noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
                 noise_pred = noise_pred_uncond + guidance * (noise_pred_text - noise_pred_uncond)
-                latents, log_prob = ddim_step_with_logprob(scheduler, noise_pred.float(), t, latents, ETA, generator=g)
+                latents, log_prob = ddim_step_with_logprob(scheduler, noise_pred.float(), t, latents, ETA)
                 all_latents.append(latents)
                 all_log_probs.append(log_prob)
             image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]

@@ -51,6 +51,9 @@ def check_rows(result: dict, configs=("toolkit", "reference")):
     # the toolkit and the reference-style loop do the same arithmetic: the same FLOPs
     for b in (1, 2):
         assert ok[("toolkit", b)]["flops_per_step"] == pytest.approx(ok[("reference", b)]["flops_per_step"], rel=0.02)
+    for best in result["best"]:
+        cells = [r for r in ok.values() if r["config"] == best["config"]]
+        assert best["images_per_s"] == max(r["images_per_s"] for r in cells)
     for r in result["rows"]:
         if r["config"] == "fast" and r["status"] == "skipped":
             assert r["reason"] == refl_step.SPEED_MISSING
@@ -61,8 +64,8 @@ def test_refl_full_sweep_on_tiny_cpu(tmp_path):
     out = tmp_path / "refl.json"
     rc = refl_step.main(["--full", "sd15", *TINY, "--stop-step", "2", "--configs", "toolkit,reference,fast",
                          "--switches", "channels_last", "--device", "cpu", "--out", str(out)])
-    assert rc == 0
     result = json.loads(out.read_text())
+    assert rc == 0, [r for r in result["rows"] if r["status"] == "error"]
     assert result["bench"] == "refl_step --full"
     assert result["settings"]["stop_step"] == 2 and result["settings"]["reward"] == "color"
     ok = check_rows(result)
@@ -74,8 +77,8 @@ def test_refl_full_sweep_on_tiny_cpu(tmp_path):
 def test_rollout_sweep_on_tiny_cpu(tmp_path):
     out = tmp_path / "rollout.json"
     rc = rollout_step.main([*TINY, "--configs", "toolkit,reference", "--device", "cpu", "--out", str(out)])
-    assert rc == 0
     result = json.loads(out.read_text())
+    assert rc == 0, [r for r in result["rows"] if r["status"] == "error"]
     assert result["bench"] == "rollout_step" and result["settings"]["eta"] == 1.0 and result["settings"]["log_probs"]
     check_rows(result)
 
@@ -184,6 +187,7 @@ def test_render_table_from_a_written_file(tmp_path, capsys):
     # batch 1: median 0.1 s -> 10 images/s, 1e9 FLOPs / 0.1 s / 2e9 FLOP/s = 500 %, 1 GiB, same speed as the reference
     assert "| toolkit+mem | sdxl | 1 | 10 | 0.100 | 0.100 | 500.0 | 1.00 | 1.00x |" in out
     assert "| toolkit+mem | sdxl | 2 | out of memory |" in out
+    assert "toolkit+mem (sdxl): 10 images/s at batch 1" in out
     assert refl_step.sdxl_memory_check(rows)[0] == {"config": "toolkit+mem", "peak_mem_gib": 1.0, "within_24gib": True,
                                                     "within_24e9_bytes": True, "memory_kind": None}
 
