@@ -97,6 +97,7 @@ run() {
     printf 'DRY_RUN:'; printf ' %q' "$PY" "$@" --budget-s "$budget" --out "$out"; printf '\n'
     return 0
   fi
+  rm -f "$out"  # a file left by an earlier campaign must not pass for this one's
   timeout -k 10 "$limit" "$PY" "$@" --budget-s "$budget" --out "$out" || rc=$?
   [[ -f "$out" ]] && outputs+=("$out")
   if ((rc != 0)); then

@@ -14,6 +14,20 @@ depend on a datasheet number. :func:`sweep` walks configurations x batch sizes, 
 configuration at its first out-of-memory error (recorded as ``"out of memory"``) and stops adding
 batch sizes when the wall-clock budget would be exceeded (recorded as ``"skipped"`` with the
 reason). :func:`render_table` prints the Markdown table the README quotes.
+
+JSON written by both benches::
+
+    bench, complete (false while a sweep is still writing row by row), env {torch, diffusers,
+    transformers, peft, python, device, threads, gpu, cuda, cudnn, gpu_memory_gib | cpu},
+    peak_flops {dtype, n, reps, trials, flops_per_s}, settings {model, reward, sampling_steps,
+    stop_step | eta, guidance_scale, lora_rank, warmup, timed, batches, switches, budget_s, weights},
+    rows [ {family, config, batch, status ("ok" | "out of memory" | "skipped" | "error"), reason,
+           resolution, switches, gradient_checkpointing, vae_checkpointing, sampling_steps, reward,
+           warmup, untimed_steps, timed, times_s, min_s, median_s, images_per_s, flops_per_step,
+           flops_source, achieved_flops_per_s, mfu, peak_mem_bytes, peak_mem_gib, peak_mem_kind,
+           cell_wall_s, vs_reference} ],
+    best [ {family, config, batch, images_per_s, mfu, peak_mem_gib, vs_reference} ],
+    sdxl_memory [ {config, peak_mem_gib, within_24gib, within_24e9_bytes, memory_kind} ]  (refl_step, SDXL)
 """
 from __future__ import annotations
 

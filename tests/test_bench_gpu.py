@@ -90,8 +90,10 @@ def test_vit_reward_is_differentiable_and_sized():
     assert s.shape == (2,)
     s.sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
-    big = refl_step.RandomViTReward.__init__.__code__  # ViT-L/14 config present (not built: 300M params)
-    assert 1024 in big.co_consts and 14 in big.co_consts
+    # --reward vitl: the ViT-L/14 image tower (304M parameters, 224 px, patch 14), built on the meta device
+    big = refl_step.make_reward("vitl", "meta", torch.bfloat16)
+    assert 300e6 < sum(p.numel() for p in big.tower.parameters()) < 310e6
+    assert big.size == 224 and big.tower.config.patch_size == 14 and big.tower.config.num_hidden_layers == 24
 
 
 def test_derive_formulas():
