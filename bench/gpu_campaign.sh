@@ -107,14 +107,14 @@ run() {
   return 0
 }
 
-run "ReFL SD1.5 sweep" "${SD15_BUDGET_S:-150}" "$RESULTS_DIR/refl_step_full_sd15-$TAG.json" -- \
+run "ReFL SD1.5 sweep" "${SD15_BUDGET_S:-140}" "$RESULTS_DIR/refl_step_full_sd15-$TAG.json" -- \
   bench/refl_step.py --full sd15 --batches "$SD15_BATCHES" --switches "$SWITCHES" "${COMMON[@]}" "${REFL_EXTRA[@]}"
-run "ReFL SDXL batch 1 (+2)" "${SDXL_BUDGET_S:-90}" "$RESULTS_DIR/refl_step_full_sdxl-$TAG.json" -- \
+run "ReFL SDXL batch 1 (+2)" "${SDXL_BUDGET_S:-130}" "$RESULTS_DIR/refl_step_full_sdxl-$TAG.json" -- \
   bench/refl_step.py --full sdxl --batches "$SDXL_BATCHES" --configs "$SDXL_CONFIGS" --switches "$SWITCHES" \
   "${COMMON[@]}" --timed "$SDXL_TIMED" "${REFL_EXTRA[@]}"
-run "DDPO/GRPO rollout sweep" "${DDPO_BUDGET_S:-75}" "$RESULTS_DIR/rollout_step_ddpo-$TAG.json" -- \
+run "DDPO/GRPO rollout sweep" "${DDPO_BUDGET_S:-70}" "$RESULTS_DIR/rollout_step_ddpo-$TAG.json" -- \
   bench/rollout_step.py --family sd15 --batches "$ROLLOUT_BATCHES" --switches "$SWITCHES" "${COMMON[@]}" "${DDPO_STEPS[@]}"
-run "D3PO rollout sweep" "${D3PO_BUDGET_S:-40}" "$RESULTS_DIR/rollout_step_d3po-$TAG.json" -- \
+run "D3PO rollout sweep" "${D3PO_BUDGET_S:-35}" "$RESULTS_DIR/rollout_step_d3po-$TAG.json" -- \
   bench/rollout_step.py --family sd15 --batches "$ROLLOUT_BATCHES" --switches "$SWITCHES" "${COMMON[@]}" "${D3PO_STEPS[@]}"
 
 echo
