@@ -3,19 +3,26 @@
 1. tiny:sd15 through the toolkit's engine (``vfeedback train`` minus I/O) against a bare,
    hand-written loop doing the same work with diffusers' scheduler + peft directly; the ratio
    is the toolkit's overhead (same process, same device, same batch, same stop step).
-2. with --full (GPU): full-size SD1.5 (512 px) and SDXL (1024 px) architectures with random
-   weights, LoRA rank 4, bf16 frozen weights: seconds per ReFL step and peak GPU memory, with
-   the memory switches (UNet gradient checkpointing, VAE decode checkpointing) on and off.
+2. with --full sd15,sdxl: a batch sweep (1, 2, 4, 8, 16 until out of memory) of the ReFL step
+   on full-size SD1.5 (512 px) and SDXL (1024 px) architectures with random weights (LoRA rank 4
+   in fp32, bf16 frozen weights, 40 DDIM steps, CFG 7.5, grad at step 35, a random ViT-L/14
+   reward), per configuration: the toolkit path, the toolkit with the memory switches (+mem) or
+   the speed switches (fast), and a reference-style loop written the way ImageReward's ReFL.py
+   writes its step, in the same process. Per cell: min and median s/step over --timed steps
+   after --warmup, images/s, FLOPs per step (torch's flop counter), MFU against the device's
+   own bf16 matmul rate measured in the same run, peak memory, images/s over the reference's.
 
-    python bench/refl_step.py                 # tiny, this device
-    python bench/refl_step.py --full sd15,sdxl  # on a GPU
+    python bench/refl_step.py                 # tiny overhead mode, this device
+    python bench/refl_step.py --full sd15,sdxl --budget-s 300     # on a GPU
+    python bench/refl_step.py --full sd15 --model tiny --batches 1,2 --timed 2   # CPU smoke
+    python bench/refl_step.py --table bench/results/refl_step_full-h200.json   # Markdown
 
-Writes JSON to stdout and to bench/results/refl_step[-<device>].json.
+Tiny mode writes bench/results/refl_step[-<device>].json; --full writes
+bench/results/refl_step_full-<device>[-tiny].json (schema: bench/gpu_sweep.py).
 """
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import resource
@@ -27,6 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_sweep
 
 STEPS, STOP, BATCH = 20, 15, 2
 PROMPTS = ["a red apple", "a blue lake"]
@@ -185,60 +193,378 @@ def full_size_model(family: str, device, dtype):
     return DiffusionModel(pipe=pipe, family=family, path=f"random:{family}", resolution=res)
 
 
-def full_size_bench(family: str, device, n: int, batch: int, grad_ckpt: bool, vae_ckpt: bool, model=None):
-    from vfeedback.engine import generator
+# ---------------------------------------------------------------- the --full sweep
+#
+# Configurations (``--configs``): the toolkit path (vfeedback.sampling.sample with
+# GradWindow.refl, the method's refl_loss), the same with the memory switches (UNet gradient
+# checkpointing + VAE decode checkpointing, "+mem"), the same with the speed switches of
+# vfeedback.models.speed ("fast"), and the reference-style loop written the way ImageReward's
+# ReFL.py writes its step ("reference"; "+mem": with UNet gradient checkpointing, which
+# ImageReward's script offers; it has no VAE checkpointing).
+
+FULL_STEPS, FULL_STOP, GUIDANCE, GRAD_SCALE, LORA_RANK = 40, 35, 7.5, 1e-3, 4
+SWITCHES = ("compile", "channels_last", "fuse_qkv", "cache_text_embeddings")
+CONFIGS = {
+    "toolkit": dict(kind="toolkit", gc=False, vae=False, fast=False),
+    "toolkit+mem": dict(kind="toolkit", gc=True, vae=True, fast=False),
+    "fast": dict(kind="toolkit", gc=False, vae=False, fast=True),
+    "fast+mem": dict(kind="toolkit", gc=True, vae=True, fast=True),
+    "reference": dict(kind="reference", gc=False, vae=False, fast=False),
+    "reference+mem": dict(kind="reference", gc=True, vae=False, fast=False),
+}
+DEFAULT_CONFIGS = {"sd15": "toolkit,fast,reference", "sdxl": "toolkit+mem,fast+mem,reference+mem"}
+SPEED_MISSING = "vfeedback.models.speed not available"
+
+
+def speed_module():
+    """vfeedback.models.speed (apply_speed_switches, make_optimizer), or None where this
+    checkout does not have it yet."""
+    try:
+        from vfeedback.models import speed
+    except ImportError:
+        return None
+    return speed
+
+
+class RandomViTReward(torch.nn.Module):
+    """A differentiable reward with the cost of a real CLIP / aesthetic scorer: a CLIP ViT image
+    tower with random weights (ViT-L/14 at 224 px for ``size="L"``, a 2-layer toy for tests),
+    bicubic resize + CLIP normalisation inside, then a linear head on the normalised embedding.
+    The scores mean nothing; the FLOPs and the memory match an aesthetic / CLIP reward's."""
+
+    MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+    def __init__(self, device, dtype, size: str = "L"):
+        super().__init__()
+        from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+        if size == "L":
+            cfg = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                                   image_size=224, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
+        else:
+            cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   image_size=32, patch_size=8, projection_dim=16)
+        cfg._attn_implementation = "sdpa"
+        torch.manual_seed(0)
+        with torch.device(device):
+            self.tower = CLIPVisionModelWithProjection(cfg)
+            self.head = torch.nn.Linear(cfg.projection_dim, 1)
+        self.tower.to(dtype).requires_grad_(False).eval()
+        self.head.requires_grad_(False)
+        self.size, self.dtype = cfg.image_size, dtype
+        self.register_buffer("mean", torch.tensor(self.MEAN, device=device).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(self.STD, device=device).view(1, 3, 1, 1))
+
+    def forward(self, images, prompts=None):
+        x = torch.nn.functional.interpolate(images.float(), size=(self.size, self.size), mode="bicubic", align_corners=False)
+        x = (x - self.mean) / self.std
+        emb = self.tower(pixel_values=x.to(self.dtype)).image_embeds.float()
+        emb = emb / emb.norm(dim=-1, keepdim=True)
+        return self.head(emb).squeeze(-1)
+
+
+def make_reward(name: str, device, dtype):
+    """``color`` (the cheap analytic reward), ``vitl`` (random ViT-L/14), ``vit-tiny`` (tests)."""
+    if name == "color":
+        import rewards
+
+        return rewards.load("color").to(device)
+    if name in ("vitl", "vit-tiny"):
+        return RandomViTReward(device, dtype, "L" if name == "vitl" else "tiny")
+    raise SystemExit(f"--reward: {name!r} is not one of color, vitl, vit-tiny")
+
+
+def build_model(family: str, model_kind: str, device, dtype):
+    """Full-size random-weight SD1.5 / SDXL (``full``) or the toolkit's tiny:<family> (``tiny``)."""
+    if model_kind == "full":
+        return full_size_model(family, device, dtype)
+    from vfeedback.models.loader import load_model
+
+    m = load_model(family, f"tiny:{family}", dtype=dtype, device=device, attention="sdpa")
+    return m
+
+
+def autocast(device):
+    dev = torch.device(device)
+    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
+
+
+def generators(step: int, batch: int) -> list:
+    return [torch.Generator().manual_seed(1000 * step + j) for j in range(batch)]
+
+
+def toolkit_refl_step(family, model_kind, device, dtype, batch, cfg, *, steps, stop, reward_name, switches):
+    """The toolkit's ReFL step as ``vfeedback train`` runs it (sampler with GradWindow.refl,
+    the method's refl_loss), LoRA rank 4 in fp32 on bf16 frozen weights. Returns (step_fn, info)."""
+    from vfeedback.algorithms.refl import refl_loss
     from vfeedback.models import add_lora
     from vfeedback.sampling import GradWindow, sample
-    import rewards
 
-    dtype = torch.bfloat16
-    if model is None:
-        model = full_size_model(family, device, dtype)
-        params = add_lora(model, rank=4)
-        for p in params:
-            p.data = p.data.float()
-        model._bench_params = params
-    params = model._bench_params
+    info = {"switches": list(switches) if cfg["fast"] else [], "gradient_checkpointing": cfg["gc"], "vae_checkpointing": cfg["vae"]}
+    model = build_model(family, model_kind, device, dtype)
+    params = add_lora(model, rank=LORA_RANK)
+    for p in params:
+        p.data = p.data.float()
+    speed = speed_module() if cfg["fast"] else None
+    if cfg["fast"]:
+        speed.apply_speed_switches(model, **{s: True for s in switches})
     model.unet.train()
-    if grad_ckpt:
+    if cfg["gc"]:
         model.unet.enable_gradient_checkpointing()
+    if speed is not None:
+        opt = speed.make_optimizer(params, "adamw", lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
     else:
-        model.unet.disable_gradient_checkpointing()
-    opt = torch.optim.AdamW(params, lr=1e-5)
-    reward = rewards.load("color").to(device)
+        opt = torch.optim.AdamW(params, lr=1e-5)
+    reward = make_reward(reward_name, device, dtype)
     prompts = (PROMPTS * batch)[:batch]
-    times = []
-    reset_peak(device)
-    for step in range(n):
-        sync(device)
-        t0 = time.perf_counter()
-        with torch.autocast("cuda", dtype=dtype):
+
+    def step(i):
+        with autocast(device):
             cond = model.encode_prompt(prompts, cfg=True)
-            out = sample(model, cond, num_steps=40, guidance_scale=7.5, generator=[generator(step, j) for j in range(batch)],
-                         grad=GradWindow.refl(35), vae_checkpoint=vae_ckpt)
-            loss = torch.relu(2 - reward(out.images.float(), prompts)).mean() * 1e-3
+            out = sample(model, cond, num_steps=steps, guidance_scale=GUIDANCE, generator=generators(i, batch),
+                         grad=GradWindow.refl(stop), vae_checkpoint=cfg["vae"])
+            loss = refl_loss(reward(out.images.float(), prompts).float(), 2.0, GRAD_SCALE)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return model, {"family": family, "resolution": model.resolution, "batch": batch, "gradient_checkpointing": grad_ckpt,
-                   "vae_checkpointing": vae_ckpt, "sampling_steps": 40, "stop_step": 35, "steps_timed": n - 1,
-                   "s_per_step": median(times[1:]), "first_step_s": times[0], "peak_mem_mib": peak_mem(device)}
+
+    return step, info, model
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=8, help="tiny steps per variant (the first is warm-up)")
-    ap.add_argument("--full", default="", help="comma list of full-size families to time on GPU: sd15,sdxl")
-    ap.add_argument("--full-steps", type=int, default=3)
+def pipe_text(pipe, family, prompts, device, resolution):
+    """``encoder_hidden_states`` (negatives first) and ``added_cond_kwargs`` for CFG, as the
+    diffusers pipelines (and the reference scripts) build them."""
+    n = len(prompts)
+    if family == "sdxl":
+        pe, npe, pooled, npooled = pipe.encode_prompt(prompt=prompts, device=device, num_images_per_prompt=1,
+                                                      do_classifier_free_guidance=True, negative_prompt=[""] * n)
+        r = resolution
+        tids = torch.tensor([[r, r, 0, 0, r, r]], device=device, dtype=pe.dtype).repeat(2 * n, 1)
+        return torch.cat([npe, pe]), {"text_embeds": torch.cat([npooled, pooled]), "time_ids": tids}
+    pe, npe = pipe.encode_prompt(prompts, device, 1, True, [""] * n)
+    return torch.cat([npe, pe]), None
+
+
+def reference_refl_step(family, model_kind, device, dtype, batch, cfg, *, steps, stop, reward_name, switches=()):
+    """The ReFL step written the way ImageReward's ``ReFL.py`` writes it: diffusers components
+    called directly (text encoder via the pipeline, DDPMScheduler.set_timesteps + .step), a
+    no-grad loop to the stop step, one UNet call with grad whose ``pred_original_sample`` is
+    decoded by the VAE, ``relu(-reward + 2).mean() * grad_scale``, backward, AdamW step. LoRA
+    via peft with the same rank and targets; bf16 frozen weights under bf16 autocast; SDPA
+    (diffusers' default processor); no compile."""
+    from diffusers import DDPMScheduler
+    from peft import LoraConfig
+
+    model = build_model(family, model_kind, device, dtype)
+    pipe = model.pipe
+    unet, vae = pipe.unet, pipe.vae
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    unet.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights=True, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    params = [p for n_, p in unet.named_parameters() if "lora" in n_]
+    for p in params:
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    unet.train()
+    if cfg["gc"]:
+        unet.enable_gradient_checkpointing()
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    reward = make_reward(reward_name, device, dtype)
+    prompts = (PROMPTS * batch)[:batch]
+    c, s = unet.config.in_channels, model.resolution // model.vae_scale_factor
+
+    def step(i):
+        torch.manual_seed(i)  # ImageReward draws the initial latents on the device, no generator
+        with autocast(device):
+            hs, added = pipe_text(pipe, family, prompts, device, model.resolution)
+            latents = torch.randn((batch, c, s, s), device=device) * noise_scheduler.init_noise_sigma
+            noise_scheduler.set_timesteps(steps, device=device)
+            timesteps = noise_scheduler.timesteps
+            with torch.no_grad():
+                for t in timesteps[:stop]:
+                    inp = noise_scheduler.scale_model_input(torch.cat([latents] * 2), t)
+                    noise_pred = unet(inp, t, encoder_hidden_states=hs, added_cond_kwargs=added).sample
+                    uncond, text = noise_pred.chunk(2)
+                    noise_pred = uncond + GUIDANCE * (text - uncond)
+                    latents = noise_scheduler.step(noise_pred, t, latents).prev_sample
+            t = timesteps[stop]
+            inp = noise_scheduler.scale_model_input(torch.cat([latents] * 2), t)
+            noise_pred = unet(inp, t, encoder_hidden_states=hs, added_cond_kwargs=added).sample
+            uncond, text = noise_pred.chunk(2)
+            noise_pred = uncond + GUIDANCE * (text - uncond)
+            pred_original_sample = noise_scheduler.step(noise_pred, t, latents).pred_original_sample.to(vae.dtype)
+            image = vae.decode(pred_original_sample / vae.config.scaling_factor).sample
+            image = (image / 2 + 0.5).clamp(0, 1)
+            rm_preds = reward(image.float(), prompts)
+            loss = torch.nn.functional.relu(-rm_preds + 2).mean() * GRAD_SCALE
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step, {"switches": [], "gradient_checkpointing": cfg["gc"], "vae_checkpointing": False}, model
+
+
+class CellRunner:
+    """``run_cell(config, batch)`` for :func:`gpu_sweep.sweep`: frees the previous cell's model,
+    builds a fresh one (random init on the device: seconds, and every cell starts from the same
+    state, so one cell's optimizer state or compiled graphs cannot leak into the next), makes
+    the step function and measures it."""
+
+    def __init__(self, family, model_kind, device, *, builders, configs, warmup, timed, extra: dict, make_kwargs: dict):
+        self.family, self.model_kind, self.device = family, model_kind, torch.device(device)
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.builders, self.configs, self.warmup, self.timed = builders, configs, warmup, timed
+        self.extra, self.kw = extra, make_kwargs
+        self.flops_by_batch: dict[int, int] = {}  # the uncompiled toolkit's count, for compiled configs
+
+    def __call__(self, config: str, batch: int) -> dict:
+        import gpu_sweep
+
+        cfg = self.configs[config]
+        gpu_sweep.free_memory(self.device)
+        step, info, model = self.builders[cfg["kind"]](self.family, self.model_kind, self.device, self.dtype, batch, cfg, **self.kw)
+        info["resolution"] = model.resolution
+        compiled = cfg["fast"] and "compile" in self.kw.get("switches", ())
+        # a compiled config is not run under the flop counter (it does not see inside compiled
+        # graphs); that step becomes one more warm-up, so every config runs warmup + 1 untimed steps
+        got = gpu_sweep.measure(step, warmup=self.warmup + compiled, timed=self.timed, device=self.device, flops=not compiled)
+        key = (batch, cfg["gc"], cfg["vae"])
+        if compiled:  # the same arithmetic, uncompiled: the toolkit config with the same memory switches at this batch
+            got["flops_per_step"] = self.flops_by_batch.get(key)
+            got["flops_source"] = "the uncompiled toolkit config at this batch (compile hides ops from the counter)"
+        else:
+            got["flops_source"] = "torch.utils.flop_counter.FlopCounterMode, one step (includes checkpointing recompute)"
+            if cfg["kind"] == "toolkit":
+                self.flops_by_batch.setdefault(key, got["flops_per_step"])
+        del step, model
+        return {**info, **self.extra, "warmup": self.warmup, "untimed_steps": self.warmup + 1, "timed": self.timed, **got}
+
+
+def run_full(args, device) -> dict:
+    """The ``--full`` sweep over the families in ``args.full``; the result dict (also written as JSON)."""
+    import gpu_sweep
+
+    families = [f for f in args.full.split(",") if f]
+    batches = [int(b) for b in args.batches.split(",")]
+    switches = tuple(s for s in args.switches.split(",") if s)
+    peak = gpu_sweep.measure_peak_flops(device, n=args.matmul_n)
+    result = {"bench": "refl_step --full", "env": gpu_sweep.environment(device), "peak_flops": peak,
+              "settings": {"model": args.model, "reward": args.reward, "sampling_steps": args.sampling_steps, "stop_step": args.stop_step,
+                           "guidance_scale": GUIDANCE, "lora_rank": LORA_RANK, "grad_scale": GRAD_SCALE, "warmup": args.warmup,
+                           "timed": args.timed, "batches": batches, "switches": list(switches), "budget_s": args.budget_s,
+                           "weights": "bf16 frozen, fp32 LoRA, bf16 autocast" if device.type == "cuda" else "fp32 (CPU)"},
+              "rows": []}
+    print(f"peak matmul: {peak['flops_per_s'] / 1e12:.2f} TFLOP/s ({peak['dtype']} {peak['n']}^3)", flush=True)
+    t_start = time.monotonic()
+    for fi, fam in enumerate(families):
+        names = [c for c in (args.configs or DEFAULT_CONFIGS[fam]).split(",") if c]
+        bad = [c for c in names if c not in CONFIGS]
+        if bad:
+            raise SystemExit(f"--configs: unknown {bad}; known: {', '.join(CONFIGS)}")
+        skip = {c: SPEED_MISSING for c in names if CONFIGS[c]["fast"] and speed_module() is None}
+        runner = CellRunner(fam, args.model, device, builders={"toolkit": toolkit_refl_step, "reference": reference_refl_step},
+                            configs=CONFIGS, warmup=args.warmup, timed=args.timed,
+                            extra={"sampling_steps": args.sampling_steps, "stop_step": args.stop_step, "reward": args.reward},
+                            make_kwargs=dict(steps=args.sampling_steps, stop=args.stop_step, reward_name=args.reward, switches=switches))
+        budget = None
+        if args.budget_s is not None:
+            budget = max(0.0, args.budget_s - (time.monotonic() - t_start)) / (len(families) - fi)
+        n0 = len(result["rows"])
+        result["rows"][n0:] = gpu_sweep.sweep(fam, names, batches, runner, peak_flops_per_s=peak["flops_per_s"], budget_s=budget,
+                                              device=device, skip=skip, on_row=partial_writer(args, result))
+        rows = result["rows"][n0:]
+        gpu_sweep.free_memory(device)
+        if fam == "sdxl":
+            result["sdxl_memory"] = sdxl_memory_check(rows)
+    return result
+
+
+def partial_writer(args, result: dict):
+    """on_row for :func:`gpu_sweep.sweep`: print the row, append it to ``result["rows"]`` and
+    rewrite the JSON with ``"complete": false``, so a sweep killed by a timeout keeps what it measured."""
+    import gpu_sweep
+
+    def on_row(r):
+        print(json.dumps({k: v for k, v in r.items() if k != "times_s"}), flush=True)
+        result["rows"].append(r)
+        gpu_sweep.write_json(args.out, {**result, "complete": False})
+
+    return on_row
+
+
+def sdxl_memory_check(rows) -> list[dict]:
+    """Whether SDXL batch 1 peaks at or under 24 GiB (and 24e9 bytes) per configuration."""
+    import gpu_sweep
+
+    out = []
+    for r in rows:
+        if r["batch"] == 1 and r.get("status") == "ok" and r.get("peak_mem_bytes") is not None:
+            out.append({"config": r["config"], "peak_mem_gib": r["peak_mem_bytes"] / gpu_sweep.GIB,
+                        "within_24gib": r["peak_mem_bytes"] <= gpu_sweep.SDXL_LIMIT_BYTES, "within_24e9_bytes": r["peak_mem_bytes"] <= 24e9,
+                        "memory_kind": r.get("peak_mem_kind")})
+    return out
+
+def add_sweep_args(ap, *, budget_default=None):
+    """The flags the two sweeps (refl_step --full, rollout_step) share."""
+    ap.add_argument("--model", choices=("full", "tiny"), default="full",
+                    help="full: published SD1.5 / SDXL architectures, random weights (GPU); tiny: tiny:<family> (CPU tests)")
+    ap.add_argument("--batches", default="1,2,4,8,16", help="batch sizes, in order; a config stops at its first out-of-memory")
+    ap.add_argument("--configs", default="", help=f"comma list of {', '.join(CONFIGS)} (default per family)")
+    ap.add_argument("--switches", default=",".join(SWITCHES), help="speed switches of the fast configs (vfeedback.models.speed)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps per cell before the FLOP-count step (itself untimed) and the timed steps")
+    ap.add_argument("--timed", type=int, default=10, help="timed steps per cell (min and median reported)")
+    ap.add_argument("--budget-s", type=float, default=budget_default, help="wall seconds for the whole sweep; batch sizes that would "
+                    "not fit are recorded as skipped")
+    ap.add_argument("--reward", choices=("color", "vitl", "vit-tiny"), default=None,
+                    help="reward in the step (default: vitl with --model full, color with --model tiny)")
+    ap.add_argument("--matmul-n", type=int, default=None, help="matrix size of the peak-FLOP/s measurement (default 8192 CUDA, 1024 CPU)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+    ap.add_argument("--out", default=None, help="JSON path (default bench/results/<bench>-<device>.json)")
+    ap.add_argument("--table", nargs="+", default=None, metavar="JSON", help="print the Markdown table of result files and exit")
+
+
+def sweep_main(args, bench: str, run, default_steps: int):
+    """Shared body of the sweep entry points: check the device, run, write the JSON, print the table."""
+    import gpu_sweep
+
+    if args.table:
+        for f in args.table:
+            print(f"\n### {f}\n")
+            print(gpu_sweep.render_table(json.loads(Path(f).read_text())))
+        return 0
+    device = torch.device(args.device)
+    if args.model == "full" and device.type != "cuda":
+        raise SystemExit(f"{bench}: full-size models need a GPU (--device cuda); use --model tiny on the CPU")
+    args.reward = args.reward or ("vitl" if args.model == "full" else "color")
+    args.sampling_steps = args.sampling_steps or default_steps
+    tag = gpu_sweep.device_tag(device) + ("" if args.model == "full" else "-tiny")
+    args.out = args.out or Path(__file__).parent / "results" / f"{bench}-{tag}.json"
+    result = run(args, device)
+    result["best"] = gpu_sweep.best_rows(result["rows"])
+    result["complete"] = True
+    out = gpu_sweep.write_json(args.out, result)
+    print(gpu_sweep.render_table(result))
+    print(f"wrote {out}")
+    bad = [r for r in result["rows"] if r.get("status") == "error"]
+    return 1 if bad else 0
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=8, help="tiny overhead mode: steps per variant (the first is warm-up)")
+    ap.add_argument("--full", default="", help="comma list of families to sweep: sd15,sdxl (the --full sweep; else the tiny overhead mode)")
+    ap.add_argument("--sampling-steps", type=int, default=None, help=f"--full: DDIM steps per image (default {FULL_STEPS})")
+    ap.add_argument("--stop-step", type=int, default=FULL_STOP, help="--full: ReFL step index that keeps the graph")
+    add_sweep_args(ap)
+    return ap
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    if args.full or args.table:
+        return sweep_main(args, "refl_step_full", run_full, FULL_STEPS)
     device = torch.device(args.device)
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "tiny": {}, "full": []}
-    # alternate so that slow drift of the machine hits both equally
+              "threads": torch.get_num_threads(), "tiny": {}}
     eng, bare = [], []
     eng += engine_steps(args.steps, device)
     bare += bare_steps(args.steps, device)
@@ -247,26 +573,12 @@ def main():
                       "engine_s_per_step": e, "bare_s_per_step": b, "overhead_ratio": e / b,
                       "process_peak_mem_mib": peak_mem(device)}
     print(json.dumps(result["tiny"]), flush=True)
-    for fam in [f for f in args.full.split(",") if f]:
-        if device.type != "cuda":
-            print(f"--full {fam}: needs a GPU; skipped", file=sys.stderr)
-            continue
-        model = None
-        for gc_on, vae_on in ((True, True), (False, False)):
-            try:
-                model, r = full_size_bench(fam, device, args.full_steps, 1, gc_on, vae_on, model)
-            except torch.cuda.OutOfMemoryError as err:
-                r = {"family": fam, "gradient_checkpointing": gc_on, "vae_checkpointing": vae_on, "error": "out of memory"}
-            result["full"].append(r)
-            print(json.dumps(r), flush=True)
-        del model
-        gc.collect()
-        torch.cuda.empty_cache()
     out = Path(args.out or Path(__file__).parent / "results" / f"refl_step-{'gpu' if device.type == 'cuda' else 'cpu'}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
