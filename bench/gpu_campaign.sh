@@ -6,6 +6,7 @@
 #      (peak <= 24 GiB at batch 1?) and the reference-style loop
 #   3. DDPO / GRPO rollouts (50 DDIM steps, eta 1, CFG 5, log-probs): batch sweep
 #   4. D3PO rollouts (20 DDIM steps): batch sweep
+#   (before them, on CUDA: `pytest -m gpu tests/test_sampling.py`, the loop without host syncs)
 #
 # Each writes its JSON to $RESULTS_DIR (default bench/results/) as <bench>_<what>-<device>.json,
 # row by row, so a step cut short by its time limit keeps what it measured. The environment is
@@ -106,6 +107,17 @@ run() {
   fi
   return 0
 }
+
+# the gpu-marked checks first (tiny models, seconds): the sampling loop under
+# torch.cuda.set_sync_debug_mode("error") (tests/test_sampling.py)
+if [[ "$DEVICE" == cuda ]]; then
+  echo "== gpu tests (pytest -m gpu)"
+  if [[ "${DRY_RUN:-0}" == "1" ]]; then
+    echo "DRY_RUN: $PY -m pytest -q -m gpu tests/test_sampling.py"
+  else
+    timeout -k 10 90 "$PY" -m pytest -q -m gpu tests/test_sampling.py || failed+=("gpu tests")
+  fi
+fi
 
 run "ReFL SD1.5 sweep" "${SD15_BUDGET_S:-140}" "$RESULTS_DIR/refl_step_full_sd15-$TAG.json" -- \
   bench/refl_step.py --full sd15 --batches "$SD15_BATCHES" --switches "$SWITCHES" "${COMMON[@]}" "${REFL_EXTRA[@]}"
