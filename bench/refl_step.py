@@ -439,43 +439,63 @@ class CellRunner:
         return {**info, **self.extra, "warmup": self.warmup, "untimed_steps": self.warmup + 1, "timed": self.timed, **got}
 
 
-def run_full(args, device) -> dict:
-    """The ``--full`` sweep over the families in ``args.full``; the result dict (also written as JSON)."""
+def run_families(args, device, *, bench: str, settings: dict, families, default_configs, check_configs, builders: dict,
+                 extra: dict, make_kwargs: dict, after_family=None) -> dict:
+    """The sweep of both benches (``refl_step --full``, ``rollout_step``): the matmul peak once,
+    then per family a :class:`CellRunner` over the configurations x ``--batches`` with the
+    ``--budget-s`` left shared evenly by the families not yet run; rows are written as they come
+    (:func:`partial_writer`). ``default_configs(family)``: the configurations when ``--configs``
+    is empty; ``check_configs(names)``: exits on names the bench cannot run; ``after_family(family,
+    rows, result)``: per-family additions (SDXL's memory check)."""
     import gpu_sweep
 
-    families = [f for f in args.full.split(",") if f]
     batches = [int(b) for b in args.batches.split(",")]
     switches = tuple(s for s in args.switches.split(",") if s)
     peak = gpu_sweep.measure_peak_flops(device, n=args.matmul_n)
-    result = {"bench": "refl_step --full", "env": gpu_sweep.environment(device), "peak_flops": peak,
-              "settings": {"model": args.model, "reward": args.reward, "sampling_steps": args.sampling_steps, "stop_step": args.stop_step,
-                           "guidance_scale": GUIDANCE, "lora_rank": LORA_RANK, "grad_scale": GRAD_SCALE, "warmup": args.warmup,
-                           "timed": args.timed, "batches": batches, "switches": list(switches), "budget_s": args.budget_s,
+    result = {"bench": bench, "env": gpu_sweep.environment(device), "peak_flops": peak,
+              "settings": {"model": args.model, "reward": args.reward, "sampling_steps": args.sampling_steps, **settings,
+                           "lora_rank": LORA_RANK, "warmup": args.warmup, "timed": args.timed, "batches": batches,
+                           "switches": list(switches), "budget_s": args.budget_s,
                            "weights": "bf16 frozen, fp32 LoRA, bf16 autocast" if device.type == "cuda" else "fp32 (CPU)"},
               "rows": []}
     print(f"peak matmul: {peak['flops_per_s'] / 1e12:.2f} TFLOP/s ({peak['dtype']} {peak['n']}^3)", flush=True)
     t_start = time.monotonic()
     for fi, fam in enumerate(families):
-        names = [c for c in (args.configs or DEFAULT_CONFIGS[fam]).split(",") if c]
-        bad = [c for c in names if c not in CONFIGS]
-        if bad:
-            raise SystemExit(f"--configs: unknown {bad}; known: {', '.join(CONFIGS)}")
+        names = [c for c in (args.configs or default_configs(fam)).split(",") if c]
+        check_configs(names)
         skip = {c: SPEED_MISSING for c in names if CONFIGS[c]["fast"] and speed_module() is None}
-        runner = CellRunner(fam, args.model, device, builders={"toolkit": toolkit_refl_step, "reference": reference_refl_step},
-                            configs=CONFIGS, warmup=args.warmup, timed=args.timed,
-                            extra={"sampling_steps": args.sampling_steps, "stop_step": args.stop_step, "reward": args.reward},
-                            make_kwargs=dict(steps=args.sampling_steps, stop=args.stop_step, reward_name=args.reward, switches=switches))
+        runner = CellRunner(fam, args.model, device, builders=builders, configs=CONFIGS, warmup=args.warmup, timed=args.timed,
+                            extra=extra, make_kwargs={**make_kwargs, "switches": switches})
         budget = None
         if args.budget_s is not None:
             budget = max(0.0, args.budget_s - (time.monotonic() - t_start)) / (len(families) - fi)
         n0 = len(result["rows"])
         result["rows"][n0:] = gpu_sweep.sweep(fam, names, batches, runner, peak_flops_per_s=peak["flops_per_s"], budget_s=budget,
                                               device=device, skip=skip, on_row=partial_writer(args, result))
-        rows = result["rows"][n0:]
         gpu_sweep.free_memory(device)
+        if after_family is not None:
+            after_family(fam, result["rows"][n0:], result)
+    return result
+
+
+def run_full(args, device) -> dict:
+    """The ``--full`` sweep over the families in ``args.full``; the result dict (also written as JSON)."""
+    def check(names):
+        bad = [c for c in names if c not in CONFIGS]
+        if bad:
+            raise SystemExit(f"--configs: unknown {bad}; known: {', '.join(CONFIGS)}")
+
+    def sdxl_memory(fam, rows, result):
         if fam == "sdxl":
             result["sdxl_memory"] = sdxl_memory_check(rows)
-    return result
+
+    return run_families(args, device, bench="refl_step --full", families=[f for f in args.full.split(",") if f],
+                        settings={"stop_step": args.stop_step, "guidance_scale": GUIDANCE, "grad_scale": GRAD_SCALE},
+                        default_configs=DEFAULT_CONFIGS.get, check_configs=check,
+                        builders={"toolkit": toolkit_refl_step, "reference": reference_refl_step},
+                        extra={"sampling_steps": args.sampling_steps, "stop_step": args.stop_step, "reward": args.reward},
+                        make_kwargs=dict(steps=args.sampling_steps, stop=args.stop_step, reward_name=args.reward),
+                        after_family=sdxl_memory)
 
 
 def partial_writer(args, result: dict):

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -34,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import gpu_sweep  # noqa: E402
-from refl_step import (CONFIGS, LORA_RANK, PROMPTS, SPEED_MISSING, add_sweep_args, autocast, build_model, generators,  # noqa: E402
-                       make_reward, partial_writer, pipe_text, speed_module, sweep_main, CellRunner)
+from refl_step import (CONFIGS, LORA_RANK, PROMPTS, add_sweep_args, autocast, build_model, generators,  # noqa: E402
+                       make_reward, pipe_text, run_families, speed_module, sweep_main)
 
 ROLLOUT_STEPS, ROLLOUT_GUIDANCE, ETA = 50, 5.0, 1.0
 DEFAULT_CONFIGS = "toolkit,fast,reference"
@@ -137,36 +136,17 @@ def reference_rollout(family, model_kind, device, dtype, batch, cfg, *, steps, r
 
 
 def run_rollouts(args, device) -> dict:
-    families = [f for f in args.family.split(",") if f]
-    batches = [int(b) for b in args.batches.split(",")]
-    switches = tuple(s for s in args.switches.split(",") if s)
-    peak = gpu_sweep.measure_peak_flops(device, n=args.matmul_n)
-    result = {"bench": "rollout_step", "env": gpu_sweep.environment(device), "peak_flops": peak,
-              "settings": {"model": args.model, "reward": args.reward, "sampling_steps": args.sampling_steps, "eta": ETA,
-                           "guidance_scale": args.guidance, "lora_rank": LORA_RANK, "log_probs": True, "return_trajectory": True,
-                           "warmup": args.warmup, "timed": args.timed, "batches": batches, "switches": list(switches),
-                           "budget_s": args.budget_s, "weights": "bf16, fp32 LoRA, bf16 autocast" if device.type == "cuda" else "fp32 (CPU)"},
-              "rows": []}
-    print(f"peak matmul: {peak['flops_per_s'] / 1e12:.2f} TFLOP/s ({peak['dtype']} {peak['n']}^3)", flush=True)
-    t_start = time.monotonic()
-    for fi, fam in enumerate(families):
-        names = [c for c in (args.configs or DEFAULT_CONFIGS).split(",") if c]
+    def check(names):
         bad = [c for c in names if c not in CONFIGS or CONFIGS[c]["gc"]]
         if bad:
             raise SystemExit(f"--configs: {bad} not rollout configs; use toolkit, fast, reference")
-        skip = {c: SPEED_MISSING for c in names if CONFIGS[c]["fast"] and speed_module() is None}
-        runner = CellRunner(fam, args.model, device, builders={"toolkit": toolkit_rollout, "reference": reference_rollout},
-                            configs=CONFIGS, warmup=args.warmup, timed=args.timed,
-                            extra={"sampling_steps": args.sampling_steps, "eta": ETA, "reward": args.reward},
-                            make_kwargs=dict(steps=args.sampling_steps, reward_name=args.reward, switches=switches, guidance=args.guidance))
-        budget = None
-        if args.budget_s is not None:
-            budget = max(0.0, args.budget_s - (time.monotonic() - t_start)) / (len(families) - fi)
-        n0 = len(result["rows"])
-        result["rows"][n0:] = gpu_sweep.sweep(fam, names, batches, runner, peak_flops_per_s=peak["flops_per_s"], budget_s=budget,
-                                              device=device, skip=skip, on_row=partial_writer(args, result))
-        gpu_sweep.free_memory(device)
-    return result
+
+    return run_families(args, device, bench="rollout_step", families=[f for f in args.family.split(",") if f],
+                        settings={"eta": ETA, "guidance_scale": args.guidance, "log_probs": True, "return_trajectory": True},
+                        default_configs=lambda fam: DEFAULT_CONFIGS, check_configs=check,
+                        builders={"toolkit": toolkit_rollout, "reference": reference_rollout},
+                        extra={"sampling_steps": args.sampling_steps, "eta": ETA, "reward": args.reward},
+                        make_kwargs=dict(steps=args.sampling_steps, reward_name=args.reward, guidance=args.guidance))
 
 
 def parser() -> argparse.ArgumentParser:
