@@ -45,7 +45,7 @@ else
   SDXL_TIMED=${SDXL_TIMED:-5}
   DDPO_STEPS=(--sampling-steps 50); D3PO_STEPS=(--sampling-steps 20)
 fi
-SDXL_CONFIGS=${SDXL_CONFIGS:-toolkit+mem,reference+mem}
+SDXL_CONFIGS=${SDXL_CONFIGS:-lowmem,reference+mem}
 
 echo "== environment"
 TAG=$("$PY" - "$DEVICE" <<'EOF'

@@ -180,10 +180,14 @@ def derive(row: dict, peak_flops_per_s: float) -> dict:
 
 def add_ratios(rows: list[dict], reference: str = "reference") -> None:
     """``vs_reference``: images/s of a row over the reference config's images/s, same family
-    and batch (> 1: faster than the reference-style loop); None where either is missing."""
-    ref = {(r["family"], r["batch"]): r for r in rows if r["config"] == reference and r.get("status") == "ok"}
+    and batch (> 1: faster than the reference-style loop); None where either is missing. A row
+    with UNet gradient checkpointing on is compared with ``<reference>+mem`` (the reference loop
+    with it on too, as SDXL's sweep runs it), one without with ``<reference>``: like with like."""
+    ref = {(r["config"], r["family"], r["batch"]): r for r in rows
+           if r["config"] in (reference, f"{reference}+mem") and r.get("status") == "ok"}
     for r in rows:
-        m = ref.get((r["family"], r["batch"]))
+        name = f"{reference}+mem" if r.get("gradient_checkpointing") else reference
+        m = ref.get((name, r["family"], r["batch"]))
         r["vs_reference"] = (r["images_per_s"] / m["images_per_s"]) if (m and r.get("status") == "ok") else None
 
 

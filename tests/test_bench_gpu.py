@@ -239,3 +239,15 @@ def test_gpu_campaign_cpu_mode(tmp_path):
         r = json.loads(f.read_text())
         assert any(row["status"] == "ok" for row in r["rows"]), f
     assert "torch" in p.stdout and "| config | family |" in p.stdout
+
+
+def test_ratios_compare_like_with_like():
+    """A row with UNet gradient checkpointing is compared with the reference loop that has it
+    too (``reference+mem``), one without with ``reference``; no such reference: no ratio."""
+    def row(config, batch, ips, gc):
+        return {"family": "sdxl", "config": config, "batch": batch, "status": "ok", "images_per_s": ips, "gradient_checkpointing": gc}
+
+    rows = [row("lowmem", 1, 3.0, True), row("toolkit", 1, 8.0, False), row("reference+mem", 1, 2.0, True),
+            row("reference", 1, 4.0, False), row("lowmem", 2, 5.0, True)]
+    gpu_sweep.add_ratios(rows)
+    assert [r["vs_reference"] for r in rows] == [1.5, 2.0, 1.0, 1.0, None]
