@@ -18,7 +18,10 @@
 #   DRY_RUN=1 bash bench/gpu_campaign.sh  # print the measurement commands instead of running them
 #
 # Knobs (environment): PYTHON, RESULTS_DIR, DEADLINE_S (whole run, default 465), SD15_BUDGET_S,
-# SDXL_BUDGET_S, DDPO_BUDGET_S, D3PO_BUDGET_S, TIMED, SDXL_TIMED, WARMUP, SWITCHES, SDXL_CONFIGS.
+# SDXL_BUDGET_S, DDPO_BUDGET_S, D3PO_BUDGET_S, TIMED, SDXL_TIMED, WARMUP, SWITCHES, SD15_CONFIGS, SDXL_CONFIGS.
+# Each sweep shares its budget evenly between its configs and starts a batch size only when
+# twice the previous one's cost is left, so slow cells leave the larger batch sizes unmeasured
+# (recorded as skipped); SD15_CONFIGS=fast,reference (or a larger SD15_BUDGET_S) gives them room.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -46,6 +49,8 @@ else
   DDPO_STEPS=(--sampling-steps 50); D3PO_STEPS=(--sampling-steps 20)
 fi
 SDXL_CONFIGS=${SDXL_CONFIGS:-lowmem,reference+mem}
+# SD1.5: the uncompiled toolkit first (a compiled config borrows its FLOP count)
+SD15_CONFIGS=${SD15_CONFIGS:-toolkit,fast,reference}
 
 echo "== environment"
 TAG=$("$PY" - "$DEVICE" <<'EOF'
@@ -120,7 +125,7 @@ if [[ "$DEVICE" == cuda ]]; then
 fi
 
 run "ReFL SD1.5 sweep" "${SD15_BUDGET_S:-140}" "$RESULTS_DIR/refl_step_full_sd15-$TAG.json" -- \
-  bench/refl_step.py --full sd15 --batches "$SD15_BATCHES" --switches "$SWITCHES" "${COMMON[@]}" "${REFL_EXTRA[@]}"
+  bench/refl_step.py --full sd15 --batches "$SD15_BATCHES" --configs "$SD15_CONFIGS" --switches "$SWITCHES" "${COMMON[@]}" "${REFL_EXTRA[@]}"
 run "ReFL SDXL batch 1 (+2)" "${SDXL_BUDGET_S:-130}" "$RESULTS_DIR/refl_step_full_sdxl-$TAG.json" -- \
   bench/refl_step.py --full sdxl --batches "$SDXL_BATCHES" --configs "$SDXL_CONFIGS" --switches "$SWITCHES" \
   "${COMMON[@]}" --timed "$SDXL_TIMED" "${REFL_EXTRA[@]}"
