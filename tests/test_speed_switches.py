@@ -170,6 +170,46 @@ def test_compile_inductor_same_images_and_gradients(monkeypatch):
     _check_compile(monkeypatch, "inductor")
 
 
+def test_compile_keeps_every_block_compiled_through_a_refl_step(monkeypatch):
+    """A UNet with SD1.5's block structure (four levels, three with cross-attention, small widths)
+    run as a ReFL step runs it: no-grad calls, one call with grad and its backward, then an eval
+    batch of another size. Every block instance shares ``BasicTransformerBlock.forward``, which
+    needs a graph per width and layout, grad mode and batch size (13 here, as on the full-size
+    SD1.5 UNet); at dynamo's default limit of 8 the ninth is refused and the block runs eagerly
+    from then on. ``compile_unet`` raises the limit: every frame is compiled."""
+    import torch._dynamo
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    from vfeedback.models.speed import RECOMPILE_LIMIT, compile_unet
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # the default, whatever ran before
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, cross_attention_dim=32, attention_head_dim=8, layers_per_block=2,
+                                block_out_channels=(32, 64, 128, 128), norm_num_groups=8,
+                                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    for n, p in unet.named_parameters():
+        p.requires_grad_("lora" in n)
+    compile_unet(unet, backend="eager")
+    assert torch._dynamo.config.recompile_limit == RECOMPILE_LIMIT
+    hs = torch.randn(2, 7, 32)
+    for i in range(3):
+        with torch.no_grad():
+            unet(torch.randn(2, 4, 8, 8), torch.tensor(900 - i), encoder_hidden_states=hs)
+    unet(torch.randn(2, 4, 8, 8), torch.tensor(500), encoder_hidden_states=hs).sample.mean().backward()
+    with torch.no_grad():
+        unet(torch.randn(8, 4, 8, 8), torch.tensor(900), encoder_hidden_states=torch.randn(8, 7, 32))
+    frames = torch._dynamo.utils.counters["frames"]
+    assert frames["total"] == frames["ok"]  # none refused
+    assert frames["ok"] > 8  # more graphs than dynamo's default allows (13)
+    torch._dynamo.reset()
+
+
 # ------------------------------------------------------------------------- cache_text_embeddings
 class _Count:
     def __init__(self, encs):

@@ -50,6 +50,12 @@ log = logging.getLogger(__name__)
 SWITCHES = ("compile", "channels_last", "fuse_qkv", "cache_text_embeddings")
 OPTIMIZERS = ("adamw", "adamw8bit")
 COMPILE_BACKEND_ENV = "VFEEDBACK_COMPILE_BACKEND"
+#: dynamo's per-function graph limit while a UNet is compiled regionally (its default is 8): every
+#: block instance runs the one ``BasicTransformerBlock.forward``, and a ReFL run alone needs a graph
+#: per channel width and layout (SD1.5: 4), each with grad off and on, then again for another batch
+#: size; past the limit dynamo runs the block eagerly from then on (a warning, no error), so the
+#: switch would stop working in the first training step (tests/test_speed_switches.py)
+RECOMPILE_LIMIT = 64
 
 
 def apply_speed_switches(model, *, compile: bool = False, channels_last: bool = False, fuse_qkv: bool = False,
@@ -85,6 +91,10 @@ def compile_unet(unet, backend: Optional[str] = None) -> list[str]:
     LoRA layers inside the blocks train as before and gradients flow through the compiled graphs
     (AOTAutograd builds the backward)."""
     backend = backend or os.environ.get(COMPILE_BACKEND_ENV) or "inductor"
+    import torch._dynamo
+
+    # the limit is process-wide: raised, never lowered (another compiled model may need more)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     repeated = set(getattr(type(unet), "_repeated_blocks", None) or ())
     if repeated:
         # what ModelMixin.compile_repeated_blocks does, keeping the names for the log
