@@ -54,7 +54,7 @@ SCOPE = [
     "vfeedback.integrations.gym.x?VLMPreferenceLabeler?label__mutmut_*",
     "vfeedback.integrations.gym.x?PreferenceRewardModel?*",  # Bradley-Terry: init, weights, features, forward, fit, accuracy
     # the DDIM sampler: step gap, trained-step count, alphas with the clamp, x0 clip, the step and its log-prob, gradient windows
-    *(f"vfeedback.sampling.x_{f}__mutmut_*" for f in ("step_gap", "trained_step_count", "_alpha", "x0_clip", "ddim_step")),
+    *(f"vfeedback.sampling.x_{f}__mutmut_*" for f in ("step_gap", "trained_step_count", "_alpha", "x0_clip", "ddim_std", "ddim_step")),
     "vfeedback.sampling.x?GradWindow?*",
     # ReFL and DRaFT / AlignProp: stop step and K, the losses, re-noising, reward metrics
     *(f"vfeedback.algorithms.refl.x_{f}__mutmut_*" for f in ("draw_stop_step", "refl_loss", "reward_metrics")),

@@ -162,8 +162,9 @@ def check_run(cfg: RunConfig, resume: bool = False, main_process: bool = True) -
     if cfg.train.optimizer == "adamw8bit":
         from .models.speed import bitsandbytes_missing
 
-        if bitsandbytes_missing():
-            raise UserError(bitsandbytes_missing())
+        msg = bitsandbytes_missing()
+        if msg:
+            raise UserError(msg)
     from .models.loader import model_source
 
     src = model_source(cfg.model.family, cfg.model.path)

@@ -130,10 +130,17 @@ def step_coefficients(model: DiffusionModel, timesteps: torch.Tensor, gap: int, 
     ts = torch.as_tensor(timesteps).cpu().long()
     a_t = _alpha(model, ts).float()
     a_prev = _alpha(model, ts - gap).float()
-    variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
-    std = eta * variance.clamp(min=0).sqrt()
+    std = ddim_std(a_t, a_prev, eta)
     both = to_device(torch.stack([a_t, a_prev]), device)
     return StepCoefficients(to_device(ts, device), both[0], both[1], tuple(bool(s > 0) for s in std))
+
+
+def ddim_std(a_t: torch.Tensor, a_prev: torch.Tensor, eta: float) -> torch.Tensor:
+    """The DDIM step's std ``eta * sqrt((1 - a_t') / (1 - a_t) * (1 - a_t / a_t'))`` (the module
+    docstring's s), the variance clamped at 0 against rounding; :func:`ddim_step` and
+    :func:`step_coefficients` both take it from here."""
+    variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+    return eta * variance.clamp(min=0).sqrt()
 
 
 def step_gap(num_train_timesteps: int, num_steps: int) -> int:
@@ -198,8 +205,7 @@ def ddim_step(model_output: torch.Tensor, x_t: torch.Tensor, a_t: torch.Tensor, 
         raise ValueError(f"unsupported prediction_type {prediction_type!r}")
     if clip is not None:
         x0 = x0.clamp(-clip, clip)
-    variance = (1 - a_prev) / b_t * (1 - a_t / a_prev)
-    std = eta * variance.clamp(min=0).sqrt()
+    std = ddim_std(a_t, a_prev, eta)
     mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).clamp(min=0).sqrt() * eps
     if stochastic is None:
         stochastic = bool(std > 0)
