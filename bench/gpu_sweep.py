@@ -48,6 +48,58 @@ GIB = 2**30
 SDXL_LIMIT_BYTES = 24 * GIB  # the issue's "24 GB" read as GiB; the row also says whether it is under 24e9 bytes
 
 
+# ---------------------------------------------------------------- command-line values
+# argparse types: a bad value exits with status 2 and "argument --flag: ..." (no traceback)
+def _int(s: str, least: int, what: str) -> int:
+    import argparse
+
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a whole number") from None
+    if v < least:
+        raise argparse.ArgumentTypeError(f"{v} is not {what}")
+    return v
+
+
+def positive_int(s: str) -> int:
+    return _int(s, 1, "at least 1")
+
+
+def nonneg_int(s: str) -> int:
+    return _int(s, 0, "at least 0")
+
+
+def batch_list(s: str) -> list[int]:
+    """``1,2,4``: batch sizes, each at least 1, at least one."""
+    import argparse
+
+    parts = [p.strip() for p in s.split(",")]
+    if not s.strip() or any(not p for p in parts):
+        raise argparse.ArgumentTypeError(f"{s!r}: give comma-separated batch sizes, e.g. 1,2,4")
+    return [positive_int(p) for p in parts]
+
+
+def positive_float(s: str) -> float:
+    import argparse
+
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"{v} is not a finite number above 0")
+    return v
+
+
+def usage_error(msg: str) -> None:
+    """A bad combination of flags: the message on stderr, exit status 2 (as argparse's own)."""
+    import sys
+
+    print(f"error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import sys
 import tempfile
 import time
@@ -36,25 +34,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_sweep
 
+import gpu_sweep  # noqa: E402
+from gpu_sweep import sync  # noqa: E402  (raft_step imports it from here too)
+
 STEPS, STOP, BATCH = 20, 15, 2
 PROMPTS = ["a red apple", "a blue lake"]
-
-
-def peak_mem(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux: KiB)
-
-
-def reset_peak(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def engine_steps(n: int, device) -> list[float]:
@@ -420,8 +404,6 @@ class CellRunner:
         self.flops_by_batch: dict[int, int] = {}  # the uncompiled toolkit's count, for compiled configs
 
     def __call__(self, config: str, batch: int) -> dict:
-        import gpu_sweep
-
         cfg = self.configs[config]
         gpu_sweep.free_memory(self.device)
         kw = {**self.kw, "switches": cfg.get("switches", self.kw.get("switches", ()))}  # a config may fix its own switches
@@ -451,9 +433,7 @@ def run_families(args, device, *, bench: str, settings: dict, families, default_
     (:func:`partial_writer`). ``default_configs(family)``: the configurations when ``--configs``
     is empty; ``check_configs(names)``: exits on names the bench cannot run; ``after_family(family,
     rows, result)``: per-family additions (SDXL's memory check)."""
-    import gpu_sweep
-
-    batches = [int(b) for b in args.batches.split(",")]
+    batches = list(args.batches)
     switches = tuple(s for s in args.switches.split(",") if s)
     peak = gpu_sweep.measure_peak_flops(device, n=args.matmul_n)
     result = {"bench": bench, "env": gpu_sweep.environment(device), "peak_flops": peak,
@@ -487,7 +467,7 @@ def run_full(args, device) -> dict:
     def check(names):
         bad = [c for c in names if c not in CONFIGS]
         if bad:
-            raise SystemExit(f"--configs: unknown {bad}; known: {', '.join(CONFIGS)}")
+            gpu_sweep.usage_error(f"--configs: unknown {bad}; known: {', '.join(CONFIGS)}")
 
     def sdxl_memory(fam, rows, result):
         if fam == "sdxl":
@@ -505,8 +485,6 @@ def run_full(args, device) -> dict:
 def partial_writer(args, result: dict):
     """on_row for :func:`gpu_sweep.sweep`: print the row, append it to ``result["rows"]`` and
     rewrite the JSON with ``"complete": false``, so a sweep killed by a timeout keeps what it measured."""
-    import gpu_sweep
-
     def on_row(r):
         print(json.dumps({k: v for k, v in r.items() if k != "times_s"}), flush=True)
         result["rows"].append(r)
@@ -517,8 +495,6 @@ def partial_writer(args, result: dict):
 
 def sdxl_memory_check(rows) -> list[dict]:
     """Whether SDXL batch 1 peaks at or under 24 GiB (and 24e9 bytes) per configuration."""
-    import gpu_sweep
-
     out = []
     for r in rows:
         if r["batch"] == 1 and r.get("status") == "ok" and r.get("peak_mem_bytes") is not None:
@@ -531,16 +507,16 @@ def add_sweep_args(ap, *, budget_default=None):
     """The flags the two sweeps (refl_step --full, rollout_step) share."""
     ap.add_argument("--model", choices=("full", "tiny"), default="full",
                     help="full: published SD1.5 / SDXL architectures, random weights (GPU); tiny: tiny:<family> (CPU tests)")
-    ap.add_argument("--batches", default="1,2,4,8,16", help="batch sizes, in order; a config stops at its first out-of-memory")
+    ap.add_argument("--batches", type=gpu_sweep.batch_list, default="1,2,4,8,16", help="batch sizes, in order; a config stops at its first out-of-memory")
     ap.add_argument("--configs", default="", help=f"comma list of {', '.join(CONFIGS)} (default per family)")
     ap.add_argument("--switches", default=",".join(SWITCHES), help="speed switches of the fast configs (vfeedback.models.speed)")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed steps per cell before the FLOP-count step (itself untimed) and the timed steps")
-    ap.add_argument("--timed", type=int, default=10, help="timed steps per cell (min and median reported)")
-    ap.add_argument("--budget-s", type=float, default=budget_default, help="wall seconds for the whole sweep; batch sizes that would "
+    ap.add_argument("--warmup", type=gpu_sweep.nonneg_int, default=1, help="untimed steps per cell before the FLOP-count step (itself untimed) and the timed steps")
+    ap.add_argument("--timed", type=gpu_sweep.positive_int, default=10, help="timed steps per cell (min and median reported)")
+    ap.add_argument("--budget-s", type=gpu_sweep.positive_float, default=budget_default, help="wall seconds for the whole sweep; batch sizes that would "
                     "not fit are recorded as skipped")
     ap.add_argument("--reward", choices=("color", "vitl", "vit-tiny"), default=None,
                     help="reward in the step (default: vitl with --model full, color with --model tiny)")
-    ap.add_argument("--matmul-n", type=int, default=None, help="matrix size of the peak-FLOP/s measurement (default 8192 CUDA, 1024 CPU)")
+    ap.add_argument("--matmul-n", type=gpu_sweep.positive_int, default=None, help="matrix size of the peak-FLOP/s measurement (default 8192 CUDA, 1024 CPU)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/<bench>-<device>.json)")
     ap.add_argument("--table", nargs="+", default=None, metavar="JSON", help="print the Markdown table of result files and exit")
@@ -548,18 +524,24 @@ def add_sweep_args(ap, *, budget_default=None):
 
 def sweep_main(args, bench: str, run, default_steps: int):
     """Shared body of the sweep entry points: check the device, run, write the JSON, print the table."""
-    import gpu_sweep
-
     if args.table:
         for f in args.table:
             print(f"\n### {f}\n")
             print(gpu_sweep.render_table(json.loads(Path(f).read_text())))
         return 0
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        gpu_sweep.usage_error(f"--device: {args.device!r} is not a torch device (cuda, cuda:1, cpu)")
     if args.model == "full" and device.type != "cuda":
-        raise SystemExit(f"{bench}: full-size models need a GPU (--device cuda); use --model tiny on the CPU")
+        gpu_sweep.usage_error(f"{bench}: full-size models need a GPU (--device cuda); use --model tiny on the CPU")
+    unknown = [s for s in args.switches.split(",") if s and s not in SWITCHES]
+    if unknown:
+        gpu_sweep.usage_error(f"--switches: unknown {unknown}; known: {', '.join(SWITCHES)}")
     args.reward = args.reward or ("vitl" if args.model == "full" else "color")
     args.sampling_steps = args.sampling_steps or default_steps
+    if getattr(args, "stop_step", None) is not None and args.stop_step >= args.sampling_steps:
+        gpu_sweep.usage_error(f"--stop-step {args.stop_step} must be below --sampling-steps ({args.sampling_steps})")
     tag = gpu_sweep.device_tag(device) + ("" if args.model == "full" else "-tiny")
     args.out = args.out or Path(__file__).parent / "results" / f"{bench}-{tag}.json"
     result = run(args, device)
@@ -574,10 +556,10 @@ def sweep_main(args, bench: str, run, default_steps: int):
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=8, help="tiny overhead mode: steps per variant (the first is warm-up)")
+    ap.add_argument("--steps", type=gpu_sweep.positive_int, default=8, help="tiny overhead mode: steps per variant (the first is warm-up)")
     ap.add_argument("--full", default="", help="comma list of families to sweep: sd15,sdxl (the --full sweep; else the tiny overhead mode)")
-    ap.add_argument("--sampling-steps", type=int, default=None, help=f"--full: DDIM steps per image (default {FULL_STEPS})")
-    ap.add_argument("--stop-step", type=int, default=FULL_STOP, help="--full: ReFL step index that keeps the graph")
+    ap.add_argument("--sampling-steps", type=gpu_sweep.positive_int, default=None, help=f"--full: DDIM steps per image (default {FULL_STEPS})")
+    ap.add_argument("--stop-step", type=gpu_sweep.nonneg_int, default=FULL_STOP, help="--full: ReFL step index that keeps the graph")
     add_sweep_args(ap)
     return ap
 
@@ -595,7 +577,7 @@ def main(argv=None):
     e, b = median(eng[1:]), median(bare[1:])
     result["tiny"] = {"model": "tiny:sd15", "batch": BATCH, "sampling_steps": STEPS, "stop_step": STOP,
                       "engine_s_per_step": e, "bare_s_per_step": b, "overhead_ratio": e / b,
-                      "process_peak_mem_mib": peak_mem(device)}
+                      "process_peak_mem_mib": gpu_sweep.peak_mem_bytes(device)[0] / 2**20}
     print(json.dumps(result["tiny"]), flush=True)
     out = Path(args.out or Path(__file__).parent / "results" / f"refl_step-{'gpu' if device.type == 'cuda' else 'cpu'}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -139,7 +139,7 @@ def run_rollouts(args, device) -> dict:
     def check(names):
         bad = [c for c in names if c not in CONFIGS or CONFIGS[c]["gc"]]
         if bad:
-            raise SystemExit(f"--configs: {bad} not rollout configs; use toolkit, fast, reference")
+            gpu_sweep.usage_error(f"--configs: {bad} not rollout configs; use toolkit, fast, reference")
 
     return run_families(args, device, bench="rollout_step", families=[f for f in args.family.split(",") if f],
                         settings={"eta": ETA, "guidance_scale": args.guidance, "log_probs": True, "return_trajectory": True},
@@ -152,8 +152,8 @@ def run_rollouts(args, device) -> dict:
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", default="sd15", help="comma list: sd15,sdxl")
-    ap.add_argument("--sampling-steps", type=int, default=None, help=f"DDIM steps per rollout (default {ROLLOUT_STEPS}: DDPO / GRPO; D3PO: 20)")
-    ap.add_argument("--guidance", type=float, default=ROLLOUT_GUIDANCE, help="CFG scale (the online configs: 5)")
+    ap.add_argument("--sampling-steps", type=gpu_sweep.positive_int, default=None, help=f"DDIM steps per rollout (default {ROLLOUT_STEPS}: DDPO / GRPO; D3PO: 20)")
+    ap.add_argument("--guidance", type=gpu_sweep.positive_float, default=ROLLOUT_GUIDANCE, help="CFG scale (the online configs: 5)")
     add_sweep_args(ap)
     return ap
 

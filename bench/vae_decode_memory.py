@@ -36,6 +36,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+import gpu_sweep  # noqa: E402
 MODES = ("none", "whole", "blocks")
 #: the published SD1.5 / SDXL VAE architecture (both: 4 latent channels, 128-256-512-512)
 VAE_ARCH = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, block_out_channels=(128, 256, 512, 512),
@@ -84,10 +86,17 @@ def one_mode(mode: str, resolution: int, batch: int, device: str) -> dict:
     return {"mode": mode, "peak_mib": round(peak, 1), "seconds": round(time.perf_counter() - t0, 3), "grad": z.grad.float().cpu()}
 
 
+def resolution(s: str) -> int:
+    v = gpu_sweep.positive_int(s)
+    if v % 8:
+        raise argparse.ArgumentTypeError(f"{v} is not a multiple of 8 (the VAE's factor)")
+    return v
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--resolution", type=int, default=None, help="image size (default: 1024 on a GPU, 512 on the CPU)")
-    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--resolution", type=resolution, default=None, help="image size, a multiple of 8 (default: 1024 on a GPU, 512 on the CPU)")
+    ap.add_argument("--batch", type=gpu_sweep.positive_int, default=1)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--out", default=None)
@@ -102,8 +111,7 @@ def main():
     modes = [m for m in args.modes.split(",") if m]
     bad = [m for m in modes if m not in MODES]
     if bad:
-        print(f"--modes: {', '.join(bad)} not one of {', '.join(MODES)}", file=sys.stderr)
-        sys.exit(2)
+        gpu_sweep.usage_error(f"--modes: {', '.join(bad)} not one of {', '.join(MODES)}")
     import tempfile
 
     rows, grads = [], {}
@@ -132,9 +140,8 @@ def main():
         result["blocks_over_whole_peak"] = round(by["blocks"]["peak_mib"] / by["whole"]["peak_mib"], 3)
     if "blocks" in by and "none" in by:
         result["blocks_over_none_peak"] = round(by["blocks"]["peak_mib"] / by["none"]["peak_mib"], 3)
-    out = Path(args.out or ROOT / "bench" / "results" / f"vae_decode_memory-{'gpu' if args.device.startswith('cuda') else 'cpu'}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    gpu_sweep.write_json(args.out or ROOT / "bench" / "results" / f"vae_decode_memory-{'gpu' if args.device.startswith('cuda') else 'cpu'}.json",
+                         result)
     print(json.dumps(result, indent=2))
 
 

@@ -251,3 +251,18 @@ def test_ratios_compare_like_with_like():
             row("reference", 1, 4.0, False), row("lowmem", 2, 5.0, True)]
     gpu_sweep.add_ratios(rows)
     assert [r["vs_reference"] for r in rows] == [1.5, 2.0, 1.0, 1.0, None]
+
+
+@pytest.mark.parametrize("flags,where", [
+    (["--batches", "abc"], "--batches"), (["--batches", "0"], "--batches"), (["--batches", "1,,2"], "--batches"),
+    (["--batches", ""], "--batches"), (["--budget-s", "nan"], "--budget-s"), (["--budget-s", "-5"], "--budget-s"),
+    (["--timed", "0"], "--timed"), (["--warmup", "-1"], "--warmup"), (["--matmul-n", "0"], "--matmul-n"),
+    (["--stop-step", "9"], "--stop-step"), (["--configs", "turbo"], "--configs"), (["--switches", "warp"], "--switches"),
+    (["--device", "gpu0"], "--device"),
+])
+def test_bad_sweep_flags_exit_2_naming_the_flag(flags, where, capsys):
+    """A bad value or combination stops before any model is built: exit status 2, the flag named."""
+    with pytest.raises(SystemExit) as e:
+        refl_step.main(["--full", "sd15", *TINY, "--stop-step", "2", "--device", "cpu", *flags])
+    assert e.value.code == 2
+    assert where in capsys.readouterr().err
