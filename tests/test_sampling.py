@@ -359,3 +359,28 @@ def test_step_coefficients_are_the_per_step_values(fresh_sd15, eta, steps):
         want.append(bool(ddim_step(x, x, _alpha(m, t), _alpha(m, t - gap), eta, noise=x)[4] > 0))
     assert list(co.stochastic) == want
     assert sum(want) == (0 if eta == 0 else steps - 1) and not want[-1]
+
+
+@pytest.mark.parametrize("per_row", [True, False])
+def test_noise_drawn_up_front_is_the_per_step_draw(tiny_sd15, per_row):
+    """The noise drawn before the loop is what drawing it step by step gives: a loop written by
+    hand (latents, then each step's noise from the same generators, in order) reaches the same
+    trajectory and log-probs; a step that reused another step's noise would not."""
+    from vfeedback.sampling import predict_noise, randn, step_gap
+
+    m = tiny_sd15
+    cond = m.encode_prompt(["a red ball", "a cat"], cfg=True)
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(2)] if per_row else torch.Generator().manual_seed(7)
+    out = sample(m, cond, num_steps=4, guidance_scale=5.0, eta=1.0, generator=gens(), return_trajectory=True, log_probs=True)
+    g = gens()
+    x = randn((2, *m.latent_shape), g, m.device)
+    ts = ddim_timesteps(m, 4)
+    gap = step_gap(m.scheduler.config.num_train_timesteps, 4)
+    traj, lps = [x], []
+    for t in ts:
+        eps = predict_noise(m, x, t, cond, 5.0)
+        x, lp, _, _, _ = ddim_step(eps, x, _alpha(m, t), _alpha(m, t - gap), 1.0, noise=randn(x.shape, g, x.device))
+        traj.append(x)
+        lps.append(lp)
+    assert torch.equal(out.trajectory, torch.stack(traj, dim=1))
+    assert torch.equal(out.log_probs, torch.stack(lps, dim=1))
