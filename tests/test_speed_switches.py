@@ -461,3 +461,17 @@ def test_training_with_every_switch_matches_training_without(tmp_path, monkeypat
             assert a[k].abs().max() > 1e-2, k
     s = json.loads((on / "summary.json").read_text())
     assert s["eval_reward_after"] == pytest.approx(json.loads((off / "summary.json").read_text())["eval_reward_after"], abs=1e-5)
+
+
+def test_a_projection_with_any_trainable_weight_is_not_fused_away():
+    """``_untouchable``: a LoRA-wrapped projection, or one with *any* trainable parameter (a
+    weight trained with its bias frozen counts), must keep being called."""
+    from vfeedback.models.speed import _untouchable
+
+    lin = torch.nn.Linear(4, 4)
+    lin.requires_grad_(False)
+    assert not _untouchable(lin)
+    lin.weight.requires_grad_(True)
+    assert _untouchable(lin)
+    lin.requires_grad_(True)
+    assert _untouchable(lin)
