@@ -31,6 +31,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _children_cpu() -> float:
+    """CPU seconds used by finished child processes (the background update runs)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def run(config: Path, out: Path, seed: int, labels: int, margin: float, overrides: list[str]) -> dict:
     from vfeedback.app.backend import open_backend
     from vfeedback.config import load_config
